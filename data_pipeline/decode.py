@@ -1,0 +1,108 @@
+"""Decoders from shard bytes to model-ready tensors.
+
+image bytes -> 3×S×S float in [-1, 1]
+audio bytes -> n_mels×audio_frames normalised log-mel
+text        -> 1-D long ids (see tokenizer.py)
+"""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+
+import numpy as np
+import soundfile
+import soxr
+import torch
+from PIL import Image
+
+from data_pipeline.config import DataConfig
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+AUDIO_EXTS = ("flac", "wav", "mp3", "ogg")
+TEXT_EXTS = ("txt", "caption")
+
+
+def decode_image(data: bytes, *, size: int) -> torch.Tensor:
+    """Decodes, resizes the shorter side to `size`, centre-crops: 3×size×size."""
+    with Image.open(io.BytesIO(data)) as img:
+        # JPEG draft mode decodes large images at a reduced scale (fast path).
+        img.draft("RGB", (size, size))
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        arr = np.asarray(img, dtype=np.uint8)
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return x
+
+
+def load_audio(data: bytes, *, sample_rate: int) -> np.ndarray:
+    """Decodes any soundfile format to mono float32 at `sample_rate`."""
+    wav, sr = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    wav = wav.mean(axis=1)
+    if sr != sample_rate:
+        wav = soxr.resample(wav, sr, sample_rate, quality="HQ").astype(np.float32)
+    return wav
+
+
+def _hz_to_mel(hz):
+    return 2595.0 * np.log10(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
+
+
+def _mel_to_hz(mel):
+    return 700.0 * (10.0 ** (np.asarray(mel, dtype=np.float64) / 2595.0) - 1.0)
+
+
+@lru_cache(maxsize=8)
+def mel_filterbank(*, sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
+    """Triangular HTK-mel filters, area-normalised: (n_fft//2 + 1)×n_mels."""
+    n_freqs = n_fft // 2 + 1
+    fft_hz = np.linspace(0.0, sample_rate / 2.0, n_freqs)
+    mel_pts = np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2.0), n_mels + 2)
+    hz_pts = _mel_to_hz(mel_pts)
+    lower, centre, upper = hz_pts[:-2, None], hz_pts[1:-1, None], hz_pts[2:, None]
+    rising = (fft_hz[None, :] - lower) / np.maximum(centre - lower, 1e-9)
+    falling = (upper - fft_hz[None, :]) / np.maximum(upper - centre, 1e-9)
+    fb = np.clip(np.minimum(rising, falling), 0.0, None)
+    fb *= (2.0 / (upper - lower))  # equal area per filter
+    return torch.from_numpy(fb.T.astype(np.float32))
+
+
+def log_mel(wav: np.ndarray, cfg: DataConfig) -> torch.Tensor:
+    """Crops or pads to cfg.audio_samples, then n_mels×audio_frames log-mel."""
+    n = cfg.audio_samples
+    x = torch.zeros(n, dtype=torch.float32)
+    clip = torch.from_numpy(np.ascontiguousarray(wav[:n], dtype=np.float32))
+    x[: clip.numel()] = clip
+    spec = torch.stft(
+        x,
+        n_fft=cfg.n_fft,
+        hop_length=cfg.hop_length,
+        window=torch.hann_window(cfg.n_fft),
+        center=True,
+        return_complex=True,
+    )
+    power = spec.abs().pow(2)[:, : cfg.audio_frames]  # F×T
+    fb = mel_filterbank(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
+    mel = fb.T @ power  # M×T
+    out = torch.log(mel + 1e-6)
+    return (out - cfg.log_mel_mean) / cfg.log_mel_std
+
+
+def decode_audio(data: bytes, cfg: DataConfig) -> torch.Tensor:
+    return log_mel(load_audio(data, sample_rate=cfg.sample_rate), cfg)
+
+
+def first_present(sample: dict, exts: tuple[str, ...]):
+    """The value of the first extension in `exts` that the sample carries."""
+    for ext in exts:
+        value = sample.get(ext)
+        if value is not None:
+            return value
+    return None
+

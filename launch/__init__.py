@@ -1,0 +1,1 @@
+"""Launching training: one node with torchrun (launch.local); SLURM comes next."""

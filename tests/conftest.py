@@ -1,0 +1,44 @@
+"""Shared fixtures: a small demo corpus written as real shards."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.demo import write_raw
+from data_pipeline.writer import read_manifest, write_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> dict[str, Path]:
+    """4 train shards of 64 samples and 1 held-out shard of 64, with the
+    demo corpus's missing images and audio."""
+    root = tmp_path_factory.mktemp("demo")
+    train = write_raw(root / "raw", split="train", n=256, seed=0)
+    heldout = write_raw(root / "raw", split="heldout", n=64, seed=1)
+    write_shards(read_manifest(train), root / "train", max_samples=64)
+    write_shards(read_manifest(heldout), root / "heldout", max_samples=64)
+    return {"root": root, "train": root / "train", "heldout": root / "heldout", "raw": root / "raw"}
+
+
+def python() -> str:
+    return sys.executable
+
+
+def venv_bin(name: str) -> str:
+    """A console script installed beside the running interpreter."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a child training run: no inherited rank variables."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MM_RUN_STAMP")}
+    env.update(WANDB_SILENT="true", PYTHONUNBUFFERED="1", **extra)
+    env.pop("WANDB_API_KEY", None)
+    return env

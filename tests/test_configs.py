@@ -1,0 +1,70 @@
+"""Every shipped config composes, and bad configs fail naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from train.config import Config, register_configs, validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+CHOICES = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+# Values the user must supply for some choices (e.g. their own shard paths).
+REQUIRED = {("data", "webdataset"): ["data.train=/shards/train", "data.heldout=/shards/heldout"]}
+
+
+def _compose(overrides: list[str]) -> Config:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_object(cfg)
+
+
+def test_groups_match_architecture():
+    assert set(GROUPS) >= {"model", "fusion", "objective", "optimizer", "data", "deepspeed", "logger", "experiment"}
+
+
+@pytest.mark.parametrize("group,choice", CHOICES, ids=[f"{g}={c}" for g, c in CHOICES])
+def test_every_yaml_composes(group, choice):
+    cfg = _compose([f"{group}={choice}", *REQUIRED.get((group, choice), [])])
+    validate(cfg)
+    assert isinstance(cfg, Config)
+    if group == "model":
+        assert cfg.model.name == choice
+    if group == "deepspeed":
+        assert cfg.deepspeed.stage == int(choice.removeprefix("zero"))
+
+
+def test_model_geometry_follows_data():
+    cfg = _compose(["data.image_size=48", "data.n_mels=40"])
+    assert (cfg.model.image_size, cfg.model.n_mels) == (48, 40)
+
+
+def test_typo_in_key_names_the_key():
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose(["trainer.max_stesp=3"])
+    assert "max_stesp" in str(e.value) + str(e.value.__cause__)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises((ValidationError, ConfigCompositionException)) as e:
+        _compose(["trainer.max_steps=many"])
+    assert "max_steps" in str(e.value) + str(e.value.__cause__)
+
+
+def test_unknown_group_choice_lists_the_valid_ones():
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose(["deepspeed=zero9"])
+    message = str(e.value)
+    assert "zero9" in message and "zero2" in message
+
+
+def test_validate_rejects_bad_precision():
+    with pytest.raises(ValueError, match="deepspeed.precision"):
+        validate(_compose(["deepspeed.precision=fp8"]))

@@ -1,0 +1,92 @@
+"""Integration: a real 2-process torchrun + DeepSpeed ZeRO-2 bf16 run on the
+demo shards, its checkpoint, its shared output directory and its W&B run."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, clean_env, venv_bin
+
+pytestmark = pytest.mark.integration
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def run(demo_shards, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("run")
+    cmd = [
+        venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train",
+        f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=16", "trainer.log_every=2",
+        "trainer.eval_batch_size=32", "deepspeed=zero2", "deepspeed.precision=bf16",
+        f"data.train={demo_shards['train']}", f"data.heldout={demo_shards['heldout']}",
+        "data.num_workers=1", "logger.mode=offline", "logger.project=mm-test",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_dirs = sorted(p for p in (cwd / "outputs").glob("*/*") if p.is_dir())
+    return {"proc": proc, "cwd": cwd, "run_dirs": run_dirs}
+
+
+def test_all_ranks_share_one_output_directory(run):
+    assert len(run["run_dirs"]) == 1, run["run_dirs"]
+    d = run["run_dirs"][0]
+    assert (d / ".hydra" / "config.yaml").is_file()
+    assert (d / "train_rank0.log").is_file() and (d / "train_rank1.log").is_file()
+
+
+def test_last_line_is_heldout_json_with_chance(run):
+    last = run["proc"].stdout.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert result["step"] == STEPS
+    assert set(result["heldout"]) == {"image_text", "audio_text", "image_audio"}
+    for pair in result["heldout"].values():
+        assert 0 < pair["n"] <= 64
+        assert pair["chance"]["R@1"] == pytest.approx(1 / pair["n"], abs=1e-5)
+        assert 0.0 <= pair["R@1"] <= pair["R@5"] <= pair["R@10"] <= 1.0
+
+
+def test_checkpoint_is_complete(run):
+    ckpts = run["run_dirs"][0] / "checkpoints"
+    tag = (ckpts / "latest").read_text().strip()
+    assert tag == f"step_{STEPS:06d}"
+    step_dir = ckpts / tag
+    assert (step_dir / "mp_rank_00_model_states.pt").stat().st_size > 0
+    # ZeRO-2 partitions optimizer state: one file per rank.
+    assert len(list(step_dir.glob("*zero_pp_rank_*optim_states.pt"))) == 2
+    meta = json.loads((step_dir / "meta.json").read_text())
+    assert meta["step"] == STEPS and meta["wandb_run_id"]
+    assert meta["config"]["deepspeed"]["stage"] == 2
+
+
+def test_wandb_offline_run_holds_config_and_metrics(run):
+    run_dir = run["run_dirs"][0]
+    (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
+    out = subprocess.run(
+        [venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
+        capture_output=True, text=True, timeout=120, env=clean_env(),
+    )
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    meta = json.loads((run_dir / "checkpoints" / f"step_{STEPS:06d}" / "meta.json").read_text())
+    assert info["run_id"] == meta["wandb_run_id"]
+    assert info["state"] == "finished" and info["project"] == "mm-test"
+    config = info["config"]
+    assert config["trainer"]["max_steps"] == STEPS
+    assert config["deepspeed"]["precision"] == "bf16"
+    assert config["model"]["name"] == "tiny"
+    summary = info["summary"]
+    assert summary["precision"] == "bfloat16"
+    assert math.isfinite(summary["train/loss"]) and summary["train/loss"] > 0
+    assert summary["_step"] == STEPS
+    printed = json.loads(run["proc"].stdout.strip().splitlines()[-1])
+    for pair, values in printed["heldout"].items():
+        assert summary[f"final/heldout/{pair}/R@1"] == pytest.approx(values["R@1"], abs=1e-4)
+    metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "train/loss" in m] == [2, 4, 6]

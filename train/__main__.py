@@ -1,0 +1,48 @@
+"""`python -m train [overrides]` (or `torchrun ... -m train [overrides]`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from train.config import Config, register_configs, validate
+from train.distributed import DistInfo, init_distributed, shared_run_stamp
+
+register_configs()
+_INFO = DistInfo()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    from train.loop import final_json, train  # heavy imports after config errors surface
+
+    config: Config = OmegaConf.to_object(cfg)
+    validate(config)
+    if not _INFO.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    results = train(config, info=_INFO, run_dir=run_dir, resolved=OmegaConf.to_container(cfg, resolve=True))
+    if _INFO.is_main:
+        print(final_json(results), flush=True)
+
+
+def main() -> None:
+    global _INFO
+    _INFO = init_distributed()
+    # All ranks must agree on the output directory before Hydra creates it.
+    os.environ.setdefault("MM_RUN_STAMP", shared_run_stamp())
+    _main()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

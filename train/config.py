@@ -1,0 +1,97 @@
+"""Structured configs for every Hydra group, registered in the ConfigStore.
+
+The schema is the first entry of conf/config.yaml's defaults, so a typo in a
+key or a wrong type fails at start with the key's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from data_pipeline.config import DataConfig
+from mm_models.config import FusionConfig, ModelConfig, ObjectiveConfig
+
+PRECISIONS = ("fp32", "bf16", "auto")
+LOGGER_MODES = ("auto", "online", "offline", "disabled")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 32  # per rank, per micro step
+    grad_accum_steps: int = 1
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate at the end only
+    checkpoint_every: int = 0  # 0: checkpoint at the end only
+    eval_batch_size: int = 128
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads per rank; 0 = cores / local ranks
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 2  # ZeRO stage 0-3
+    # "auto" picks bf16 where the hardware computes it fast (CUDA with bf16,
+    # CPUs with AMX or AVX512-BF16) and fp32 elsewhere.
+    precision: str = "auto"
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+
+
+@dataclass
+class LoggerConfig:
+    # auto: online when WANDB_API_KEY is set, offline otherwise.
+    mode: str = "auto"
+    project: str = "mmpretrain"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    fusion: FusionConfig = MISSING
+    objective: ObjectiveConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    data: DataConfig = MISSING
+    deepspeed: DeepSpeedConfig = MISSING
+    logger: LoggerConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that types alone cannot express; each error names the key."""
+    if cfg.deepspeed.precision not in PRECISIONS:
+        raise ValueError(f"deepspeed.precision={cfg.deepspeed.precision!r}; choose one of {PRECISIONS}")
+    if cfg.deepspeed.stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.stage={cfg.deepspeed.stage}; choose 0, 1, 2 or 3")
+    if cfg.logger.mode not in LOGGER_MODES:
+        raise ValueError(f"logger.mode={cfg.logger.mode!r}; choose one of {LOGGER_MODES}")
+    if cfg.optimizer.name != "adamw":
+        raise ValueError(f"optimizer.name={cfg.optimizer.name!r}; only 'adamw' is available")
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_batch_size"):
+        if getattr(cfg.trainer, key) < 1:
+            raise ValueError(f"trainer.{key} must be at least 1, got {getattr(cfg.trainer, key)}")

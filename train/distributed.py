@@ -1,0 +1,115 @@
+"""Process-group setup and the collectives the trainer needs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from mm_models.objectives import Gather
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: int = 1800) -> DistInfo:
+    """Joins the process group (env:// rendezvous, as torchrun sets it up).
+
+    DeepSpeed finds the group already initialised and reuses it. On CPU the
+    backend is gloo; with CUDA, NCCL for GPU tensors and gloo for CPU ones.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        # A plain `python -m train`: a one-process group, so DeepSpeed needs
+        # no MPI discovery and code paths match the multi-process ones.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    world = int(os.environ["WORLD_SIZE"])
+    info = DistInfo(
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+    )
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(info.local_rank)
+            backend = "cpu:gloo,cuda:nccl"
+        else:
+            backend = "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return info
+
+
+def shared_run_stamp() -> str:
+    """Rank 0's clock as 'YYYY-MM-DD/HH-MM-SS', the same string on every rank,
+    so that all ranks write into one Hydra output directory."""
+    stamp = [time.strftime("%Y-%m-%d/%H-%M-%S")]
+    if dist.is_initialized():
+        dist.broadcast_object_list(stamp, src=0)
+    return stamp[0]
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenates x over ranks; the backward pass sums every rank's gradient
+    for this rank's slice (all-reduce then slice: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def _all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    return _AllGatherWithGrad.apply(x)
+
+
+def feature_gather(info: DistInfo) -> Gather | None:
+    """The gather the contrastive loss uses to see every rank's features."""
+    if info.world_size <= 1:
+        return None
+    return Gather(fn=_all_gather_with_grad, rank=info.rank, world_size=info.world_size)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Averages scalar metrics over ranks (one collective for all of them)."""
+    if not dist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))

@@ -1,0 +1,150 @@
+"""The training loop, top to bottom. Setup lives in builders; a step is a function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline import build_loader
+from mm_models import PretrainModel
+from train.batch import to_device
+from train.checkpoint import save_checkpoint
+from train.config import Config
+from train.distributed import DistInfo, all_reduce_mean, barrier, feature_gather
+from train.engine import build_deepspeed_config, build_engine
+from train.evaluate import evaluate_heldout, results_table
+from train.metrics import flatten
+from train.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_threads(threads: int, info: DistInfo) -> None:
+    """Ranks on one node share its cores instead of each taking all of them."""
+    if threads <= 0:
+        threads = max(1, (os.cpu_count() or 1) // info.local_world_size)
+    torch.set_num_threads(threads)
+
+
+def train_step(engine, batches, *, accum: int, device, dtype) -> tuple[dict[str, float], float]:
+    """One optimizer step over `accum` micro batches. Returns the mean of the
+    logged losses and the seconds spent waiting for data."""
+    sums: dict[str, float] = {}
+    data_wait = 0.0
+    for _ in range(accum):
+        t0 = time.perf_counter()
+        batch = to_device(next(batches), device=device, dtype=dtype)
+        data_wait += time.perf_counter() - t0
+        out = engine(batch)
+        engine.backward(out["loss"])
+        engine.step()
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
+    return sums, data_wait
+
+
+def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict:
+    """Trains, checkpoints and evaluates; returns the final held-out results."""
+    t_cfg = cfg.trainer
+    set_threads(t_cfg.threads, info)
+    seed_everything(t_cfg.seed)
+
+    model = PretrainModel(cfg.model, cfg.fusion, cfg.objective, gather=feature_gather(info))
+    model.init_weights()
+    ds_config = build_deepspeed_config(
+        ds=cfg.deepspeed, trainer=t_cfg, optimizer=cfg.optimizer, world_size=info.world_size
+    )
+    engine = build_engine(model, ds_config=ds_config, optimizer=cfg.optimizer, total_steps=t_cfg.max_steps)
+    device = engine.device
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    n_params = sum(p.numel() for p in model.parameters())
+    if info.is_main:
+        log.info(
+            "model %s: %.2fM parameters | ZeRO-%d, %s | global batch %d = %d micro × %d accum × %d ranks",
+            cfg.model.name, n_params / 1e6, cfg.deepspeed.stage, "bf16" if dtype == torch.bfloat16 else "fp32",
+            ds_config["train_batch_size"], t_cfg.micro_batch_size, t_cfg.grad_accum_steps, info.world_size,
+        )
+    tracker = Tracker(cfg.logger, run_dir=run_dir, config=resolved, is_main=info.is_main)
+    tracker.summary({"params": n_params, "precision": str(dtype).removeprefix("torch.")})
+
+    batches = iter(
+        build_loader(
+            cfg.data, split="train", batch_size=t_cfg.micro_batch_size, rank=info.rank, world_size=info.world_size
+        )
+    )
+
+    def evaluate(step: int) -> dict:
+        results = evaluate_heldout(
+            engine, data=cfg.data, batch_size=t_cfg.eval_batch_size, device=device, dtype=dtype
+        )
+        tracker.log(flatten(results, "eval"), step=step)
+        return results
+
+    def checkpoint(step: int) -> Path:
+        meta = {"wandb_run_id": tracker.run.id if tracker.run else None, "config": resolved}
+        return save_checkpoint(engine, run_dir=run_dir, step=step, meta=meta, is_main=info.is_main)
+
+    window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
+    for step in range(1, t_cfg.max_steps + 1):
+        losses, wait = train_step(engine, batches, accum=t_cfg.grad_accum_steps, device=device, dtype=dtype)
+        window_wait += wait
+        window_steps += 1
+        if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
+            elapsed = time.perf_counter() - window_t
+            metrics = all_reduce_mean({f"train/{k}": v for k, v in losses.items()})
+            metrics.update(
+                {
+                    "train/lr": engine.get_lr()[0],
+                    "perf/samples_per_s": window_steps * ds_config["train_batch_size"] / elapsed,
+                    "perf/data_wait_frac": window_wait / elapsed,
+                }
+            )
+            tracker.log(metrics, step=step)
+            if info.is_main:
+                log.info(
+                    "step %d/%d  loss %.4f  lr %.2e  %.0f samples/s  data wait %.0f%%",
+                    step, t_cfg.max_steps, metrics["train/loss"], metrics["train/lr"],
+                    metrics["perf/samples_per_s"], 100 * metrics["perf/data_wait_frac"],
+                )
+            window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
+        if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step != t_cfg.max_steps:
+            evaluate(step)
+        if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step != t_cfg.max_steps:
+            checkpoint(step)
+
+    ckpt = checkpoint(t_cfg.max_steps)
+    results = evaluate(t_cfg.max_steps)
+    tracker.summary({f"final/{k}": v for k, v in flatten(results, "heldout").items()})
+    tracker.summary({"checkpoint": str(ckpt)})
+    wandb_dir = tracker.run_dir
+    tracker.finish()
+    barrier()
+    if info.is_main:
+        log.info("checkpoint: %s", ckpt)
+        if wandb_dir:
+            log.info("W&B run: %s  (inspect: wandb leet inspect --summary %s)", wandb_dir, wandb_dir)
+        log.info("held-out retrieval after %d steps:\n%s", t_cfg.max_steps, results_table(results))
+    return {"step": t_cfg.max_steps, "checkpoint": str(ckpt), "heldout": results}
+
+
+def final_json(results: dict) -> str:
+    """The demo's last line: held-out R@k and chance per pair."""
+    pairs = {
+        pair: {"n": r["n"], **{k: round(v, 4) for k, v in r.items() if k.startswith("R@")},
+               "chance": {k: round(v, 5) for k, v in r["chance"].items()}}
+        for pair, r in results["heldout"].items()
+    }
+    return json.dumps({"step": results["step"], "heldout": pairs}, sort_keys=True)

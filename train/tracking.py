@@ -1,0 +1,81 @@
+"""Metrics out of the process: W&B (rank 0, imported lazily), a console line
+and a local metrics.jsonl in the run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+from train.config import LoggerConfig
+
+log = logging.getLogger(__name__)
+_SECRET = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+
+
+def redact(config):
+    """A copy of the config with values under secret-looking keys removed."""
+    if isinstance(config, dict):
+        return {k: ("<redacted>" if _SECRET.search(str(k)) else redact(v)) for k, v in config.items()}
+    if isinstance(config, list):
+        return [redact(v) for v in config]
+    return config
+
+
+def resolve_mode(mode: str) -> str:
+    if mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return mode
+
+
+class Tracker:
+    """Does nothing on ranks other than 0."""
+
+    def __init__(self, cfg: LoggerConfig, *, run_dir: Path, config: dict, is_main: bool):
+        self.run = None
+        self.jsonl = None
+        if not is_main:
+            return
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        mode = resolve_mode(cfg.mode)
+        if mode == "disabled":
+            return
+        import wandb
+
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name,
+            tags=list(cfg.tags),
+            dir=str(run_dir),
+            mode=mode,
+            config=redact(config),
+            settings=wandb.Settings(quiet=True, console="off"),
+        )
+        log.info("W&B run %s (%s) in %s", self.run.id, mode, self.run.dir)
+
+    @property
+    def run_dir(self) -> str | None:
+        """The W&B run directory (holds the .wandb log), if any."""
+        return str(Path(self.run.dir).parent) if self.run is not None else None
+
+    def log(self, metrics: dict[str, float], *, step: int) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.flush()
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
