@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -15,6 +16,8 @@ from train.config import Config, register_configs, validate
 from train.distributed import DistInfo, init_distributed, shared_run_stamp
 
 register_configs()
+# DeepSpeed's gathers go through a torch API deprecated in 2.13; nothing for users to act on.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
 _INFO = DistInfo()
 
 
