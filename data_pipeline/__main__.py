@@ -1,4 +1,4 @@
-"""Command line: `python -m data_pipeline {write,demo} ...`."""
+"""Command line: `python -m data_pipeline {write,demo,tokenizer} ...`."""
 
 from __future__ import annotations
 
@@ -17,31 +17,45 @@ def _size(text: str) -> int:
 
 
 def cmd_write(args: argparse.Namespace) -> int:
-    from data_pipeline.writer import read_input, write_shards
+    from data_pipeline.manifest import read_input
+    from data_pipeline.writer import REJECTS_NAME, EncodeOptions, check_limits, default_workers, write_dataset
 
+    workers = default_workers() if args.workers is None else args.workers
+    try:
+        check_limits(max_samples=args.max_samples, max_bytes=args.max_bytes, workers=workers)
+        encode = EncodeOptions(image_max_side=args.image_max_side, jpeg_quality=args.jpeg_quality, audio_rate=args.audio_rate)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not Path(args.input).exists():
+        print(f"error: input {args.input} does not exist", file=sys.stderr)
+        return 2
     samples = list(read_input(args.input))
     if not samples:
         print(f"error: {args.input} holds no samples", file=sys.stderr)
         return 2
-    missing = [str(p) for s in samples for p in (s.image, s.audio) if p is not None and not p.is_file()]
-    if missing:
-        print(f"error: {len(missing)} files named by {args.input} do not exist, e.g. {missing[0]}", file=sys.stderr)
-        return 2
-    index = write_shards(
+    report = write_dataset(
         samples,
         args.out,
         prefix=args.prefix,
         max_samples=args.max_samples,
         max_bytes=args.max_bytes,
+        encode=encode,
+        workers=workers,
         total=len(samples),
     )
-    n_img = sum(s["image"] for s in index["shards"])
-    n_aud = sum(s["audio"] for s in index["shards"])
-    n_txt = sum(s["text"] for s in index["shards"])
+    shards, rejects = report.index["shards"], Path(args.out) / REJECTS_NAME
+    counts = ", ".join(f"{m} {sum(s[m] for s in shards)}" for m in ("image", "audio", "text"))
+    reasons = ", ".join(f"{reason} {n}" for reason, n in report.rejected.items())
     print(
-        f"wrote {index['samples']} samples in {len(index['shards'])} shards to {args.out} "
-        f"(image {n_img}, audio {n_aud}, text {n_txt})"
+        f"wrote {report.index['samples']} samples in {len(shards)} shards to {args.out} ({counts}); "
+        f"rejected {sum(report.rejected.values())}" + (f" ({reasons}), listed in {rejects}" if reasons else "")
     )
+    if report.stale_removed:
+        print(f"removed {len(report.stale_removed)} shards an earlier run left in {args.out}: {', '.join(report.stale_removed)}")
+    if report.index["samples"] == 0:
+        print(f"error: all {len(samples)} samples of {args.input} were rejected ({reasons}); see {rejects}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -65,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--prefix", default="shard")
     w.add_argument("--max-samples", type=int, default=1000, help="samples per shard at most")
     w.add_argument("--max-bytes", type=_size, default=_size("1G"), help="bytes per shard at most (e.g. 500M)")
+    w.add_argument("--workers", type=int, help="processes that decode and re-encode samples (default: min(4, CPUs)); 0 or 1: this process")
+    w.add_argument("--image-max-side", type=int, metavar="N", help="re-encode images as JPEG, the long side at most N pixels (never upscaled)")
+    w.add_argument("--jpeg-quality", type=int, metavar="Q", help="re-encode images as JPEG of quality Q (default 90 when re-encoding)")
+    w.add_argument("--audio-rate", type=int, metavar="HZ", help="re-encode audio as mono FLAC resampled to HZ")
     w.set_defaults(func=cmd_write)
 
     d = sub.add_parser("demo", help="synthesise the demo corpus as raw files + JSONL manifests")
@@ -73,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--heldout", type=int, default=500)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    from data_pipeline.bpe import add_cli  # `tokenizer train ...`
+
+    add_cli(sub)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List
+
+MODES = ("epoch", "resampled")
+
+
+@dataclass
+class SourceConfig:
+    """One weighted shard source: a directory, glob or brace pattern, local or
+    http(s)://, several joined with "::"."""
+
+    url: str = ""
+    weight: float = 1.0
 
 
 @dataclass
 class DataConfig:
-    # Shard locations: a directory of .tar files, a glob, or a brace pattern
-    # ("shards/train-{000000..000011}.tar"). Several may be joined with "::".
+    # Training shards; `sources` (if non-empty) replaces `train` with several
+    # weighted sources. Patterns: a directory of .tar files, a glob, or a brace
+    # pattern ("shards/train-{000000..000011}.tar"), joined with "::".
     train: str = "data/demo/train"
+    sources: List[SourceConfig] = field(default_factory=list)
     heldout: str = "data/demo/heldout"
+    # epoch: every sample exactly once per epoch over all ranks and workers,
+    # the same number of batches on every rank. resampled: an endless mix of
+    # the sources, drawn by weight.
+    mode: str = "epoch"
     num_workers: int = 2
+    # Samples are shuffled in blocks of this many (plus a seeded shard order).
     shuffle_buffer: int = 1000
     seed: int = 0
     # `pipe:` URLs run a shell command per shard; refused unless enabled.
     allow_pipe: bool = False
+    # Modalities a sample must have; one lacking any is skipped and counted.
+    require: List[str] = field(default_factory=list)
+    # The run stops, naming the shard, after this many bad samples in a row.
+    max_consecutive_errors: int = 100
+    # "byte" (no training needed) or the path of a tokenizer JSON.
+    tokenizer: str = "byte"
 
     # Image decoding: shorter side resized to image_size, then centre-cropped.
     image_size: int = 64
@@ -30,7 +55,7 @@ class DataConfig:
     # stays informative).
     log_mel_mean: float = -6.0
     log_mel_std: float = 4.0
-    # Text: byte-level ids, truncated to max_text_len tokens (BOS/EOS included).
+    # Text: token ids, truncated to max_text_len tokens (BOS/EOS included).
     max_text_len: int = 64
 
     @property

@@ -1,124 +1,32 @@
-"""Streaming loader: shard list -> node split -> worker split -> shuffle ->
-decode -> collate into the batch dict of ARCHITECTURE.md."""
+"""The loader the trainer iterates: shards -> (rank, worker) streams ->
+decoded, collated batches in the batch dict of ARCHITECTURE.md, with a
+state_dict() that resumes at exactly the next batch."""
 
 from __future__ import annotations
 
-import glob
-import itertools
+import hashlib
+import json
 import logging
-import os
-import random
+from collections import Counter
 from functools import partial
 from typing import Iterator
 
 import torch
-import webdataset as wds
-from braceexpand import braceexpand
 
-from data_pipeline.config import DataConfig
-from data_pipeline.decode import (
-    AUDIO_EXTS,
-    IMAGE_EXTS,
-    TEXT_EXTS,
-    decode_audio,
-    decode_image,
-    first_present,
-)
-from data_pipeline.tokenizer import ByteTokenizer
+from data_pipeline.config import MODES, DataConfig
+from data_pipeline.plan import batches_per_rank, consumed_by_worker, epoch_plan
+from data_pipeline.sources import expand_shards, shard_sizes
+from data_pipeline.stream import BatchDataset, BatchStream, Source
+from data_pipeline.tokenizer import ByteTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-_REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "pipe:")
-
-
-def expand_shards(spec: str, *, allow_pipe: bool = False) -> list[str]:
-    """Turns "dir", "glob*", "brace-{000..009}.tar" (joined by "::") into URLs.
-
-    Local patterns that match nothing fail here, naming the pattern.
-    """
-    urls: list[str] = []
-    for part in (p.strip() for p in spec.split("::")):
-        if not part:
-            continue
-        if part.startswith("pipe:") and not allow_pipe:
-            raise ValueError(
-                f"shard source {part!r} is a pipe: URL, which runs a shell command; "
-                "set data.allow_pipe=true to allow it"
-            )
-        if part.startswith(_REMOTE_PREFIXES):
-            urls.extend(braceexpand(part))
-            continue
-        if os.path.isdir(part):
-            found = sorted(glob.glob(os.path.join(part, "*.tar")))
-        else:
-            found = sorted({m for p in braceexpand(part) for m in glob.glob(p)})
-        if not found:
-            raise FileNotFoundError(f"shard pattern {part!r} matched no .tar files")
-        urls.extend(found)
-    if not urls:
-        raise FileNotFoundError(f"no shards given (pattern {spec!r})")
-    return urls
+STATE_VERSION = 1
+MODALITIES = ("image", "audio", "text")
 
 
-def _worker() -> tuple[int, int]:
-    info = torch.utils.data.get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-def _epoch_shards(urls: list[str], *, seed: int, rank: int, world_size: int) -> Iterator[dict]:
-    """Endless stream of this rank's and worker's shards.
-
-    Each epoch permutes the full list with the same seed on every rank, then
-    rank r takes every world_size-th shard and each worker every
-    num_workers-th of those, so no two readers share a shard in an epoch.
-    """
-    worker, num_workers = _worker()
-    for epoch in itertools.count():
-        order = random.Random(seed * 100_003 + epoch).sample(urls, len(urls))
-        for url in order[rank::world_size][worker::num_workers]:
-            yield {"url": url}
-
-
-def _all_shards(urls: list[str]) -> Iterator[dict]:
-    """One pass over every shard, split across workers only (evaluation)."""
-    worker, num_workers = _worker()
-    for url in urls[worker::num_workers]:
-        yield {"url": url}
-
-
-def _shuffle(samples: Iterator[dict], *, bufsize: int, seed: int, rank: int) -> Iterator[dict]:
-    """Reservoir shuffle with a seed fixed by (seed, rank, worker)."""
-    worker, _ = _worker()
-    rng = random.Random(seed * 1_000_003 + rank * 1_009 + worker)
-    buf: list[dict] = []
-    for sample in samples:
-        if len(buf) < bufsize:
-            buf.append(sample)
-            continue
-        i = rng.randrange(bufsize)
-        yield buf[i]
-        buf[i] = sample
-    rng.shuffle(buf)
-    yield from buf
-
-
-def decode_sample(sample: dict, *, cfg: DataConfig, tokenizer: ByteTokenizer) -> dict:
-    """Raw tar members -> tensors; a missing modality becomes None."""
-    image = first_present(sample, IMAGE_EXTS)
-    audio = first_present(sample, AUDIO_EXTS)
-    text = first_present(sample, TEXT_EXTS)
-    if isinstance(text, bytes):
-        text = text.decode("utf-8").strip()
-    return {
-        "__key__": sample["__key__"],
-        "image": decode_image(image, size=cfg.image_size) if image is not None else None,
-        "audio": decode_audio(audio, cfg) if audio is not None else None,
-        "text": tokenizer.encode(text, max_len=cfg.max_text_len) if text else None,
-    }
-
-
-def collate(samples: list[dict], *, cfg: DataConfig, pad_id: int = ByteTokenizer.pad_id) -> dict:
-    """Stacks decoded samples; absent modalities are zeros with mask False."""
+def collate(samples: list[dict | None], *, cfg: DataConfig, pad_id: int = ByteTokenizer.pad_id) -> dict:
+    """Stacks decoded samples. An absent modality is zeros with mask False; a
+    None sample is a padding row (key "", every mask False)."""
     b = len(samples)
     batch = {
         "image": torch.zeros(b, 3, cfg.image_size, cfg.image_size),
@@ -128,9 +36,11 @@ def collate(samples: list[dict], *, cfg: DataConfig, pad_id: int = ByteTokenizer
         "text": torch.full((b, cfg.max_text_len), pad_id, dtype=torch.long),
         "text_mask": torch.zeros(b, dtype=torch.bool),
         "text_pad": torch.ones(b, cfg.max_text_len, dtype=torch.bool),
-        "__key__": [s["__key__"] for s in samples],
+        "__key__": [s["__key__"] if s is not None else "" for s in samples],
     }
     for i, s in enumerate(samples):
+        if s is None:
+            continue
         if s["image"] is not None:
             batch["image"][i] = s["image"]
             batch["image_mask"][i] = True
@@ -145,47 +55,147 @@ def collate(samples: list[dict], *, cfg: DataConfig, pad_id: int = ByteTokenizer
     return batch
 
 
-def build_loader(
-    cfg: DataConfig,
-    *,
-    split: str,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    tokenizer: ByteTokenizer | None = None,
-) -> wds.WebLoader:
-    """The loader for `split` ("train": endless, split by rank; "heldout":
-    one full pass on every rank, so evaluation sees the whole set)."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    urls = expand_shards(getattr(cfg, split), allow_pipe=cfg.allow_pipe)
-    tokenizer = tokenizer or ByteTokenizer()
-    workers = cfg.num_workers
-    if split == "train":
-        readers = world_size * max(1, workers)
-        if len(urls) < readers:
-            raise ValueError(
-                f"{len(urls)} train shards cannot feed {world_size} ranks × {max(1, workers)} "
-                f"workers: each reader needs at least one shard. Write smaller shards or set "
-                f"data.num_workers lower."
-            )
-        source = partial(_epoch_shards, urls, seed=cfg.seed, rank=rank, world_size=world_size)
+def _sources(cfg: DataConfig, split: str) -> list[Source]:
+    if split == "heldout":
+        specs = [(cfg.heldout, 1.0)]
+    elif cfg.sources:
+        specs = [(s.url, s.weight) for s in cfg.sources]
     else:
-        workers = min(workers, len(urls))
-        source = partial(_all_shards, urls)
+        specs = [(cfg.train, 1.0)]
+    out = []
+    for spec, weight in specs:
+        if not spec.strip():
+            which = "data.heldout" if split == "heldout" else "data.train (or data.sources)"
+            raise ValueError(f"{which} is empty: give a shard directory, glob or brace pattern")
+        if weight <= 0:
+            raise ValueError(f"data source {spec!r} has weight {weight}; weights must be positive")
+        urls = expand_shards(spec, allow_pipe=cfg.allow_pipe)
+        sizes = shard_sizes(urls)
+        if sum(sizes) == 0:
+            raise ValueError(f"data source {spec!r} holds no readable samples")
+        out.append(Source(urls=urls, sizes=sizes, weight=weight))
+    return out
 
-    stages = [source, wds.tarfile_to_samples(handler=wds.warn_and_continue)]
-    if split == "train" and cfg.shuffle_buffer > 1:
-        stages.append(partial(_shuffle, bufsize=cfg.shuffle_buffer, seed=cfg.seed, rank=rank))
-    stages += [
-        wds.map(partial(decode_sample, cfg=cfg, tokenizer=tokenizer), handler=wds.warn_and_continue),
-        wds.batched(batch_size, collation_fn=partial(collate, cfg=cfg), partial=split != "train"),
-    ]
-    pipeline = wds.DataPipeline(*stages)
-    return wds.WebLoader(
-        pipeline,
-        batch_size=None,
-        num_workers=workers,
-        persistent_workers=workers > 0 and split == "train",
-        prefetch_factor=4 if workers > 0 else None,
-    )
+
+class StreamLoader:
+    """Iterates batches; for split="train" endlessly (epoch after epoch, or
+    resampled), for "heldout" one pass over everything on every rank.
+
+    state_dict() describes the position after the last batch handed out (not
+    the ones prefetched by workers); load_state_dict() continues from there.
+    """
+
+    def __init__(
+        self, cfg: DataConfig, *, split: str, batch_size: int, rank: int = 0, world_size: int = 1, tokenizer=None,
+    ):
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        if cfg.mode not in MODES:
+            raise ValueError(f"data.mode={cfg.mode!r}; choose one of {MODES}")
+        unknown = set(cfg.require) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"data.require names unknown modalities {sorted(unknown)}; choose from {MODALITIES}")
+        self.cfg, self.split, self.batch_size = cfg, split, batch_size
+        self.train = split == "train"
+        # Evaluation: every rank reads the whole held-out set, unshuffled.
+        self.rank, self.world_size = (rank, world_size) if self.train else (0, 1)
+        self.mode = cfg.mode if self.train else "epoch"
+        self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
+        self.sources = _sources(cfg, split)
+        self.num_workers = cfg.num_workers
+        self.epoch, self.batches = 0, 0
+        self.skipped: Counter = Counter()
+
+    @property
+    def total_samples(self) -> int:
+        return sum(sum(s.sizes) for s in self.sources)
+
+    def batches_per_epoch(self) -> int:
+        """Batches each rank gets per epoch (epoch mode)."""
+        return batches_per_rank(self.total_samples, world_size=self.world_size, batch_size=self.batch_size)
+
+    def _dataloader(self) -> torch.utils.data.DataLoader:
+        stream = BatchStream(
+            sources=self.sources, cfg=self.cfg, tokenizer=self.tokenizer,
+            collate=partial(collate, cfg=self.cfg, pad_id=self.tokenizer.pad_id), batch_size=self.batch_size,
+            rank=self.rank, world_size=self.world_size, mode=self.mode, epoch=self.epoch,
+            start_batch=self.batches, shuffle=self.train,
+        )
+        workers = self.num_workers
+        return torch.utils.data.DataLoader(
+            BatchDataset(stream), batch_size=None, num_workers=workers,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            for batch in self._dataloader():
+                self.batches += 1
+                self.skipped.update(batch.pop("__skipped__"))
+                yield batch
+            if self.mode == "resampled":  # endless: only an error ends it
+                return
+            if not self.train:
+                return
+            self.epoch, self.batches = self.epoch + 1, 0
+
+    # -- state --------------------------------------------------------------
+    def _fingerprint(self) -> dict:
+        shards = [[u, n] for s in self.sources for u, n in zip(s.urls, s.sizes)]
+        digest = hashlib.sha256(json.dumps([shards, [s.weight for s in self.sources]]).encode()).hexdigest()[:16]
+        return {
+            "mode": self.mode, "seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
+            "num_workers": self.num_workers, "batch_size": self.batch_size,
+            "shuffle_buffer": self.cfg.shuffle_buffer, "shards": digest,
+        }
+
+    def _worker_positions(self) -> list[dict]:
+        """Where each worker stands: informative, derived from the position."""
+        out = []
+        for w in range(max(1, self.num_workers)):
+            done = consumed_by_worker(self.batches, worker=w, num_workers=max(1, self.num_workers))
+            entry = {"worker": w, "batches": done}
+            if self.mode == "epoch":
+                sizes = [n for s in self.sources for n in s.sizes]
+                urls = [u for s in self.sources for u in s.urls]
+                plan = epoch_plan(
+                    sizes, seed=self.cfg.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+                    worker=w, num_workers=max(1, self.num_workers), batch_size=self.batch_size,
+                    shuffle_shards=self.train,
+                )
+                left = sum(plan.real[:done])
+                for seg in plan.segments:
+                    if left < seg.take:
+                        entry.update(shard=urls[seg.shard], sample_offset=seg.skip + left)
+                        break
+                    left -= seg.take
+            out.append(entry)
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "skipped": dict(self.skipped),
+            "rng": {"seed": self.cfg.seed, "derived_from": "seed, epoch, rank, worker, block"},
+            "workers": self._worker_positions(),
+            "fingerprint": self._fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        mine, theirs = self._fingerprint(), state.get("fingerprint", {})
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"cannot resume the data loader exactly: {detail}")
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self.skipped = Counter(state.get("skipped", {}))
+
+
+def build_loader(
+    cfg: DataConfig, *, split: str, batch_size: int, rank: int = 0, world_size: int = 1, tokenizer=None,
+) -> StreamLoader:
+    return StreamLoader(cfg, split=split, batch_size=batch_size, rank=rank, world_size=world_size, tokenizer=tokenizer)

@@ -1,8 +1,26 @@
-"""Byte-level tokenizer: needs no training and no vocabulary file."""
+"""Text tokenizers: bytes (no training, no vocabulary file) or a trained BPE
+(data_pipeline/bpe.py), chosen by :func:`load_tokenizer`."""
 
 from __future__ import annotations
 
+from typing import Iterable, Protocol
+
 import torch
+
+
+class Tokenizer(Protocol):
+    """What the loader and the model need of a tokenizer. Every tokenizer uses
+    ids 0 = PAD, 1 = BOS, 2 = EOS, 3 = MASK."""
+
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    mask_id: int
+    vocab_size: int
+
+    def encode(self, text: str, *, max_len: int) -> torch.Tensor: ...
+
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> str: ...
 
 
 class ByteTokenizer:
@@ -29,3 +47,13 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset)
         return data.decode("utf-8", errors="replace")
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer named by `spec`: "byte" is ByteTokenizer; anything else is
+    the path of a tokenizer JSON written by `python -m data_pipeline tokenizer train`."""
+    if spec == "byte":
+        return ByteTokenizer()
+    from data_pipeline.bpe import BPETokenizer  # lazy: only BPE needs `tokenizers`
+
+    return BPETokenizer.from_file(spec)

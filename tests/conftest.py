@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.demo import write_raw
-from data_pipeline.writer import read_manifest, write_shards
+from data_pipeline.manifest import read_manifest
+from data_pipeline.writer import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,24 +6,31 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO, clean_env, venv_bin
+from shardkit import write_tar
 
 pytestmark = pytest.mark.integration
-STEPS = 6
+STEPS = 9  # one full epoch: (256 + 4 samples) / (2 ranks × 16) rounds up to 9 batches per rank
 
 
 @pytest.fixture(scope="module")
 def run(demo_shards, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("run")
+    # A second source with bad samples: they must be skipped and counted.
+    write_tar(cwd / "bad-000000.tar", [
+        {"__key__": "b0", "txt": b"broken", "jpg": b"not a jpeg"},
+        {"__key__": "b1", "txt": b"broken too", "jpg": b"\xff\xd8 still not"},
+        {"__key__": "b2", "txt": b"  "},
+        {"__key__": "b3", "txt": b"a small red circle"},
+    ])
     cmd = [
         venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train",
         f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=16", "trainer.log_every=2",
         "trainer.eval_batch_size=32", "deepspeed=zero2", "deepspeed.precision=bf16",
-        f"data.train={demo_shards['train']}", f"data.heldout={demo_shards['heldout']}",
+        f"data.train={demo_shards['train']}::{cwd / 'bad-000000.tar'}", f"data.heldout={demo_shards['heldout']}",
         "data.num_workers=1", "logger.mode=offline", "logger.project=mm-test",
     ]
     proc = subprocess.run(
@@ -60,6 +67,10 @@ def test_checkpoint_is_complete(run):
     assert (step_dir / "mp_rank_00_model_states.pt").stat().st_size > 0
     # ZeRO-2 partitions optimizer state: one file per rank.
     assert len(list(step_dir.glob("*zero_pp_rank_*optim_states.pt"))) == 2
+    for rank in (0, 1):
+        loader = json.loads((step_dir / f"loader_rank{rank}.json").read_text())
+        assert (loader["epoch"], loader["batches"]) == (0, STEPS)
+        assert loader["fingerprint"]["rank"] == rank and loader["fingerprint"]["world_size"] == 2
     meta = json.loads((step_dir / "meta.json").read_text())
     assert meta["step"] == STEPS and meta["wandb_run_id"]
     assert meta["config"]["deepspeed"]["stage"] == 2
@@ -89,4 +100,5 @@ def test_wandb_offline_run_holds_config_and_metrics(run):
     for pair, values in printed["heldout"].items():
         assert summary[f"final/heldout/{pair}/R@1"] == pytest.approx(values["R@1"], abs=1e-4)
     metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "train/loss" in m] == [2, 4, 6]
+    assert [m["step"] for m in metrics if "train/loss" in m] == [2, 4, 6, 8, 9]
+    assert summary["data/skipped/bad_image"] == 2 and summary["data/skipped/empty_text"] == 1

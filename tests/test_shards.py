@@ -90,24 +90,53 @@ def test_csv_manifest_round_trip(tmp_path):
     assert got["s003"]["flac"] == (raw / "snd3.flac").read_bytes()
 
 
+def _png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _flac(frames: int, rate: int = 8000) -> bytes:
+    buf = io.BytesIO()
+    soundfile.write(buf, np.zeros(frames, np.float32), rate, format="FLAC")
+    return buf.getvalue()
+
+
 def test_directory_of_stems_round_trip(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "a.txt").write_text("first")
-    (raw / "a.flac").write_bytes(b"fLaC-not-decoded")
-    (raw / "b.png").write_bytes(b"\x89PNG-bytes")
+    (raw / "a.flac").write_bytes(_flac(400))
+    (raw / "b.png").write_bytes(_png(8, 6))
     (raw / "b.json").write_text('{"label": 2}')
+    (raw / "notes.md").write_text("not a sample")
     assert cli(["write", str(raw), str(tmp_path / "out")]) == 0
     got = _read_tars(tmp_path / "out")
-    assert got["a"] == {"txt": b"first", "flac": b"fLaC-not-decoded", "json": b"{}"}
-    assert got["b"] == {"png": b"\x89PNG-bytes", "json": b'{"label": 2}'}
+    assert got == {
+        "a": {"txt": b"first", "flac": (raw / "a.flac").read_bytes(), "json": b"{}"},
+        "b": {"png": (raw / "b.png").read_bytes(), "json": b'{"label": 2}'},
+    }
 
 
-def test_missing_file_fails_before_writing(tmp_path, capsys):
+def test_missing_file_is_rejected_and_the_rest_written(tmp_path, capsys):
+    (tmp_path / "ok.png").write_bytes(_png(4, 4))
+    rows = [{"key": "gone", "image": "nope.jpg", "text": "x"}, {"key": "ok", "image": "ok.png", "text": "y"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(["write", str(tmp_path / "m.jsonl"), str(tmp_path / "out")]) == 0
+    assert sorted(_read_tars(tmp_path / "out")) == ["ok"]
+    (reject,) = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert reject["key"] == "gone" and reject["reason"] == "missing_file"
+    assert "nope.jpg" in reject["detail"] and reject["source"].endswith("m.jsonl:1")
+    assert "rejected 1 (missing_file 1)" in capsys.readouterr().out
+
+
+def test_every_sample_rejected_exits_2_naming_the_rejects(tmp_path, capsys):
     (tmp_path / "m.jsonl").write_text(json.dumps({"image": "nope.jpg", "text": "x"}) + "\n")
     assert cli(["write", str(tmp_path / "m.jsonl"), str(tmp_path / "out")]) == 2
-    assert "nope.jpg" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    err = capsys.readouterr().err
+    assert "all 1 samples" in err and "missing_file 1" in err and "rejects.jsonl" in err
+    assert "nope.jpg" in (tmp_path / "out" / "rejects.jsonl").read_text()
+    assert not list((tmp_path / "out").glob("*.tar"))
 
 
 def test_unknown_input_kind_is_a_clear_error(tmp_path):

@@ -113,3 +113,16 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
+
+
+def sum_counters(counts: dict[str, int]) -> dict[str, int]:
+    """Sums per-rank counters whose keys may differ between ranks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(counts)
+    gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for c in gathered:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total

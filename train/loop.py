@@ -17,7 +17,7 @@ from mm_models import PretrainModel
 from train.batch import to_device
 from train.checkpoint import save_checkpoint
 from train.config import Config
-from train.distributed import DistInfo, all_reduce_mean, barrier, feature_gather
+from train.distributed import DistInfo, all_reduce_mean, barrier, feature_gather, sum_counters
 from train.engine import build_deepspeed_config, build_engine
 from train.evaluate import evaluate_heldout, results_table
 from train.metrics import flatten
@@ -62,6 +62,17 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     set_threads(t_cfg.threads, info)
     seed_everything(t_cfg.seed)
 
+    # Data first: a bad shard pattern or tokenizer fails before any engine starts.
+    loader = build_loader(
+        cfg.data, split="train", batch_size=t_cfg.micro_batch_size, rank=info.rank, world_size=info.world_size
+    )
+    if loader.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"data.tokenizer={cfg.data.tokenizer!r} has {loader.tokenizer.vocab_size} tokens but "
+            f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={loader.tokenizer.vocab_size}"
+        )
+    batches = iter(loader)
+
     model = PretrainModel(cfg.model, cfg.fusion, cfg.objective, gather=feature_gather(info))
     model.init_weights()
     ds_config = build_deepspeed_config(
@@ -80,11 +91,6 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     tracker = Tracker(cfg.logger, run_dir=run_dir, config=resolved, is_main=info.is_main)
     tracker.summary({"params": n_params, "precision": str(dtype).removeprefix("torch.")})
 
-    batches = iter(
-        build_loader(
-            cfg.data, split="train", batch_size=t_cfg.micro_batch_size, rank=info.rank, world_size=info.world_size
-        )
-    )
 
     def evaluate(step: int) -> dict:
         results = evaluate_heldout(
@@ -95,7 +101,9 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
 
     def checkpoint(step: int) -> Path:
         meta = {"wandb_run_id": tracker.run.id if tracker.run else None, "config": resolved}
-        return save_checkpoint(engine, run_dir=run_dir, step=step, meta=meta, is_main=info.is_main)
+        return save_checkpoint(
+            engine, run_dir=run_dir, step=step, meta=meta, loader_state=loader.state_dict(), rank=info.rank
+        )
 
     window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
     for step in range(1, t_cfg.max_steps + 1):
@@ -105,6 +113,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
         if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
             elapsed = time.perf_counter() - window_t
             metrics = all_reduce_mean({f"train/{k}": v for k, v in losses.items()})
+            metrics.update({f"data/skipped/{k}": v for k, v in sum_counters(loader.skipped).items()})
             metrics.update(
                 {
                     "train/lr": engine.get_lr()[0],

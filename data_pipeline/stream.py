@@ -1,0 +1,231 @@
+"""The worker side of the loader: a deterministic stream of batches for one
+(rank, worker), from any position, in epoch or resampled mode.
+
+Every position in the stream is fixed by (seed, epoch, rank, worker) alone:
+shard order, block shuffles and source draws are all seeded, and bad data
+keeps its slot as a counted skip. Resuming at batch k therefore replays
+nothing but byte reads up to the current shuffle block.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from data_pipeline.config import DataConfig
+from data_pipeline.decode import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, decode_audio, decode_image, first_present
+from data_pipeline.plan import consumed_by_worker, epoch_plan
+from data_pipeline.sources import Skip, read_shard
+
+_CHOICE_CHUNK = 4096
+
+
+def worker_info() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+@dataclass
+class Source:
+    urls: list[str]
+    sizes: list[int]
+    weight: float = 1.0
+
+
+class BadSample(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def decode_sample(sample: dict, *, cfg: DataConfig, tokenizer) -> dict:
+    """Raw tar members -> tensors; an absent modality becomes None.
+
+    Raises BadSample for data that is present but unusable, or for a sample
+    that lacks a modality listed in cfg.require.
+    """
+    image = first_present(sample, IMAGE_EXTS)
+    audio = first_present(sample, AUDIO_EXTS)
+    text = first_present(sample, TEXT_EXTS)
+    if image is None and audio is None and text is None:
+        raise BadSample("no_modalities", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
+    out: dict = {"__key__": sample["__key__"], "image": None, "audio": None, "text": None}
+    if image is not None:
+        try:
+            out["image"] = decode_image(image, size=cfg.image_size)
+        except Exception as e:
+            raise BadSample("bad_image", f"{type(e).__name__}: {e}") from e
+    if audio is not None:
+        try:
+            out["audio"] = decode_audio(audio, cfg)
+        except Exception as e:
+            raise BadSample("bad_audio", f"{type(e).__name__}: {e}") from e
+    if text is not None:
+        try:
+            caption = text.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise BadSample("bad_text", str(e)) from e
+        if not caption:
+            raise BadSample("empty_text")
+        out["text"] = tokenizer.encode(caption, max_len=cfg.max_text_len)
+    for m in cfg.require:
+        if out.get(m) is None:
+            raise BadSample(f"missing_{m}")
+    return out
+
+
+def block_shuffled(
+    read_from: Callable[[int], Iterator], *, total: int | None, start: int, block: int, key: list[int]
+) -> Iterator:
+    """Items from position `start` of a stream shuffled within fixed blocks.
+
+    read_from(p) iterates the unshuffled stream from position p; total=None
+    means endless. Block b is permuted by a generator seeded with key + [b].
+    """
+    if block <= 1:
+        yield from read_from(start)
+        return
+    b = start // block
+    pos = b * block
+    raw = read_from(pos)
+    first = start - pos
+    while total is None or pos < total:
+        n = block if total is None else min(block, total - pos)
+        buf = [next(raw) for _ in range(n)]
+        for i in np.random.default_rng([*key, b]).permutation(n)[first:]:
+            yield buf[i]
+        first, pos, b = 0, pos + n, b + 1
+
+
+class BatchStream:
+    """Iterable over the batches of one (rank, worker); see module doc."""
+
+    def __init__(
+        self, *, sources: list[Source], cfg: DataConfig, tokenizer, collate: Callable, batch_size: int,
+        rank: int, world_size: int, mode: str, epoch: int, start_batch: int, shuffle: bool,
+    ):
+        self.sources, self.cfg, self.tokenizer, self.collate = sources, cfg, tokenizer, collate
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.mode, self.epoch, self.start_batch, self.shuffle = mode, epoch, start_batch, shuffle
+
+    # -- epoch mode -----------------------------------------------------
+    def _epoch_batches(self, worker: int, num_workers: int) -> Iterator[dict]:
+        urls = [u for s in self.sources for u in s.urls]
+        sizes = [n for s in self.sources for n in s.sizes]
+        plan = epoch_plan(
+            sizes, seed=self.cfg.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+            worker=worker, num_workers=num_workers, batch_size=self.batch_size, shuffle_shards=self.shuffle,
+        )
+        done = consumed_by_worker(self.start_batch, worker=worker, num_workers=num_workers)
+        total = sum(plan.real)
+
+        def read_from(pos: int) -> Iterator:
+            for seg in plan.segments:
+                if pos >= seg.take:
+                    pos -= seg.take
+                    continue
+                yield from read_shard(urls[seg.shard], size=sizes[seg.shard], skip=seg.skip + pos, take=seg.take - pos)
+                pos = 0
+
+        block = self.cfg.shuffle_buffer if self.shuffle else 1
+        key = [self.cfg.seed, self.epoch, self.rank, worker]
+        items = block_shuffled(read_from, total=total, start=sum(plan.real[:done]), block=block, key=key)
+        for real in plan.real[done:]:
+            yield self._batch([next(items) for _ in range(real)])
+
+    # -- resampled mode -------------------------------------------------
+    def _source_stream(self, s: int, worker: int, start: int) -> Iterator:
+        """Source s's samples for this worker: seeded random shards, each read
+        through, beginning `start` samples in."""
+        src = self.sources[s]
+        rng = np.random.default_rng([self.cfg.seed, self.rank, worker, 2, s])
+        while True:
+            shard = int(rng.integers(len(src.urls)))
+            size = src.sizes[shard]
+            if start >= size:
+                start -= size
+                continue
+            yield from read_shard(src.urls[shard], size=size, skip=start)
+            start = 0
+
+    def _choices(self, worker: int) -> Iterator[int]:
+        weights = np.array([s.weight for s in self.sources], dtype=np.float64)
+        rng = np.random.default_rng([self.cfg.seed, self.rank, worker, 1])
+        while True:
+            yield from rng.choice(len(self.sources), size=_CHOICE_CHUNK, p=weights / weights.sum()).tolist()
+
+    def _resampled_batches(self, worker: int, num_workers: int) -> Iterator[dict]:
+        def read_from(pos: int) -> Iterator:
+            choices = self._choices(worker)
+            counts = Counter(next(choices) for _ in range(pos))
+            streams = [self._source_stream(s, worker, counts[s]) for s in range(len(self.sources))]
+            for s in choices:
+                yield next(streams[s])
+
+        done = consumed_by_worker(self.start_batch, worker=worker, num_workers=num_workers)
+        block = self.cfg.shuffle_buffer if self.shuffle else 1
+        items = block_shuffled(
+            read_from, total=None, start=done * self.batch_size, block=block, key=[self.cfg.seed, self.rank, worker]
+        )
+        while True:
+            yield self._batch([next(items) for _ in range(self.batch_size)])
+
+    # -- shared -----------------------------------------------------------
+    def _batch(self, items: list) -> dict:
+        """Decodes items into a batch of exactly batch_size rows; skipped and
+        missing samples become padding rows (every mask False)."""
+        decoded: list[dict | None] = []
+        skipped: Counter = Counter()
+        for item in items:
+            if isinstance(item, Skip):
+                skipped[item.reason] += 1
+                self._error(item.shard, item.reason, item.detail, event=(item.shard, item.reason))
+                continue
+            try:
+                decoded.append(decode_sample(item, cfg=self.cfg, tokenizer=self.tokenizer))
+                self._consecutive, self._last_event = 0, None
+            except BadSample as e:
+                skipped[e.reason] += 1
+                if not e.reason.startswith("missing_"):  # a filter, not an error
+                    self._error(item.get("__url__", "?"), e.reason, f"{item['__key__']}: {e.detail}")
+        decoded += [None] * (self.batch_size - len(decoded))
+        batch = self.collate(decoded)
+        batch["__skipped__"] = dict(skipped)
+        return batch
+
+    def _error(self, shard: str, reason: str, detail: str, event: tuple | None = None) -> None:
+        # A broken shard yields many skips in a row; it counts as one error.
+        if event is not None and event == self._last_event:
+            return
+        self._last_event = event
+        self._consecutive += 1
+        if self._consecutive >= self.cfg.max_consecutive_errors:
+            raise RuntimeError(
+                f"{self._consecutive} bad samples in a row (data.max_consecutive_errors="
+                f"{self.cfg.max_consecutive_errors}); the last in shard {shard}: {reason} {detail}".rstrip()
+            )
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = worker_info()
+        # A DataLoader always asks worker 0 first; the batch due next (number
+        # start_batch) belongs to logical worker start_batch % num_workers.
+        worker = (worker + self.start_batch) % num_workers
+        self._consecutive, self._last_event = 0, None
+        if self.mode == "epoch":
+            return self._epoch_batches(worker, num_workers)
+        return self._resampled_batches(worker, num_workers)
+
+
+class BatchDataset(torch.utils.data.IterableDataset):
+    """Hands a BatchStream to DataLoader workers."""
+
+    def __init__(self, stream: BatchStream):
+        super().__init__()
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.stream)

@@ -1,0 +1,233 @@
+"""Epoch and resampled modes, exact resume, bad data, HTTP sources."""
+
+from __future__ import annotations
+
+import functools
+import io
+import http.server
+import json
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+from data_pipeline import DataConfig, build_loader
+from data_pipeline.config import SourceConfig
+from shardkit import flac, jpeg, png, text_shards, write_tar
+
+
+def _cfg(train, **kw) -> DataConfig:
+    base = dict(train=str(train), heldout=str(train), num_workers=0, shuffle_buffer=8,
+                image_size=16, n_mels=16, audio_frames=16, hop_length=160, n_fft=256, max_text_len=32)
+    return DataConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("index", [False, True], ids=["scanned", "indexed"])
+def test_exactly_once_across_2_ranks_and_2_workers(tmp_path, index):
+    keys = text_shards(tmp_path, [37, 5, 61, 12, 1, 29], index=index)  # 145 samples, uneven shards
+    cfg = _cfg(tmp_path, num_workers=2)
+    seen: Counter = Counter()
+    counts = []
+    for rank in (0, 1):
+        loader = build_loader(cfg, split="train", batch_size=8, rank=rank, world_size=2)
+        it = iter(loader)
+        n = loader.batches_per_epoch()
+        batches = [next(it) for _ in range(n)]
+        assert all(len(b["__key__"]) == 8 for b in batches)  # padded to full size
+        seen.update(k for b in batches for k in b["__key__"] if k)
+        counts.append(n)
+        next(it)
+        assert loader.epoch == 1  # the next batch already belongs to epoch 1
+    assert counts[0] == counts[1] == 10  # ceil(145 / 16)
+    assert seen == Counter(keys)
+
+
+def test_epochs_reshuffle_but_stay_exact(tmp_path):
+    keys = text_shards(tmp_path, [20, 20, 20])
+    loader = build_loader(_cfg(tmp_path), split="train", batch_size=10)
+    it = iter(loader)
+    epochs = [[k for _ in range(6) for k in next(it)["__key__"]] for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(keys)
+    assert epochs[0] != epochs[1]
+
+
+def _assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["__key__"] == y["__key__"]
+        for k, v in x.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, y[k]), k
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_the_batches_an_uninterrupted_loader_gives(tmp_path, workers):
+    text_shards(tmp_path, [70, 90, 40, 100], with_images=True)  # 300 samples: 40 batches of 8 cross an epoch
+    cfg = _cfg(tmp_path, num_workers=workers)
+    straight = iter(build_loader(cfg, split="train", batch_size=8))
+    expected = [next(straight) for _ in range(48)][40:]
+
+    first = build_loader(cfg, split="train", batch_size=8)
+    it = iter(first)
+    for _ in range(40):
+        next(it)
+    state = first.state_dict()
+    assert (state["epoch"], state["batches"]) == (1, 2)  # 38 batches per epoch
+
+    resumed = build_loader(cfg, split="train", batch_size=8)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    _assert_same_batches([next(it) for _ in range(8)], expected)
+
+
+def test_resume_in_resampled_mode(tmp_path):
+    text_shards(tmp_path / "a", [30, 50], prefix="a")
+    text_shards(tmp_path / "b", [40], prefix="b")
+    cfg = _cfg(tmp_path, mode="resampled", num_workers=2,
+               sources=[SourceConfig(str(tmp_path / "a"), 0.5), SourceConfig(str(tmp_path / "b"), 0.5)])
+    straight = iter(build_loader(cfg, split="train", batch_size=8))
+    expected = [next(straight) for _ in range(31)][25:]
+    first = build_loader(cfg, split="train", batch_size=8)
+    it = iter(first)
+    for _ in range(25):
+        next(it)
+    resumed = build_loader(cfg, split="train", batch_size=8)
+    resumed.load_state_dict(first.state_dict())
+    it = iter(resumed)
+    _assert_same_batches([next(it) for _ in range(6)], expected)
+
+
+def test_resume_refuses_a_changed_setup(tmp_path):
+    text_shards(tmp_path, [30, 30])
+    loader = build_loader(_cfg(tmp_path), split="train", batch_size=8)
+    state = loader.state_dict()
+    other = build_loader(_cfg(tmp_path), split="train", batch_size=4)
+    with pytest.raises(ValueError, match="batch_size"):
+        other.load_state_dict(state)
+
+
+def test_mixing_weights_hold_over_5000_samples(tmp_path):
+    text_shards(tmp_path / "a", [100, 100], prefix="a")
+    text_shards(tmp_path / "b", [100, 100], prefix="b")
+    cfg = _cfg(tmp_path, mode="resampled", num_workers=2, shuffle_buffer=64,
+               sources=[SourceConfig(str(tmp_path / "a"), 0.8), SourceConfig(str(tmp_path / "b"), 0.2)])
+    it = iter(build_loader(cfg, split="train", batch_size=50))
+    keys = [k for _ in range(100) for k in next(it)["__key__"]]
+    assert len(keys) == 5000
+    share = sum(k.startswith("a") for k in keys) / len(keys)
+    assert abs(share - 0.8) < 0.02
+
+
+def test_bad_data_is_skipped_counted_and_the_rest_arrives(tmp_path):
+    good = text_shards(tmp_path, [20, 20])
+    bad = [
+        {"__key__": "ok_img", "txt": b"fine", "jpg": jpeg(1)},
+        {"__key__": "bad_jpg", "txt": b"x", "jpg": jpeg(2)[:60]},
+        {"__key__": "bad_flac", "txt": b"y", "flac": b"fLaC" + b"\x00" * 50},
+        {"__key__": "ok_flac", "txt": b"z", "flac": flac(3)},
+        {"__key__": "empty_txt", "txt": b"   ", "png": png(4)},
+        {"__key__": "no_keys", "cls": b"3"},
+    ]
+    write_tar(tmp_path / "s-000002.tar", bad)
+    trunc_samples = [{"__key__": f"t_{j:03d}", "txt": f"cap {j}".encode(), "png": png(j)} for j in range(30)]
+    write_tar(tmp_path / "s-000003.tar", trunc_samples)
+    data = (tmp_path / "s-000003.tar").read_bytes()
+    (tmp_path / "s-000003.tar").write_bytes(data[: len(data) // 2])
+    # The index (as `python -m data_pipeline write` leaves it) promises 30
+    # samples in the truncated shard, so the lost ones are counted.
+    names = {"s-000000.tar": 20, "s-000001.tar": 20, "s-000002.tar": 6, "s-000003.tar": 30}
+    (tmp_path / "index.json").write_text(json.dumps({"shards": [{"name": k, "samples": v} for k, v in names.items()]}))
+
+    cfg = _cfg(tmp_path)
+    loader = build_loader(cfg, split="heldout", batch_size=16)
+    batches = list(loader)
+    seen = Counter(k for b in batches for k in b["__key__"] if k)
+    survivors = {k for k in seen if k.startswith("t_")}
+    assert 0 < len(survivors) < 30
+    assert all(seen[k] == 1 for k in seen)
+    assert set(good) | {"ok_img", "ok_flac"} | survivors == set(seen)
+    skipped = loader.skipped
+    assert skipped["bad_image"] == 1 and skipped["bad_audio"] == 1
+    assert skipped["empty_text"] == 1 and skipped["no_modalities"] == 1
+    assert skipped["truncated_shard"] + skipped["short_shard"] == 30 - len(survivors)
+    # Surviving samples decode to exactly what was written.
+    ok = next(b for b in batches if "ok_img" in b["__key__"])
+    assert ok["image_mask"][ok["__key__"].index("ok_img")]
+
+
+def test_required_modality_filters_and_counts(tmp_path):
+    write_tar(tmp_path / "s-000000.tar", [
+        {"__key__": "with", "txt": b"a", "png": png(1)},
+        {"__key__": "without", "txt": b"b"},
+    ])
+    loader = build_loader(_cfg(tmp_path, require=["image"]), split="heldout", batch_size=4)
+    keys = [k for b in loader for k in b["__key__"] if k]
+    assert keys == ["with"] and loader.skipped == Counter({"missing_image": 1})
+
+
+def test_too_many_consecutive_errors_stop_naming_the_shard(tmp_path):
+    write_tar(tmp_path / "broken-000000.tar",
+              [{"__key__": f"k{j}", "txt": b"c", "jpg": b"not a jpeg"} for j in range(10)])
+    loader = build_loader(_cfg(tmp_path, max_consecutive_errors=5), split="heldout", batch_size=4)
+    with pytest.raises(RuntimeError, match="broken-000000.tar"):
+        list(loader)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_http_source_reads_like_local(tmp_path):
+    text_shards(tmp_path, [25, 25, 25], with_images=True, index=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/s-{{000000..000002}}.tar"
+        remote = build_loader(_cfg(url, num_workers=2), split="train", batch_size=8)
+        local = build_loader(_cfg(tmp_path, num_workers=2), split="train", batch_size=8)
+        assert remote.batches_per_epoch() == local.batches_per_epoch() == 10
+        r, l = iter(remote), iter(local)
+        _assert_same_batches([next(r) for _ in range(12)], [next(l) for _ in range(12)])
+    finally:
+        server.shutdown()
+
+
+def _encoded(fmt: str, seed: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt in ("webp", "png", "jpeg"):
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(buf, fmt.upper())
+    else:
+        wav = np.random.default_rng(seed).normal(0, 0.1, 8000).astype(np.float32)
+        soundfile.write(buf, wav, 22050, format=fmt.upper())
+    return buf.getvalue()
+
+
+def test_shards_from_other_tools_read_without_conversion(tmp_path):
+    # img2dataset layout: KEY.jpg|png|webp + KEY.txt + KEY.json.
+    write_tar(tmp_path / "img-000000.tar", [
+        {"__key__": "000000000", "jpg": _encoded("jpeg", 1), "txt": b"a cat", "json": b'{"url": "x"}'},
+        {"__key__": "000000001", "webp": _encoded("webp", 2), "txt": b"a dog", "json": b"{}"},
+        {"__key__": "000000002", "png": _encoded("png", 3), "txt": b"a cow", "json": b"{}"},
+    ])
+    # Audio-set layout: KEY.flac|wav|ogg + KEY.json, no caption.
+    write_tar(tmp_path / "aud-000000.tar", [
+        {"__key__": "clip_a", "wav": _encoded("wav", 4), "json": b'{"label": 1}'},
+        {"__key__": "clip_b", "ogg": _encoded("ogg", 5), "json": b'{"label": 2}'},
+        {"__key__": "clip_c", "flac": _encoded("flac", 6), "json": b'{"label": 3}'},
+    ])
+    loader = build_loader(_cfg(tmp_path), split="heldout", batch_size=8)
+    (batch,) = list(loader)
+    rows = {k: i for i, k in enumerate(batch["__key__"]) if k}
+    assert len(rows) == 6 and not loader.skipped
+    for key in ("000000000", "000000001", "000000002"):
+        assert batch["image_mask"][rows[key]] and batch["text_mask"][rows[key]] and not batch["audio_mask"][rows[key]]
+    for key in ("clip_a", "clip_b", "clip_c"):
+        i = rows[key]
+        assert batch["audio_mask"][i] and not batch["image_mask"][i] and not batch["text_mask"][i]
+        assert batch["audio"][i].std() > 0
