@@ -50,26 +50,15 @@ def load_audio(data: bytes, *, sample_rate: int) -> np.ndarray:
     return wav
 
 
-def _hz_to_mel(hz):
-    return 2595.0 * np.log10(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
-
-
-def _mel_to_hz(mel):
-    return 700.0 * (10.0 ** (np.asarray(mel, dtype=np.float64) / 2595.0) - 1.0)
-
-
 @lru_cache(maxsize=8)
 def mel_filterbank(*, sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
-    """Triangular HTK-mel filters, area-normalised: (n_fft//2 + 1)×n_mels."""
-    n_freqs = n_fft // 2 + 1
-    fft_hz = np.linspace(0.0, sample_rate / 2.0, n_freqs)
-    mel_pts = np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2.0), n_mels + 2)
-    hz_pts = _mel_to_hz(mel_pts)
-    lower, centre, upper = hz_pts[:-2, None], hz_pts[1:-1, None], hz_pts[2:, None]
-    rising = (fft_hz[None, :] - lower) / np.maximum(centre - lower, 1e-9)
-    falling = (upper - fft_hz[None, :]) / np.maximum(upper - centre, 1e-9)
-    fb = np.clip(np.minimum(rising, falling), 0.0, None)
-    fb *= (2.0 / (upper - lower))  # equal area per filter
+    """librosa's Slaney-style mel filters as an (n_fft//2 + 1)×n_mels tensor.
+
+    Cached: the loader builds it once in the main process before workers fork.
+    """
+    import librosa.filters  # imported here: it is slow to import and only this needs it
+
+    fb = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=0.0, fmax=sample_rate / 2)
     return torch.from_numpy(fb.T.astype(np.float32))
 
 

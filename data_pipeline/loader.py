@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from data_pipeline.config import MODES, DataConfig
+from data_pipeline.decode import mel_filterbank
 from data_pipeline.plan import batches_per_rank, consumed_by_worker, epoch_plan
 from data_pipeline.sources import expand_shards, shard_sizes
 from data_pipeline.stream import BatchDataset, BatchStream, Source
@@ -102,6 +103,8 @@ class StreamLoader:
         self.mode = cfg.mode if self.train else "epoch"
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
         self.sources = _sources(cfg, split)
+        # Built before workers fork, so they inherit it instead of each importing librosa.
+        mel_filterbank(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
         self.num_workers = cfg.num_workers
         self.epoch, self.batches = 0, 0
         self.skipped: Counter = Counter()
