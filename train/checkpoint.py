@@ -28,3 +28,39 @@ def save_checkpoint(engine, *, run_dir: Path, step: int, meta: dict, loader_stat
         os.replace(tmp, root / "latest")
     barrier()
     return root / tag
+
+
+def find_checkpoint(resume: str, *, run_dir: Path) -> Path | None:
+    """The checkpoint directory to resume from, or None to start fresh.
+
+    resume: "auto" (the newest complete checkpoint under run_dir, if any),
+    "none", or a path to a step directory or to a checkpoints/ directory.
+    Only a checkpoint named by `latest` is complete.
+    """
+    if resume == "none":
+        return None
+    root = run_dir / "checkpoints" if resume == "auto" else Path(resume)
+    if resume != "auto" and (root / "meta.json").is_file():
+        return root  # a step directory given directly
+    latest = root / "latest"
+    if not latest.is_file():
+        if resume == "auto":
+            return None
+        raise FileNotFoundError(f"trainer.resume={resume!r}: no complete checkpoint there (no 'latest' file)")
+    step_dir = root / latest.read_text().strip()
+    if not (step_dir / "meta.json").is_file():
+        raise FileNotFoundError(f"checkpoint {step_dir} named by {latest} has no meta.json")
+    return step_dir
+
+
+def load_checkpoint(engine, step_dir: Path, *, rank: int) -> tuple[dict, dict]:
+    """Collective. Restores engine state (model, optimizer, LR schedule) and
+    returns (meta, this rank's loader state)."""
+    meta = json.loads((step_dir / "meta.json").read_text())
+    loader_file = step_dir / f"loader_rank{rank}.json"
+    if not loader_file.is_file():
+        raise FileNotFoundError(f"{loader_file} is missing: was the checkpoint written with another world size?")
+    load_path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {step_dir}")
+    return meta, json.loads(loader_file.read_text())

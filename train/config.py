@@ -29,6 +29,9 @@ class TrainerConfig:
     checkpoint_every: int = 0  # 0: checkpoint at the end only
     eval_batch_size: int = 128
     seed: int = 0
+    # auto: continue from the newest complete checkpoint in the run directory;
+    # none: start fresh; or a checkpoint path.
+    resume: str = "auto"
     threads: int = 0  # torch intra-op threads per rank; 0 = cores / local ranks
 
 

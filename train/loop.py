@@ -15,7 +15,7 @@ import torch
 from data_pipeline import build_loader
 from mm_models import PretrainModel
 from train.batch import to_device
-from train.checkpoint import save_checkpoint
+from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.config import Config
 from train.distributed import DistInfo, all_reduce_mean, barrier, feature_gather, sum_counters
 from train.engine import build_deepspeed_config, build_engine
@@ -71,7 +71,6 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
             f"data.tokenizer={cfg.data.tokenizer!r} has {loader.tokenizer.vocab_size} tokens but "
             f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={loader.tokenizer.vocab_size}"
         )
-    batches = iter(loader)
 
     model = PretrainModel(cfg.model, cfg.fusion, cfg.objective, gather=feature_gather(info))
     model.init_weights()
@@ -88,9 +87,17 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
             cfg.model.name, n_params / 1e6, cfg.deepspeed.stage, "bf16" if dtype == torch.bfloat16 else "fp32",
             ds_config["train_batch_size"], t_cfg.micro_batch_size, t_cfg.grad_accum_steps, info.world_size,
         )
-    tracker = Tracker(cfg.logger, run_dir=run_dir, config=resolved, is_main=info.is_main)
+    start_step, run_id = 0, None
+    resume_from = find_checkpoint(t_cfg.resume, run_dir=run_dir)
+    if resume_from is not None:
+        meta, loader_state = load_checkpoint(engine, resume_from, rank=info.rank)
+        loader.load_state_dict(loader_state)
+        start_step, run_id = int(meta["step"]), meta.get("wandb_run_id")
+        if info.is_main:
+            log.info("resumed from %s at step %d", resume_from, start_step)
+    tracker = Tracker(cfg.logger, run_dir=run_dir, config=resolved, is_main=info.is_main, run_id=run_id)
+    batches = iter(loader)
     tracker.summary({"params": n_params, "precision": str(dtype).removeprefix("torch.")})
-
 
     def evaluate(step: int) -> dict:
         results = evaluate_heldout(
@@ -106,7 +113,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
         )
 
     window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
-    for step in range(1, t_cfg.max_steps + 1):
+    for step in range(start_step + 1, t_cfg.max_steps + 1):
         losses, wait = train_step(engine, batches, accum=t_cfg.grad_accum_steps, device=device, dtype=dtype)
         window_wait += wait
         window_steps += 1

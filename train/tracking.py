@@ -33,7 +33,8 @@ def resolve_mode(mode: str) -> str:
 class Tracker:
     """Does nothing on ranks other than 0."""
 
-    def __init__(self, cfg: LoggerConfig, *, run_dir: Path, config: dict, is_main: bool):
+    def __init__(self, cfg: LoggerConfig, *, run_dir: Path, config: dict, is_main: bool, run_id: str | None = None):
+        """run_id: continue this W&B run (a resumed training run)."""
         self.run = None
         self.jsonl = None
         if not is_main:
@@ -51,6 +52,8 @@ class Tracker:
             tags=list(cfg.tags),
             dir=str(run_dir),
             mode=mode,
+            id=run_id,
+            resume="allow" if run_id else None,
             config=redact(config),
             settings=wandb.Settings(quiet=True, console="off"),
         )

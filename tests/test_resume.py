@@ -1,0 +1,79 @@
+"""Integration: a 2-process run stopped at a checkpoint and resumed continues
+exactly as the uninterrupted run: same batches, same losses, same W&B run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO, clean_env, venv_bin
+from train.checkpoint import find_checkpoint
+
+pytestmark = pytest.mark.integration
+
+
+def _train(run_dir, shards, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train",
+        f"hydra.run.dir={run_dir}", "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.log_every=1",
+        "trainer.micro_batch_size=16", "trainer.eval_batch_size=32", "deepspeed.precision=fp32",
+        f"data.train={shards['train']}", f"data.heldout={shards['heldout']}", "data.num_workers=2",
+        "logger.mode=offline", *extra,
+    ]
+    proc = subprocess.run(cmd, cwd=run_dir.parent, env=clean_env(PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_resume_continues_exactly(demo_shards, tmp_path):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    first = _train(straight, demo_shards)
+
+    # The same run as if stopped right after its step-3 checkpoint.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(straight, stopped)
+    shutil.rmtree(stopped / "checkpoints" / "step_000006")
+    (stopped / "checkpoints" / "latest").write_text("step_000003")
+    kept = [l for l in (stopped / "metrics.jsonl").read_text().splitlines() if json.loads(l)["step"] <= 3]
+    (stopped / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+
+    second = _train(stopped, demo_shards)
+    assert "resumed from" in second.stdout + second.stderr
+
+    a, b = _losses(straight), _losses(stopped)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]  # bitwise: same batches, same state
+    assert first.stdout.strip().splitlines()[-1] == second.stdout.strip().splitlines()[-1]
+
+    meta_a = json.loads((straight / "checkpoints" / "step_000006" / "meta.json").read_text())
+    meta_b = json.loads((stopped / "checkpoints" / "step_000006" / "meta.json").read_text())
+    assert meta_a["wandb_run_id"] == meta_b["wandb_run_id"]
+    for rank in (0, 1):
+        name = f"loader_rank{rank}.json"
+        state_a = json.loads((straight / "checkpoints" / "step_000006" / name).read_text())
+        state_b = json.loads((stopped / "checkpoints" / "step_000006" / name).read_text())
+        assert state_a == state_b
+
+
+def test_find_checkpoint_takes_only_complete_ones(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    assert find_checkpoint("auto", run_dir=tmp_path) is None  # nothing yet: start fresh
+    (ckpts / "step_000004").mkdir(parents=True)
+    (ckpts / "step_000004" / "meta.json").write_text("{}")
+    assert find_checkpoint("auto", run_dir=tmp_path) is None  # no `latest`: incomplete
+    (ckpts / "latest").write_text("step_000004")
+    assert find_checkpoint("auto", run_dir=tmp_path) == ckpts / "step_000004"
+    assert find_checkpoint("none", run_dir=tmp_path) is None
+    assert find_checkpoint(str(ckpts / "step_000004"), run_dir=tmp_path) == ckpts / "step_000004"
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        find_checkpoint(str(tmp_path / "elsewhere"), run_dir=tmp_path)
