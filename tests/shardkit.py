@@ -64,3 +64,14 @@ def text_shards(root: Path, sizes: list[int], *, prefix: str = "s", with_images:
     if index:
         (root / "index.json").write_text(json.dumps({"shards": entries, "samples": sum(sizes)}))
     return keys
+
+
+def read_tars(out: Path) -> dict[str, dict[str, bytes]]:
+    """Every shard under out, read back as {key: {ext: bytes}}."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted(out.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +14,7 @@ from PIL import Image
 
 from data_pipeline.__main__ import main as cli
 from data_pipeline.writer import INDEX_NAME
-
-
-def _read_tars(out: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for tar_path in sorted(out.glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
+from shardkit import read_tars
 
 
 def _make_raw(root: Path, n: int) -> list[dict]:
@@ -47,7 +37,7 @@ def _make_raw(root: Path, n: int) -> list[dict]:
 
 
 def _check_round_trip(rows: list[dict], raw: Path, out: Path) -> None:
-    got = _read_tars(out)
+    got = read_tars(out)
     assert sorted(got) == sorted(r["key"] for r in rows)
     for r in rows:
         members = got[r["key"]]
@@ -84,7 +74,7 @@ def test_csv_manifest_round_trip(tmp_path):
         w.writeheader()
         w.writerows(rows)
     assert cli(["write", str(raw / "m.csv"), str(tmp_path / "out")]) == 0
-    got = _read_tars(tmp_path / "out")
+    got = read_tars(tmp_path / "out")
     # CSV cells are strings: extra fields arrive in .json as written.
     assert json.loads(got["s000"]["json"]) == {"label": "0"}
     assert got["s003"]["flac"] == (raw / "snd3.flac").read_bytes()
@@ -111,7 +101,7 @@ def test_directory_of_stems_round_trip(tmp_path):
     (raw / "b.json").write_text('{"label": 2}')
     (raw / "notes.md").write_text("not a sample")
     assert cli(["write", str(raw), str(tmp_path / "out")]) == 0
-    got = _read_tars(tmp_path / "out")
+    got = read_tars(tmp_path / "out")
     assert got == {
         "a": {"txt": b"first", "flac": (raw / "a.flac").read_bytes(), "json": b"{}"},
         "b": {"png": (raw / "b.png").read_bytes(), "json": b'{"label": 2}'},
@@ -123,7 +113,7 @@ def test_missing_file_is_rejected_and_the_rest_written(tmp_path, capsys):
     rows = [{"key": "gone", "image": "nope.jpg", "text": "x"}, {"key": "ok", "image": "ok.png", "text": "y"}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert cli(["write", str(tmp_path / "m.jsonl"), str(tmp_path / "out")]) == 0
-    assert sorted(_read_tars(tmp_path / "out")) == ["ok"]
+    assert sorted(read_tars(tmp_path / "out")) == ["ok"]
     (reject,) = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert reject["key"] == "gone" and reject["reason"] == "missing_file"
     assert "nope.jpg" in reject["detail"] and reject["source"].endswith("m.jsonl:1")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from PIL import Image
 
 from data_pipeline.__main__ import main as cli
 from data_pipeline.writer import INDEX_NAME, REJECT_REASONS, REJECTS_NAME
+from shardkit import read_tars
 
 
 def _image(w: int, h: int, fmt: str, seed: int = 0) -> bytes:
@@ -28,16 +28,6 @@ def _sound(frames: int, rate: int, fmt: str = "FLAC", channels: int = 1) -> byte
     buf = io.BytesIO()
     soundfile.write(buf, wav, rate, format=fmt)
     return buf.getvalue()
-
-
-def _read_tars(out: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for tar_path in sorted(out.glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
 
 
 def _rejects(out: Path) -> list[dict]:
@@ -80,7 +70,7 @@ def test_bad_rows_are_rejected_with_reasons_and_good_rows_round_trip(messy, tmp_
     out = tmp_path / "out"
     assert cli(["write", str(messy), str(out), "--workers", "0"]) == 0
     raw = messy.parent
-    got = _read_tars(out)
+    got = read_tars(out)
     assert got == {
         "full": {"jpg": (raw / "full.jpg").read_bytes(), "flac": (raw / "full.flac").read_bytes(),
                  "txt": b"a full row", "json": b'{"label": 1}'},
@@ -131,7 +121,7 @@ def test_two_workers_write_the_same_bytes_as_one_process(messy, tmp_path):
 def test_image_max_side_resizes_to_jpeg_and_never_upscales(messy, tmp_path):
     out = tmp_path / "out"
     assert cli(["write", str(messy), str(out), "--workers", "0", "--image-max-side", "16"]) == 0
-    got = _read_tars(out)
+    got = read_tars(out)
     sizes = {}
     for key in ("full", "no_audio", "no_text"):
         assert "png" not in got[key]
@@ -143,7 +133,7 @@ def test_image_max_side_resizes_to_jpeg_and_never_upscales(messy, tmp_path):
 def test_jpeg_quality_alone_reencodes_at_full_size(messy, tmp_path):
     out = tmp_path / "out"
     assert cli(["write", str(messy), str(out), "--workers", "0", "--jpeg-quality", "20"]) == 0
-    got = _read_tars(out)
+    got = read_tars(out)
     with Image.open(io.BytesIO(got["full"]["jpg"])) as img:
         assert img.size == (64, 40)
     assert len(got["full"]["jpg"]) < len((messy.parent / "full.jpg").read_bytes())
@@ -152,7 +142,7 @@ def test_jpeg_quality_alone_reencodes_at_full_size(messy, tmp_path):
 def test_audio_rate_resamples_to_mono_flac(messy, tmp_path):
     out = tmp_path / "out"
     assert cli(["write", str(messy), str(out), "--workers", "0", "--audio-rate", "8000"]) == 0
-    got = _read_tars(out)
+    got = read_tars(out)
     assert "wav" not in got["audio_only"]
     for key, source_frames in (("full", 1600), ("audio_only", 800)):  # 16 kHz sources
         info = soundfile.info(io.BytesIO(got[key]["flac"]))
@@ -173,7 +163,7 @@ def test_max_bytes_is_a_hard_limit_per_shard(tmp_path):
     assert len(index["shards"]) >= 2 and index["samples"] == 12
     for shard in index["shards"]:
         assert shard["bytes"] == (out / shard["name"]).stat().st_size <= 20 * 1024
-    assert sorted(_read_tars(out)) == sorted(f"k{i}" for i in range(12))
+    assert sorted(read_tars(out)) == sorted(f"k{i}" for i in range(12))
 
 
 def test_rewriting_removes_shards_an_earlier_run_left(messy, tmp_path):
@@ -194,7 +184,7 @@ def test_directory_input_rejects_unreadable_text_and_stray_metadata(tmp_path):
     (raw / "lonely.json").write_text('{"label": 1}')
     out = tmp_path / "out"
     assert cli(["write", str(raw), str(out), "--workers", "0"]) == 0
-    assert sorted(_read_tars(out)) == ["good"]
+    assert sorted(read_tars(out)) == ["good"]
     assert [(r["key"], r["reason"]) for r in _rejects(out)] == [("latin", "bad_text"), ("lonely", "empty")]
 
 
@@ -204,7 +194,7 @@ def test_an_extension_the_loader_cannot_read_is_rejected_unless_reencoded(tmp_pa
     assert cli(["write", str(manifest), str(tmp_path / "kept"), "--workers", "0"]) == 0
     assert [(r["key"], r["reason"]) for r in _rejects(tmp_path / "kept")] == [("g", "unsupported")]
     assert cli(["write", str(manifest), str(tmp_path / "jpeg"), "--workers", "0", "--jpeg-quality", "90"]) == 0
-    assert set(_read_tars(tmp_path / "jpeg")["g"]) == {"jpg", "json"}
+    assert set(read_tars(tmp_path / "jpeg")["g"]) == {"jpg", "json"}
 
 
 @pytest.mark.parametrize(
