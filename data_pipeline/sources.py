@@ -104,13 +104,19 @@ def _load_index(parent: str) -> dict[str, int]:
 
 
 def count_samples(url: str) -> int:
-    """Samples in a shard, by reading its member names (no decoding)."""
+    """Samples in a shard, by reading its member names (no decoding). A shard
+    that breaks part-way counts the samples before the break."""
     n, last = 0, None
-    with open_url(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            m = _KEY_EXT.match(member.name) if member.isfile() else None
-            if m and m.group(1) != last:
-                n, last = n + 1, m.group(1)
+    try:
+        with open_url(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                m = _KEY_EXT.match(member.name) if member.isfile() else None
+                if m and m.group(1) != last:
+                    n, last = n + 1, m.group(1)
+    except Exception as e:
+        # The sample being read when it broke is incomplete: leave it out.
+        n = max(0, n - 1)
+        log.warning("shard %s is unreadable after %d samples (%s); using those", url, n, e)
     return n
 
 
@@ -126,11 +132,7 @@ def shard_sizes(urls: list[str]) -> list[int]:
             indexes[parent] = _load_index(parent)
         size = indexes.get(parent, {}).get(url.rsplit("/", 1)[-1])
         if size is None:
-            try:
-                size = count_samples(url)
-            except Exception as e:
-                log.warning("cannot read shard %s to count its samples (%s); it is skipped", url, e)
-                size = 0
+            size = count_samples(url)
         sizes.append(size)
     return sizes
 

@@ -231,3 +231,15 @@ def test_shards_from_other_tools_read_without_conversion(tmp_path):
         i = rows[key]
         assert batch["audio_mask"][i] and not batch["image_mask"][i] and not batch["text_mask"][i]
         assert batch["audio"][i].std() > 0
+
+
+def test_unindexed_truncated_shard_keeps_its_readable_samples(tmp_path):
+    text_shards(tmp_path, [10])
+    samples = [{"__key__": f"t_{j:03d}", "txt": f"cap {j}".encode(), "png": png(j, size=64)} for j in range(20)]
+    write_tar(tmp_path / "s-000001.tar", samples)
+    data = (tmp_path / "s-000001.tar").read_bytes()
+    (tmp_path / "s-000001.tar").write_bytes(data[: len(data) // 2])
+    loader = build_loader(_cfg(tmp_path), split="heldout", batch_size=8)
+    keys = [k for b in loader for k in b["__key__"] if k]
+    survivors = [k for k in keys if k.startswith("t_")]
+    assert 5 <= len(survivors) < 20 and len(keys) == len(set(keys)) == 10 + len(survivors)
