@@ -33,13 +33,28 @@ class ModelConfig:
 
 @dataclass
 class FusionConfig:
-    # "none": late fusion, contrastive alignment only (CLIP / ImageBind style).
+    # none: late fusion, contrastive alignment only (CLIP / ImageBind style);
+    # concat, weighted_sum, attention: one fused embedding per tuple.
     name: str = "none"
+    width: int = 256  # hidden width of the fusion MLP / transformer
+    depth: int = 2  # attention: fusion transformer blocks
+    heads: int = 4
+    mlp_ratio: float = 4.0
 
 
 @dataclass
 class ObjectiveConfig:
+    # Contrastive alignment over every modality pair: "infonce" (symmetric
+    # softmax, CLIP) or "siglip" (pairwise sigmoid with a learnable bias).
+    contrastive: str = "infonce"
     contrastive_weight: float = 1.0
     temperature_init: float = 0.07
     learn_temperature: bool = True
     max_logit_scale: float = 100.0
+    siglip_bias_init: float = -10.0
+    # Fused-tuple objectives (need fusion != none): aligned vs shuffled tuples
+    # with hard negatives, and masked text modelling on the fused tokens
+    # (fusion=attention). Weight 0 switches one off.
+    matching_weight: float = 0.0
+    masked_text_weight: float = 0.0
+    mask_prob: float = 0.15

@@ -9,7 +9,22 @@ from torch import nn
 from mm_models.config import FusionConfig, ModelConfig, ObjectiveConfig
 from mm_models.encoders import audio_encoder, image_encoder, text_encoder
 from mm_models.fusion import build_fusion
-from mm_models.objectives import MODALITIES, ContrastiveLoss, Gather
+from mm_models.fused_objectives import MaskedTextLoss, MatchingLoss
+from mm_models.objectives import MODALITIES, Gather, build_contrastive_loss
+
+
+def init_linear_layers(root: nn.Module) -> None:
+    """Truncated-normal matrices, zero biases, unit norms, for every layer under root."""
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 class MultimodalModel(nn.Module):
@@ -29,16 +44,7 @@ class MultimodalModel(nn.Module):
         )
 
     def init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linear_layers(self)
         for enc in self.encoders.values():
             nn.init.normal_(enc.cls, std=0.02)
             nn.init.normal_(enc.pos, std=0.02)
@@ -54,8 +60,8 @@ class MultimodalModel(nn.Module):
 class PretrainModel(nn.Module):
     """MultimodalModel + fusion + objectives -> a dict of losses.
 
-    Returns {"loss": weighted total, "loss/<name>": each objective and pair,
-    "logit_scale": ...}; every value is a scalar tensor.
+    Returns {"loss": the weighted total, "loss/<objective>[/<pair>]": each
+    term, "logit_scale": ...}; every value is a scalar tensor.
     """
 
     def __init__(
@@ -70,10 +76,24 @@ class PretrainModel(nn.Module):
         self.objective_cfg = objective
         self.model = MultimodalModel(model)
         self.fusion = build_fusion(fusion, model)
-        self.contrastive = ContrastiveLoss(objective, gather)
+        self.contrastive = build_contrastive_loss(objective, gather)
+        self.matching = self.masked_text = None
+        if objective.matching_weight > 0:
+            if fusion.name == "none":
+                raise ValueError("objective.matching_weight > 0 needs a fused tuple: set fusion to concat, weighted_sum or attention")
+            self.matching = MatchingLoss(model.embed_dim)
+        if objective.masked_text_weight > 0:
+            if fusion.name != "attention":
+                raise ValueError("objective.masked_text_weight > 0 needs fusion=attention (it predicts from fused text tokens)")
+            self.masked_text = MaskedTextLoss(width=fusion.width, vocab_size=model.vocab_size, mask_prob=objective.mask_prob)
 
     def init_weights(self) -> None:
         self.model.init_weights()
+        for part in (self.fusion, self.matching, self.masked_text):
+            if part is not None:
+                init_linear_layers(part)
+        if hasattr(self.fusion, "init_weights"):
+            self.fusion.init_weights()
         self.contrastive.init_weights(self.objective_cfg)
 
     def embed(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -81,18 +101,28 @@ class PretrainModel(nn.Module):
         return {m: f["embed"] for m, f in self.model(batch).items()}
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        cfg = self.objective_cfg
         features = self.model(batch)
         masks = {m: batch[f"{m}_mask"] for m in MODALITIES}
-        # Late fusion yields no joint representation; fused-tuple objectives
-        # (matching, masked text) will consume what other strategies return.
-        self.fusion(features, masks)
         con = self.contrastive({m: f["embed"] for m, f in features.items()}, masks)
         contrastive = con.pop("loss")
-        out = {
-            "loss": self.objective_cfg.contrastive_weight * contrastive,
-            "loss/contrastive": contrastive.detach(),
-            "logit_scale": con.pop("logit_scale"),
-        }
-        for pair, value in con.items():
-            out[f"loss/contrastive/{pair}"] = value.detach()
+        out = {"loss/contrastive": contrastive.detach(), "logit_scale": con.pop("logit_scale")}
+        out.update({f"loss/contrastive/{pair}": value.detach() for pair, value in con.items()})
+        total = cfg.contrastive_weight * contrastive
+
+        fused = self.fusion(features, masks, batch["text_pad"])
+        if fused is not None:
+            # Zero-weighted: the fusion stays in the graph without a fused objective.
+            total = total + 0.0 * fused["embed"].float().sum()
+        if self.matching is not None:
+            matching = self.matching(fusion=self.fusion, features=features, masks=masks,
+                                     text_pad=batch["text_pad"], fused=fused)
+            out["loss/matching"] = matching.detach()
+            total = total + cfg.matching_weight * matching
+        if self.masked_text is not None:
+            masked = self.masked_text(text_encoder=self.model.encoders["text"], fusion=self.fusion, features=features,
+                                      masks=masks, ids=batch["text"], text_pad=batch["text_pad"])
+            out["loss/masked_text"] = masked.detach()
+            total = total + cfg.masked_text_weight * masked
+        out["loss"] = total
         return out

@@ -36,13 +36,21 @@ def pair_name(a: str, b: str) -> str:
     return f"{a}_{b}"
 
 
-class ContrastiveLoss(nn.Module):
-    """Symmetric InfoNCE over every pair of modalities with a learnable temperature.
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32 for the similarity products; fp32 and fp64 stay."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
-    For the pair (a, b), a row is a sample holding both; the columns are every
-    sample, on every rank, holding the other modality. Each rank's loss is
-    scaled so that averaging over ranks (as data parallelism does with
-    gradients) gives the mean over all valid rows of the global batch.
+
+class _PairwiseLoss(nn.Module):
+    """What InfoNCE and SigLIP share: a learnable temperature, features
+    gathered over ranks, and the masking and scaling rules.
+
+    For the pair (a, b), a row is a local sample holding both; the columns are
+    every sample, on every rank, holding the other modality. Both directions
+    (a rows against b columns, b rows against a columns) are scored. Each
+    rank's loss is scaled so that averaging over ranks (as data parallelism
+    does with gradients) gives the mean over all valid rows of the global
+    batch. Subclasses define the loss of each row.
     """
 
     def __init__(self, cfg: ObjectiveConfig, gather: Gather | None = None):
@@ -61,35 +69,95 @@ class ContrastiveLoss(nn.Module):
     def _all(self, x: torch.Tensor) -> torch.Tensor:
         return self.gather.fn(x) if self.gather is not None else x
 
+    def row_loss(
+        self, q: torch.Tensor, k_all: torch.Tensor, k_mask: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """q: B×E local rows; k_all: N×E columns of every rank; k_mask: N bool
+        (valid columns); labels: B (column index of each row's match).
+        Returns B: the loss of each row."""
+        raise NotImplementedError
+
     def forward(self, embeds: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """embeds: modality -> B×E; masks: modality -> B bool. Returns the
         mean loss and one loss per pair (zero where no sample has both)."""
         rank, world = (self.gather.rank, self.gather.world_size) if self.gather else (0, 1)
-        z = {m: F.normalize(e.float(), dim=-1) for m, e in embeds.items()}
+        z = {m: F.normalize(_upcast(e), dim=-1) for m, e in embeds.items()}
         z_all = {m: self._all(v) for m, v in z.items()}
         m_all = {m: self._all(v.to(torch.uint8)).bool() for m, v in masks.items()}
         scale = self.logit_scale.clamp(max=self.max_log_scale).exp().squeeze(0)
         b = next(iter(z.values())).shape[0]
         labels = torch.arange(b, device=scale.device) + rank * b
 
-        # Zero-weighted term: keeps every encoder and the temperature in the
-        # graph even when no pair is present, so all ranks reduce the same grads.
-        total = scale * 0.0 + sum(v.sum() for v in z.values()) * 0.0
+        # Zero-weighted term: keeps every encoder and parameter in the graph
+        # even when no pair is present, so all ranks reduce the same grads.
+        total = sum(p.sum() for p in self.parameters()) * 0.0 + sum(v.sum() for v in z.values()) * 0.0
         out: dict[str, torch.Tensor] = {}
         n_pairs = 0
         for a, bm in PAIRS:
             rows = masks[a] & masks[bm]
+            # Global count, the same on every rank: all ranks skip the same
+            # pairs, so the gathers' backward all-reduces stay matched.
             n = (m_all[a] & m_all[bm]).sum()
             if n == 0:
                 out[pair_name(a, bm)] = total.detach() * 0.0
                 continue
-            ab = (scale * z[a] @ z_all[bm].T).masked_fill(~m_all[bm][None, :], _MASKED)
-            ba = (scale * z[bm] @ z_all[a].T).masked_fill(~m_all[a][None, :], _MASKED)
-            ce = F.cross_entropy(ab, labels, reduction="none") + F.cross_entropy(ba, labels, reduction="none")
-            pair = (ce * rows).sum() / (2 * n) * world
+            per_row = self.row_loss(z[a], z_all[bm], m_all[bm], labels, scale) + self.row_loss(
+                z[bm], z_all[a], m_all[a], labels, scale
+            )
+            pair = torch.where(rows, per_row, 0.0).sum() / (2 * n) * world
             out[pair_name(a, bm)] = pair
             total = total + pair
             n_pairs += 1
         out["loss"] = total / max(n_pairs, 1)
         out["logit_scale"] = scale.detach()
         return out
+
+
+class ContrastiveLoss(_PairwiseLoss):
+    """Symmetric InfoNCE (CLIP) over every pair of modalities: each row's
+    cross-entropy over the valid columns, its match being the target."""
+
+    def row_loss(self, q, k_all, k_mask, labels, scale):
+        logits = (scale * q @ k_all.T).masked_fill(~k_mask[None, :], _MASKED)
+        return F.cross_entropy(logits, labels, reduction="none")
+
+
+class SigLIPLoss(_PairwiseLoss):
+    """Pairwise sigmoid loss (Zhai et al. 2023, SigLIP) over every pair of
+    modalities, with a learnable temperature and bias.
+
+    Every (row, valid column) is a binary problem, label +1 for the row's own
+    sample and -1 for every other: a row's loss is the sum over its valid
+    columns of -log sigmoid(label * (scale * cos + bias)). Scored in both
+    directions and divided by twice the valid rows, so a batch with every
+    modality present gives the paper's value (its matrix is symmetric).
+    """
+
+    def __init__(self, cfg: ObjectiveConfig, gather: Gather | None = None):
+        super().__init__(cfg, gather)
+        self.bias = nn.Parameter(torch.full((1,), float(cfg.siglip_bias_init)))
+
+    def init_weights(self, cfg: ObjectiveConfig) -> None:
+        super().init_weights(cfg)
+        with torch.no_grad():
+            self.bias.fill_(cfg.siglip_bias_init)
+
+    def row_loss(self, q, k_all, k_mask, labels, scale):
+        logits = scale * q @ k_all.T + self.bias.to(q.dtype)
+        sign = torch.full_like(logits, -1.0)
+        sign[torch.arange(q.shape[0], device=q.device), labels] = 1.0
+        # where, not a product: a masked entry contributes exactly 0 whatever it holds.
+        return torch.where(k_mask[None, :], -F.logsigmoid(sign * logits), 0.0).sum(dim=1)
+
+
+# objective.contrastive -> the loss class; PretrainModel builds one of these.
+CONTRASTIVE_LOSSES: dict[str, type[_PairwiseLoss]] = {"infonce": ContrastiveLoss, "siglip": SigLIPLoss}
+
+
+def build_contrastive_loss(cfg: ObjectiveConfig, gather: Gather | None = None) -> _PairwiseLoss:
+    """The contrastive loss objective.contrastive names."""
+    if cfg.contrastive not in CONTRASTIVE_LOSSES:
+        raise ValueError(
+            f"objective.contrastive={cfg.contrastive!r}; choose one of {sorted(CONTRASTIVE_LOSSES)}"
+        )
+    return CONTRASTIVE_LOSSES[cfg.contrastive](cfg, gather)
