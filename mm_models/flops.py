@@ -1,0 +1,76 @@
+"""Parameter counts and analytic training FLOPs of the tri-modal model.
+
+Used to size the presets in conf/model/ and to turn samples/s into MFU
+(benchmarks/model_throughput.py). Imports torch only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mm_models.config import EncoderConfig, FusionConfig, ModelConfig, ObjectiveConfig
+from mm_models.model import PretrainModel
+
+
+def parameter_count(model_cfg: ModelConfig) -> int:
+    """Parameters of `PretrainModel(model_cfg, FusionConfig(), ObjectiveConfig())`,
+    counted on the meta device: no memory is allocated, so even `xl` is instant."""
+    with torch.device("meta"):
+        model = PretrainModel(model_cfg, FusionConfig(), ObjectiveConfig())
+    return sum(p.numel() for p in model.parameters())
+
+
+def sequence_lengths(model_cfg: ModelConfig) -> dict[str, int]:
+    """Tokens each encoder's transformer sees per sample, CLS included."""
+    pi, pa = model_cfg.image.patch_size, model_cfg.audio.patch_size
+    return {
+        "image": (model_cfg.image_size // pi) ** 2 + 1,
+        "audio": (model_cfg.n_mels // pa) * (model_cfg.audio_frames // pa) + 1,
+        "text": model_cfg.max_text_len + 1,
+    }
+
+
+def _block_matmul_params(enc: EncoderConfig) -> int:
+    """Weights of one block's matmuls: qkv (3W²), out proj (W²), MLP (2·W·hidden).
+    Biases and LayerNorm scales are elementwise, not matmuls."""
+    w, hidden = enc.width, int(enc.width * enc.mlp_ratio)
+    return 4 * w * w + 2 * w * hidden
+
+
+def flops_per_sample(model_cfg: ModelConfig) -> float:
+    """Analytic training FLOPs (forward + backward) for one sample, PaLM-style
+    (Chowdhery et al. 2022, appendix B), summed over the three encoders:
+
+        per encoder e with width W_e, depth L_e, sequence length T_e (CLS included):
+            6 · N_e · T_e                 the blocks' matmul weights, once per token
+          + 12 · L_e · H_e · Q_e · T_e²   attention QKᵀ and AV (H_e·Q_e = W_e)
+          + 6 · C·p²·W_e · (T_e - 1)      patch-embedding Conv2d: a matmul over the
+                                          T_e - 1 patches (C = 3 image, 1 audio)
+          + 6 · W_e · E                   projection head, on the CLS token only
+
+        N_e = L_e · (4·W_e² + 2·W_e·hidden_e)  qkv, out proj and MLP weights
+
+    The text token embedding is a table lookup, not a matmul: it counts 0.
+
+    T_image = (image_size/p)² + 1, T_audio = (n_mels/p)·(audio_frames/p) + 1,
+    T_text = max_text_len + 1. The factor 6 is 2 (multiply-add) × 3 (forward,
+    plus the gradients of the activations and of the weights).
+
+    Left out, as PaLM leaves them out: biases, norms, softmax, GELU and the
+    contrastive logits (36·B·E per sample for batch B, which depends on the
+    batch and is negligible next to the encoders). Text padding is counted as
+    tokens, since the encoder computes them. Fusion modules are not counted
+    (this is the late-fusion model, `fusion=none`).
+    """
+    seq = sequence_lengths(model_cfg)
+    patch_in = {"image": 3, "audio": 1}
+    total = 0
+    for name in ("image", "audio", "text"):
+        enc: EncoderConfig = getattr(model_cfg, name)
+        t = seq[name]
+        total += 6 * enc.depth * _block_matmul_params(enc) * t
+        if name in patch_in:
+            total += 6 * patch_in[name] * enc.patch_size**2 * enc.width * (t - 1)
+        total += 12 * enc.depth * enc.width * t * t
+        total += 6 * enc.width * model_cfg.embed_dim
+    return float(total)
