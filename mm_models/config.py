@@ -13,6 +13,11 @@ class EncoderConfig:
     mlp_ratio: float = 4.0
     # Side of the square patches cut from images and spectrograms (ignored by text).
     patch_size: int = 8
+    # "learned" absolute position embeddings, or "rotary" (RoPE on queries and
+    # keys, over the token order; patches in raster order).
+    positions: str = "learned"
+    # Recompute each block's activations in the backward pass to save memory.
+    activation_checkpointing: bool = False
 
 
 @dataclass

@@ -37,21 +37,30 @@ class SpectrogramPatchEmbed(PatchEmbed):
 
 
 class Encoder(nn.Module):
-    """Embedder -> [CLS] + learned positions -> Transformer -> pooled + projection."""
+    """Embedder -> [CLS] + positions (learned, or rotary inside attention) ->
+    Transformer -> pooled + projection."""
 
     def __init__(self, embedder: nn.Module, num_tokens: int, cfg: EncoderConfig, *, embed_dim: int, dropout: float):
         super().__init__()
+        if cfg.positions not in ("learned", "rotary"):
+            raise ValueError(f"positions={cfg.positions!r}; choose 'learned' or 'rotary'")
         self.embedder = embedder
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos = nn.Parameter(torch.zeros(1, num_tokens + 1, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, dropout)
+        rotary = cfg.positions == "rotary"
+        self.pos = None if rotary else nn.Parameter(torch.zeros(1, num_tokens + 1, cfg.width))
+        self.transformer = Transformer(
+            cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, dropout,
+            rotary=rotary, checkpointing=cfg.activation_checkpointing,
+        )
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """pad: B×N bool, True at padding tokens (text only)."""
         tokens = self.embedder(x)
         b = tokens.shape[0]
-        h = torch.cat([self.cls.expand(b, -1, -1), tokens], dim=1) + self.pos[:, : tokens.shape[1] + 1]
+        h = torch.cat([self.cls.expand(b, -1, -1), tokens], dim=1)
+        if self.pos is not None:
+            h = h + self.pos[:, : h.shape[1]]
         keep = None
         if pad is not None:
             # CLS is always attendable, so no row of the attention mask is empty.

@@ -47,7 +47,8 @@ class MultimodalModel(nn.Module):
         init_linear_layers(self)
         for enc in self.encoders.values():
             nn.init.normal_(enc.cls, std=0.02)
-            nn.init.normal_(enc.pos, std=0.02)
+            if enc.pos is not None:
+                nn.init.normal_(enc.pos, std=0.02)
 
     def forward(self, batch: dict) -> dict[str, dict[str, torch.Tensor]]:
         return {

@@ -142,3 +142,38 @@ def test_mm_models_imports_torch_only():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rotary_positions_replace_learned_ones_and_see_order():
+    torch.manual_seed(0)
+    enc = EncoderConfig(width=32, depth=1, heads=2, patch_size=8, positions="rotary")
+    cfg = ModelConfig(image=enc, audio=enc, text=enc, embed_dim=16, image_size=16, n_mels=16, audio_frames=16, max_text_len=12)
+    model = PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
+    model.init_weights()
+    model.eval()
+    assert all(e.pos is None for e in model.model.encoders.values())
+    b = batch(4)
+    swapped = {k: v.clone() for k, v in b.items()}
+    swapped["text"][:, [1, 2]] = swapped["text"][:, [2, 1]]  # same tokens, another order
+    e1, e2 = model.embed(b)["text"], model.embed(swapped)["text"]
+    assert not torch.allclose(e1, e2)
+    out = model(b)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+
+
+def test_activation_checkpointing_changes_memory_not_results():
+    def run(checkpointing: bool):
+        torch.manual_seed(0)
+        enc = EncoderConfig(width=32, depth=2, heads=2, patch_size=8, activation_checkpointing=checkpointing)
+        cfg = ModelConfig(image=enc, audio=enc, text=enc, embed_dim=16, image_size=16, n_mels=16, audio_frames=16, max_text_len=12)
+        model = PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
+        model.init_weights()
+        out = model(batch(8))
+        out["loss"].backward()
+        return out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    (l1, g1), (l2, g2) = run(False), run(True)
+    torch.testing.assert_close(l1, l2, rtol=0, atol=0)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-6, atol=1e-7, msg=name)
