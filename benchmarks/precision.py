@@ -25,9 +25,10 @@ def _time(fn, repeat: int) -> float:
     return (time.perf_counter() - t) / repeat
 
 
-def matmul_seconds(m: int, k: int, n: int, dtype: torch.dtype, device: str) -> float:
+def matmul_seconds(m: int, k: int, n: int, dtype: torch.dtype, device: str, *, transposed: bool = False) -> float:
+    """a @ b for row-major operands, or a @ b.T (the layout of nn.Linear's forward)."""
     a = torch.randn(m, k, dtype=dtype, device=device)
-    b = torch.randn(k, n, dtype=dtype, device=device)
+    b = torch.randn(n, k, dtype=dtype, device=device).T if transposed else torch.randn(k, n, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     return _time(lambda: (a @ b, sync()), repeat=5)
 
@@ -53,9 +54,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = {}
     for shape in ((1024, 1024, 1024), (4096, 96, 288)):
-        fp32 = matmul_seconds(*shape, torch.float32, device)
-        bf16 = matmul_seconds(*shape, torch.bfloat16, device)
-        rows[f"matmul {'x'.join(map(str, shape))}"] = fp32 / bf16
+        for transposed in (False, True):
+            fp32 = matmul_seconds(*shape, torch.float32, device, transposed=transposed)
+            bf16 = matmul_seconds(*shape, torch.bfloat16, device, transposed=transposed)
+            rows[f"matmul {'x'.join(map(str, shape))} {'a@b.T' if transposed else 'a@b'}"] = fp32 / bf16
     rows["model=tiny fwd+bwd, batch 64"] = step_seconds(torch.float32, device) / step_seconds(torch.bfloat16, device)
     print(f"device: {device}, cpu capability: {torch.backends.cpu.get_cpu_capability()}, "
           f"fast bf16 detected: {fast_bf16_available()}")
