@@ -96,6 +96,8 @@ def test_wandb_offline_run_holds_config_and_metrics(run):
     assert summary["precision"] == "bfloat16"
     assert math.isfinite(summary["train/loss"]) and summary["train/loss"] > 0
     assert summary["_step"] == STEPS
+    assert summary["train/grad_norm"] > 0 and summary["perf/tokens_per_s"] > summary["perf/samples_per_s"] > 0
+    assert summary["perf/max_rss_gb"] > 0
     printed = json.loads(run["proc"].stdout.strip().splitlines()[-1])
     for pair, values in printed["heldout"].items():
         assert summary[f"final/heldout/{pair}/R@1"] == pytest.approx(values["R@1"], abs=1e-4)

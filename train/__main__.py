@@ -31,7 +31,7 @@ def _main(cfg: DictConfig) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     results = train(config, info=_INFO, run_dir=run_dir, resolved=OmegaConf.to_container(cfg, resolve=True))
-    if _INFO.is_main:
+    if _INFO.is_main and not results.get("stopped"):
         print(final_json(results), flush=True)
 
 

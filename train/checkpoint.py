@@ -1,6 +1,7 @@
 """Checkpoints: DeepSpeed engine state plus our own metadata.
 
-OUT/checkpoints/step_000500/   engine state (sharded by rank), loader_rank{r}.json, meta.json
+OUT/checkpoints/step_000500/   engine state (sharded by rank), loader_rank{r}.json,
+                               rng_rank{r}.json, meta.json
 OUT/checkpoints/latest         written last; a checkpoint without it is incomplete
 """
 
@@ -8,24 +9,61 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
+import shutil
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from train.distributed import barrier
 
 
-def save_checkpoint(engine, *, run_dir: Path, step: int, meta: dict, loader_state: dict, rank: int) -> Path:
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states as JSON-safe values."""
+    np_state = np.random.get_state()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Deletes all but the newest keep_last step directories (0 keeps all)."""
+    if keep_last <= 0:
+        return
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name))
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    engine, *, run_dir: Path, step: int, meta: dict, loader_state: dict, rank: int, keep_last: int = 0
+) -> Path:
     """Collective: every rank must call it. Returns the checkpoint directory."""
     root = run_dir / "checkpoints"
     tag = f"step_{step:06d}"
     # DeepSpeed's own `latest` would be written before our metadata; we write it last.
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     (root / tag / f"loader_rank{rank}.json").write_text(json.dumps(loader_state, indent=1) + "\n")
+    (root / tag / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()) + "\n")
     barrier()
     if rank == 0:
         (root / tag / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1) + "\n")
         tmp = root / "latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, root / "latest")
+        _prune(root, keep_last)
     barrier()
     return root / tag
 
@@ -63,4 +101,7 @@ def load_checkpoint(engine, step_dir: Path, *, rank: int) -> tuple[dict, dict]:
     load_path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {step_dir}")
+    rng_file = step_dir / f"rng_rank{rank}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
     return meta, json.loads(loader_file.read_text())

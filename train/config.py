@@ -29,6 +29,11 @@ class TrainerConfig:
     checkpoint_every: int = 0  # 0: checkpoint at the end only
     eval_batch_size: int = 128
     seed: int = 0
+    keep_last: int = 3  # checkpoints kept; older ones are deleted (0 keeps all)
+    # Steps in a row with a non-finite loss (skipped on all ranks) before the run stops.
+    max_bad_steps: int = 10
+    # Per-device peak FLOP/s for MFU (e.g. 989e12 for an H100 in bf16); 0: MFU not logged.
+    peak_flops_per_device: float = 0.0
     # auto: continue from the newest complete checkpoint in the run directory;
     # none: start fresh; or a checkpoint path.
     resume: str = "auto"

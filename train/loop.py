@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import resource
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from data_pipeline import build_loader
 from mm_models import PretrainModel
+from mm_models.flops import flops_per_sample, sequence_lengths
 from train.batch import to_device
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.config import Config
@@ -21,6 +23,7 @@ from train.distributed import DistInfo, all_reduce_mean, barrier, feature_gather
 from train.engine import build_deepspeed_config, build_engine
 from train.evaluate import evaluate_heldout, results_table
 from train.metrics import flatten
+from train.signals import StopRequest, any_rank
 from train.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -39,9 +42,10 @@ def set_threads(threads: int, info: DistInfo) -> None:
     torch.set_num_threads(threads)
 
 
-def train_step(engine, batches, *, accum: int, device, dtype) -> tuple[dict[str, float], float]:
+def train_step(engine, batches, *, accum: int, device, dtype) -> tuple[dict[str, float] | None, float]:
     """One optimizer step over `accum` micro batches. Returns the mean of the
-    logged losses and the seconds spent waiting for data."""
+    logged losses (None if a non-finite loss made every rank skip the step)
+    and the seconds spent waiting for data."""
     sums: dict[str, float] = {}
     data_wait = 0.0
     for _ in range(accum):
@@ -49,11 +53,32 @@ def train_step(engine, batches, *, accum: int, device, dtype) -> tuple[dict[str,
         batch = to_device(next(batches), device=device, dtype=dtype)
         data_wait += time.perf_counter() - t0
         out = engine(batch)
+        # Decided together: one rank alone skipping backward would leave the
+        # others waiting in its gradient all-reduce.
+        if any_rank(not torch.isfinite(out["loss"]).item()):
+            return None, data_wait
         engine.backward(out["loss"])
         engine.step()
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
     return sums, data_wait
+
+
+def perf_metrics(*, samples_per_s: float, flops_per_sample: float, tokens_per_sample: int,
+                 peak_flops: float, world_size: int) -> dict[str, float]:
+    """Throughput, model FLOP/s, MFU (if the device peak is known) and memory."""
+    achieved = samples_per_s * flops_per_sample
+    out = {
+        "perf/samples_per_s": samples_per_s,
+        "perf/tokens_per_s": samples_per_s * tokens_per_sample,
+        "perf/model_tflops_per_device": achieved / world_size / 1e12,
+        "perf/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+    if peak_flops > 0:
+        out["perf/mfu"] = achieved / world_size / peak_flops
+    if torch.cuda.is_available():
+        out["perf/cuda_max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict:
@@ -109,25 +134,42 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     def checkpoint(step: int) -> Path:
         meta = {"wandb_run_id": tracker.run.id if tracker.run else None, "config": resolved}
         return save_checkpoint(
-            engine, run_dir=run_dir, step=step, meta=meta, loader_state=loader.state_dict(), rank=info.rank
+            engine, run_dir=run_dir, step=step, meta=meta, loader_state=loader.state_dict(), rank=info.rank,
+            keep_last=t_cfg.keep_last,
         )
 
+    model_flops = flops_per_sample(cfg.model)
+    tokens = sum(sequence_lengths(cfg.model).values())
+    stop = StopRequest()
+    bad_steps = 0
     window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
-    for step in range(start_step + 1, t_cfg.max_steps + 1):
+    step = start_step
+    while step < t_cfg.max_steps:
         losses, wait = train_step(engine, batches, accum=t_cfg.grad_accum_steps, device=device, dtype=dtype)
         window_wait += wait
+        if losses is None:
+            bad_steps += 1
+            log.warning("non-finite loss on some rank: step skipped on all ranks (%d in a row)", bad_steps)
+            if bad_steps >= t_cfg.max_bad_steps:
+                raise RuntimeError(
+                    f"{bad_steps} steps in a row had a non-finite loss (trainer.max_bad_steps="
+                    f"{t_cfg.max_bad_steps}); last good step {step}. Check the data and the learning rate."
+                )
+            continue
+        bad_steps = 0
+        step += 1
         window_steps += 1
         if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
             elapsed = time.perf_counter() - window_t
             metrics = all_reduce_mean({f"train/{k}": v for k, v in losses.items()})
             metrics.update({f"data/skipped/{k}": v for k, v in sum_counters(loader.skipped).items()})
-            metrics.update(
-                {
-                    "train/lr": engine.get_lr()[0],
-                    "perf/samples_per_s": window_steps * ds_config["train_batch_size"] / elapsed,
-                    "perf/data_wait_frac": window_wait / elapsed,
-                }
-            )
+            metrics["train/lr"] = engine.get_lr()[0]
+            metrics["train/grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+            metrics["perf/data_wait_frac"] = window_wait / elapsed
+            metrics.update(perf_metrics(
+                samples_per_s=window_steps * ds_config["train_batch_size"] / elapsed, flops_per_sample=model_flops,
+                tokens_per_sample=tokens, peak_flops=t_cfg.peak_flops_per_device, world_size=info.world_size,
+            ))
             tracker.log(metrics, step=step)
             if info.is_main:
                 log.info(
@@ -140,6 +182,14 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
             evaluate(step)
         if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step != t_cfg.max_steps:
             checkpoint(step)
+        if any_rank(stop.requested):
+            ckpt = checkpoint(step)
+            tracker.finish()
+            stop.restore()
+            if info.is_main:
+                log.warning("stopped by a signal after step %d; checkpoint %s (resume with the same command)", step, ckpt)
+            return {"step": step, "checkpoint": str(ckpt), "stopped": True}
+    stop.restore()
 
     ckpt = checkpoint(t_cfg.max_steps)
     results = evaluate(t_cfg.max_steps)

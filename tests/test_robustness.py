@@ -1,0 +1,67 @@
+"""Integration: non-finite losses and stop signals, on real training processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, clean_env, python
+from train.checkpoint import _prune
+
+pytestmark = pytest.mark.integration
+
+
+def _cmd(run_dir, shards, *extra: str) -> list[str]:
+    return [
+        python(), "-m", "train", f"hydra.run.dir={run_dir}", "trainer.micro_batch_size=16", "trainer.log_every=1",
+        "trainer.eval_batch_size=32", "deepspeed.precision=fp32", f"data.train={shards['train']}",
+        f"data.heldout={shards['heldout']}", "data.num_workers=0", "logger.mode=disabled", *extra,
+    ]
+
+
+def test_non_finite_losses_stop_the_run_with_a_clear_error(demo_shards, tmp_path):
+    # A zero log-mel scale turns every audio clip into infinities: every loss is NaN.
+    cmd = _cmd(tmp_path / "run", demo_shards, "trainer.max_steps=20", "trainer.max_bad_steps=3", "data.log_mel_std=0")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO), HYDRA_FULL_ERROR="0"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "3 steps in a row had a non-finite loss" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+def test_signal_checkpoints_stops_and_the_rerun_finishes(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    cmd = _cmd(run, demo_shards, "trainer.max_steps=400")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    logs = out + err  # Hydra's console log goes to stdout
+    assert "received SIGUSR1" in logs and "stopped by a signal" in logs
+    stopped_at = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 3 <= stopped_at < 400
+    assert '"heldout"' not in out  # no results line: the run did not finish
+
+    finish = subprocess.run(_cmd(run, demo_shards, f"trainer.max_steps={stopped_at + 2}"), cwd=tmp_path,
+                            env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    assert json.loads(finish.stdout.strip().splitlines()[-1])["step"] == stopped_at + 2
+    steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if "train/loss" in l]
+    assert steps == list(range(1, stopped_at + 3))  # every step once, none repeated
+
+
+def test_prune_keeps_the_newest_checkpoints(tmp_path):
+    for step in (2, 4, 6, 8):
+        (tmp_path / f"step_{step:06d}").mkdir()
+    (tmp_path / "latest").write_text("step_000008")
+    _prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000006", "step_000008"]

@@ -1,0 +1,45 @@
+"""Stop requests (SIGTERM, SIGUSR1) that every rank acts on at the same step.
+
+A signal reaches one process (or some of them, at different moments); each
+rank records it, and at every step the ranks all-reduce the flag, so all of
+them checkpoint and stop after the same step. SLURM's `--signal=USR1@T`
+preemption warning and a scheduler's SIGTERM both land here.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (a collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class StopRequest:
+    """Installs handlers for STOP_SIGNALS; `requested` turns True on receipt."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        log.warning("received %s: checkpointing and stopping after this step", self.signal_name)
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
