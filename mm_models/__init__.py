@@ -1,6 +1,7 @@
 """Tri-modal (image, audio, text) transformer models. Imports torch only."""
 
 from mm_models.config import EncoderConfig, FusionConfig, ModelConfig, ObjectiveConfig
+from mm_models.io import load
 from mm_models.model import MultimodalModel, PretrainModel
 from mm_models.objectives import MODALITIES, PAIRS, ContrastiveLoss, Gather
 
@@ -15,4 +16,5 @@ __all__ = [
     "Gather",
     "MODALITIES",
     "PAIRS",
+    "load",
 ]

@@ -47,3 +47,70 @@ def results_table(results: dict) -> str:
             f"{r['chance']['R@1']:>9.4f} {ratio:>10.1f}x"
         )
     return "\n".join(lines)
+
+
+# -- `python -m train.evaluate checkpoint=PATH [data.KEY=VALUE ...] [batch_size=N]` --------------
+
+def load_for_eval(checkpoint: str) -> tuple[torch.nn.Module, dict]:
+    """A plain fp32 PretrainModel on CPU and the training config it was saved
+    with (model, fusion, objective, data, and the step), from a checkpoint
+    directory (consolidated as `train.export` does) or an exported .safetensors."""
+    from pathlib import Path
+
+    from mm_models import PretrainModel, load
+    from mm_models.io import configs_from_dict, read_config
+    from train.export import CheckpointError, consolidate, read_meta, resolve_step_dir
+
+    path = Path(checkpoint)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint={path}: no such file")
+        return load(path), read_config(path)
+    step_dir = resolve_step_dir(path)
+    meta = read_meta(step_dir)
+    config = {**meta["config"], "step": meta.get("step")}
+    model = PretrainModel(*configs_from_dict(config))
+    model.load_state_dict(consolidate(step_dir), strict=True)
+    return model.eval(), config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Held-out retrieval of a checkpoint, in one process; the last stdout
+    line is the same JSON object a training run prints at its end."""
+    import sys
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from train.export import CheckpointError, parse_overrides
+    from train.loop import final_json
+
+    try:
+        args = sys.argv[1:] if argv is None else argv
+        options = parse_overrides([a for a in args if not a.startswith("data.")],
+                                  allowed=("checkpoint", "batch_size", "device"))
+        if not options.get("checkpoint"):
+            raise CheckpointError("missing checkpoint=; usage: python -m train.evaluate checkpoint=DIR "
+                                  "[data.heldout=SHARDS ...] [batch_size=N] [device=cpu]")
+        model, config = load_for_eval(options["checkpoint"])
+        # The data config saved with the run, then command-line overrides (type-checked, keys named).
+        data = OmegaConf.merge(
+            OmegaConf.structured(DataConfig), config.get("data", {}),
+            OmegaConf.from_dotlist([a.removeprefix("data.") for a in args if a.startswith("data.")]),
+        )
+        data = OmegaConf.to_object(data)
+        batch_size = int(options.get("batch_size") or config.get("trainer", {}).get("eval_batch_size", 128))
+    except (CheckpointError, OmegaConfBaseException, ValueError) as e:
+        print(f"train.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device(options.get("device", "cpu"))
+    model.to(device)
+    results = {"step": config.get("step"), "heldout": evaluate_heldout(
+        model, data=data, batch_size=batch_size, device=device, dtype=torch.float32)}
+    print(results_table(results["heldout"]), file=sys.stderr)
+    print(final_json(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

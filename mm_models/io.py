@@ -1,0 +1,88 @@
+"""Loading an exported model for inference: `mm_models.load("model.safetensors")`.
+
+An export (`python -m train.export`) is two files side by side:
+
+    model.safetensors   consolidated fp32 weights (the same config also in its metadata)
+    model.json          {"model": ..., "fusion": ..., "objective": ..., "data": ..., "step": ...}
+
+Imports torch only; safetensors is imported inside load().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from mm_models.config import EncoderConfig, FusionConfig, ModelConfig, ObjectiveConfig
+from mm_models.model import PretrainModel
+
+# Fields of a nested dataclass config built from a sub-dict.
+_NESTED = {ModelConfig: {"image": EncoderConfig, "audio": EncoderConfig, "text": EncoderConfig}}
+
+
+def from_dict(cls, values: dict, *, where: str):
+    """A config dataclass from a plain dict. Unknown keys are ignored with a
+    warning naming them; a missing key takes the dataclass default, and only a
+    field without a default is an error."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{where}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown keys {unknown}", stacklevel=3)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in values:
+            sub = _NESTED.get(cls, {}).get(name)
+            kwargs[name] = from_dict(sub, values[name], where=f"{where}.{name}") if sub else values[name]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise KeyError(f"{where}.{name} is required but missing")
+    return cls(**kwargs)
+
+
+def configs_from_dict(config: dict) -> tuple[ModelConfig, FusionConfig, ObjectiveConfig]:
+    """(model, fusion, objective) from an export's JSON (or meta.json's "config")."""
+    missing = [k for k in ("model", "fusion", "objective") if k not in config]
+    if missing:
+        raise KeyError(f"model config lacks the sections {missing}")
+    return (
+        from_dict(ModelConfig, config["model"], where="model"),
+        from_dict(FusionConfig, config["fusion"], where="fusion"),
+        from_dict(ObjectiveConfig, config["objective"], where="objective"),
+    )
+
+
+def read_config(path: str | Path) -> dict:
+    """The config of an export: FILE.json beside FILE.safetensors, else the
+    copy in the safetensors metadata."""
+    path = Path(path)
+    beside = path.with_suffix(".json")
+    if beside.is_file():
+        return json.loads(beside.read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise FileNotFoundError(f"{beside} is missing and {path} carries no config in its metadata")
+    return json.loads(meta["config"])
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu") -> PretrainModel:
+    """The PretrainModel exported to `path` (a .safetensors file), in eval mode.
+
+    Weights load strictly: a missing or unexpected tensor is an error.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (export one with `python -m train.export`)")
+    model_cfg, fusion_cfg, objective_cfg = configs_from_dict(read_config(path))
+    model = PretrainModel(model_cfg, fusion_cfg, objective_cfg)
+    model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,129 @@
+"""`python -m train.export checkpoint=DIR out=FILE.safetensors`
+
+Consolidates a training checkpoint of any ZeRO stage into one fp32 state dict
+(DeepSpeed's own zero_to_fp32, on CPU, in this one process) and writes
+
+    FILE.safetensors   the weights (the config also in its metadata, under "config")
+    FILE.json          {"model", "fusion", "objective", "data", "step", "checkpoint"}
+
+DIR is a step directory (checkpoints/step_000500/), a checkpoints/ directory
+or a run directory (the checkpoint its `latest` file names). Load the result
+with `mm_models.load(FILE)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+# What an export keeps of the training config: enough to rebuild the model
+# (model, fusion, objective) and to decode its inputs (data).
+EXPORTED_SECTIONS = ("model", "fusion", "objective", "data")
+
+
+class CheckpointError(Exception):
+    """A path that is not a usable checkpoint; the message names the fix."""
+
+
+def parse_overrides(argv: list[str], *, allowed: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Hydra-style `key=value` arguments as a dict."""
+    out = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise CheckpointError(f"expected key=value arguments, got {arg!r}")
+        if allowed is not None and key not in allowed:
+            raise CheckpointError(f"unknown argument {key!r}; expected {', '.join(allowed)}")
+        out[key] = value
+    return out
+
+
+def resolve_step_dir(path: str | Path) -> Path:
+    """The step directory of a checkpoint: `path` itself if it holds meta.json,
+    else the one named by `latest` in path or path/checkpoints."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint={path}: no such file or directory")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint={path} is not a directory (give a step directory or checkpoints/)")
+    if (path / "meta.json").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        latest = root / "latest"
+        if latest.is_file():
+            step_dir = root / latest.read_text().strip()
+            if not (step_dir / "meta.json").is_file():
+                raise CheckpointError(f"{latest} names {step_dir}, which has no meta.json (incomplete checkpoint)")
+            return step_dir
+    raise CheckpointError(
+        f"checkpoint={path} is not a checkpoint: no meta.json and no 'latest' file "
+        "(give OUT/checkpoints/step_NNNNNN or OUT/checkpoints)"
+    )
+
+
+def read_meta(step_dir: Path) -> dict:
+    meta = json.loads((step_dir / "meta.json").read_text())
+    if "config" not in meta:
+        raise CheckpointError(f"{step_dir / 'meta.json'} has no 'config': not written by `python -m train`")
+    return meta
+
+
+def consolidate(step_dir: Path) -> dict[str, torch.Tensor]:
+    """One fp32 state dict on CPU from a checkpoint of any ZeRO stage."""
+    has_optim_shards = any(step_dir.glob("*_optim_states.pt"))
+    if not has_optim_shards:
+        # ZeRO-0 in fp32 keeps no separate master copy: the engine saves the
+        # full fp32 module in mp_rank_00_model_states.pt.
+        states = step_dir / "mp_rank_00_model_states.pt"
+        if not states.is_file():
+            raise CheckpointError(f"{step_dir} holds no DeepSpeed model states (*_model_states.pt)")
+        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        return {k: v.float().contiguous() for k, v in module.items()}
+    # DeepSpeed's import and zero_to_fp32 print progress to stdout; keep stdout for our results.
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def export(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path, int]:
+    """Writes out (.safetensors) and its .json; returns both paths and the parameter count."""
+    from safetensors.torch import save_file
+
+    step_dir = resolve_step_dir(checkpoint)
+    meta = read_meta(step_dir)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise CheckpointError(f"out={out} should end in .safetensors")
+    state = consolidate(step_dir)
+    config = {k: meta["config"][k] for k in EXPORTED_SECTIONS if k in meta["config"]}
+    config.update(step=meta.get("step"), checkpoint=str(step_dir.resolve()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out), metadata={"config": json.dumps(config, sort_keys=True), "format": "pt"})
+    config_path = out.with_suffix(".json")
+    config_path.write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    return out, config_path, sum(t.numel() for t in state.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_overrides(sys.argv[1:] if argv is None else argv, allowed=("checkpoint", "out"))
+        missing = [k for k in ("checkpoint", "out") if not args.get(k)]
+        if missing:
+            raise CheckpointError(f"missing {' and '.join(f'{k}=' for k in missing)}; "
+                                  "usage: python -m train.export checkpoint=DIR out=FILE.safetensors")
+        weights, config, n_params = export(args["checkpoint"], args["out"])
+    except CheckpointError as e:
+        print(f"train.export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"weights: {weights}\nconfig:  {config}\nparameters: {n_params:,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
