@@ -81,7 +81,7 @@ def consolidate(step_dir: Path) -> dict[str, torch.Tensor]:
         states = step_dir / "mp_rank_00_model_states.pt"
         if not states.is_file():
             raise CheckpointError(f"{step_dir} holds no DeepSpeed model states (*_model_states.pt)")
-        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        module = torch.load(states, map_location="cpu", weights_only=True)["module"]
         return {k: v.float().contiguous() for k, v in module.items()}
     # DeepSpeed's import and zero_to_fp32 print progress to stdout; keep stdout for our results.
     with contextlib.redirect_stdout(sys.stderr):
