@@ -64,24 +64,29 @@ def _assert_same_batches(a: list[dict], b: list[dict]) -> None:
                 assert torch.equal(v, y[k]), k
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_gives_the_batches_an_uninterrupted_loader_gives(tmp_path, workers):
-    text_shards(tmp_path, [70, 90, 40, 100], with_images=True)  # 300 samples: 40 batches of 8 cross an epoch
-    cfg = _cfg(tmp_path, num_workers=workers)
+def _stop_and_resume(cfg: DataConfig, *, stop_at: int, then: int) -> tuple[dict, list[dict], list[dict]]:
+    """Reads stop_at batches, saves the state, resumes a new loader from it
+    and reads `then` more. Returns (state, resumed batches, the batches an
+    uninterrupted loader gives at the same positions)."""
     straight = iter(build_loader(cfg, split="train", batch_size=8))
-    expected = [next(straight) for _ in range(48)][40:]
-
+    expected = [next(straight) for _ in range(stop_at + then)][stop_at:]
     first = build_loader(cfg, split="train", batch_size=8)
     it = iter(first)
-    for _ in range(40):
+    for _ in range(stop_at):
         next(it)
     state = first.state_dict()
-    assert (state["epoch"], state["batches"]) == (1, 2)  # 38 batches per epoch
-
     resumed = build_loader(cfg, split="train", batch_size=8)
     resumed.load_state_dict(state)
     it = iter(resumed)
-    _assert_same_batches([next(it) for _ in range(8)], expected)
+    return state, [next(it) for _ in range(then)], expected
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_the_batches_an_uninterrupted_loader_gives(tmp_path, workers):
+    text_shards(tmp_path, [70, 90, 40, 100], with_images=True)  # 300 samples: 40 batches of 8 cross an epoch
+    state, resumed, expected = _stop_and_resume(_cfg(tmp_path, num_workers=workers), stop_at=40, then=8)
+    assert (state["epoch"], state["batches"]) == (1, 2)  # 38 batches per epoch
+    _assert_same_batches(resumed, expected)
 
 
 def test_resume_in_resampled_mode(tmp_path):
@@ -89,16 +94,8 @@ def test_resume_in_resampled_mode(tmp_path):
     text_shards(tmp_path / "b", [40], prefix="b")
     cfg = _cfg(tmp_path, mode="resampled", num_workers=2,
                sources=[SourceConfig(str(tmp_path / "a"), 0.5), SourceConfig(str(tmp_path / "b"), 0.5)])
-    straight = iter(build_loader(cfg, split="train", batch_size=8))
-    expected = [next(straight) for _ in range(31)][25:]
-    first = build_loader(cfg, split="train", batch_size=8)
-    it = iter(first)
-    for _ in range(25):
-        next(it)
-    resumed = build_loader(cfg, split="train", batch_size=8)
-    resumed.load_state_dict(first.state_dict())
-    it = iter(resumed)
-    _assert_same_batches([next(it) for _ in range(6)], expected)
+    _, resumed, expected = _stop_and_resume(cfg, stop_at=25, then=6)
+    _assert_same_batches(resumed, expected)
 
 
 def test_resume_refuses_a_changed_setup(tmp_path):

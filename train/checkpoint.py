@@ -68,26 +68,35 @@ def save_checkpoint(
     return root / tag
 
 
+def complete_checkpoint(path: Path) -> Path | None:
+    """The step directory `path` denotes: path itself if it holds meta.json,
+    else the one named by `latest` in path or path/checkpoints; None if there
+    is neither. Only a checkpoint named by `latest` is complete."""
+    if (path / "meta.json").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        latest = root / "latest"
+        if latest.is_file():
+            step_dir = root / latest.read_text().strip()
+            if not (step_dir / "meta.json").is_file():
+                raise FileNotFoundError(f"{latest} names {step_dir}, which has no meta.json (incomplete checkpoint)")
+            return step_dir
+    return None
+
+
 def find_checkpoint(resume: str, *, run_dir: Path) -> Path | None:
     """The checkpoint directory to resume from, or None to start fresh.
 
     resume: "auto" (the newest complete checkpoint under run_dir, if any),
     "none", or a path to a step directory or to a checkpoints/ directory.
-    Only a checkpoint named by `latest` is complete.
     """
     if resume == "none":
         return None
-    root = run_dir / "checkpoints" if resume == "auto" else Path(resume)
-    if resume != "auto" and (root / "meta.json").is_file():
-        return root  # a step directory given directly
-    latest = root / "latest"
-    if not latest.is_file():
-        if resume == "auto":
-            return None
+    if resume == "auto":
+        return complete_checkpoint(run_dir / "checkpoints")
+    step_dir = complete_checkpoint(Path(resume))
+    if step_dir is None:
         raise FileNotFoundError(f"trainer.resume={resume!r}: no complete checkpoint there (no 'latest' file)")
-    step_dir = root / latest.read_text().strip()
-    if not (step_dir / "meta.json").is_file():
-        raise FileNotFoundError(f"checkpoint {step_dir} named by {latest} has no meta.json")
     return step_dir
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from train.checkpoint import complete_checkpoint
+
 # What an export keeps of the training config: enough to rebuild the model
 # (model, fusion, objective) and to decode its inputs (data).
 EXPORTED_SECTIONS = ("model", "fusion", "objective", "data")
@@ -50,19 +52,16 @@ def resolve_step_dir(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint={path}: no such file or directory")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint={path} is not a directory (give a step directory or checkpoints/)")
-    if (path / "meta.json").is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        latest = root / "latest"
-        if latest.is_file():
-            step_dir = root / latest.read_text().strip()
-            if not (step_dir / "meta.json").is_file():
-                raise CheckpointError(f"{latest} names {step_dir}, which has no meta.json (incomplete checkpoint)")
-            return step_dir
-    raise CheckpointError(
-        f"checkpoint={path} is not a checkpoint: no meta.json and no 'latest' file "
-        "(give OUT/checkpoints/step_NNNNNN or OUT/checkpoints)"
-    )
+    try:
+        step_dir = complete_checkpoint(path)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from None
+    if step_dir is None:
+        raise CheckpointError(
+            f"checkpoint={path} is not a checkpoint: no meta.json and no 'latest' file "
+            "(give OUT/checkpoints/step_NNNNNN or OUT/checkpoints)"
+        )
+    return step_dir
 
 
 def read_meta(step_dir: Path) -> dict:
