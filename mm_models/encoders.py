@@ -54,6 +54,11 @@ class Encoder(nn.Module):
         )
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
 
+    def reset_own_parameters(self) -> None:
+        nn.init.normal_(self.cls, std=0.02)
+        if self.pos is not None:
+            nn.init.normal_(self.pos, std=0.02)
+
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """pad: B×N bool, True at padding tokens (text only)."""
         tokens = self.embedder(x)

@@ -13,18 +13,31 @@ from mm_models.fused_objectives import MaskedTextLoss, MatchingLoss
 from mm_models.objectives import MODALITIES, Gather, build_contrastive_loss
 
 
-def init_linear_layers(root: nn.Module) -> None:
-    """Truncated-normal matrices, zero biases, unit norms, for every layer under root."""
-    for module in root.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
+@torch.no_grad()
+def init_module(module: nn.Module) -> None:
+    """Initialises the parameters `module` owns itself (not its children's):
+    truncated-normal matrices, zero biases, unit norms, and whatever the
+    module's own `reset_own_parameters()` sets (class tokens, positions,
+    temperatures). Module by module, so a partitioned (ZeRO-3) model can be
+    initialised while gathering one module at a time."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
             nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    reset = getattr(module, "reset_own_parameters", None)
+    if reset is not None:
+        reset()
+
+
+def init_weights(root: nn.Module) -> None:
+    """The one explicit initialisation: init_module over every module under root."""
+    for module in root.modules():
+        init_module(module)
 
 
 class MultimodalModel(nn.Module):
@@ -44,11 +57,7 @@ class MultimodalModel(nn.Module):
         )
 
     def init_weights(self) -> None:
-        init_linear_layers(self)
-        for enc in self.encoders.values():
-            nn.init.normal_(enc.cls, std=0.02)
-            if enc.pos is not None:
-                nn.init.normal_(enc.pos, std=0.02)
+        init_weights(self)
 
     def forward(self, batch: dict) -> dict[str, dict[str, torch.Tensor]]:
         return {
@@ -89,13 +98,7 @@ class PretrainModel(nn.Module):
             self.masked_text = MaskedTextLoss(width=fusion.width, vocab_size=model.vocab_size, mask_prob=objective.mask_prob)
 
     def init_weights(self) -> None:
-        self.model.init_weights()
-        for part in (self.fusion, self.matching, self.masked_text):
-            if part is not None:
-                init_linear_layers(part)
-        if hasattr(self.fusion, "init_weights"):
-            self.fusion.init_weights()
-        self.contrastive.init_weights(self.objective_cfg)
+        init_weights(self)
 
     def embed(self, batch: dict) -> dict[str, torch.Tensor]:
         """Shared-space embeddings per modality, B×E each (unnormalised)."""

@@ -60,11 +60,12 @@ class _PairwiseLoss(nn.Module):
             torch.full((1,), math.log(1.0 / cfg.temperature_init)), requires_grad=cfg.learn_temperature
         )
         self.max_log_scale = math.log(cfg.max_logit_scale)
+        self.temperature_init = cfg.temperature_init
         self.gather = gather
 
-    def init_weights(self, cfg: ObjectiveConfig) -> None:
-        with torch.no_grad():
-            self.logit_scale.fill_(math.log(1.0 / cfg.temperature_init))
+    @torch.no_grad()
+    def reset_own_parameters(self) -> None:
+        self.logit_scale.fill_(math.log(1.0 / self.temperature_init))
 
     def _all(self, x: torch.Tensor) -> torch.Tensor:
         return self.gather.fn(x) if self.gather is not None else x
@@ -135,12 +136,13 @@ class SigLIPLoss(_PairwiseLoss):
 
     def __init__(self, cfg: ObjectiveConfig, gather: Gather | None = None):
         super().__init__(cfg, gather)
-        self.bias = nn.Parameter(torch.full((1,), float(cfg.siglip_bias_init)))
+        self.bias_init = float(cfg.siglip_bias_init)
+        self.bias = nn.Parameter(torch.full((1,), self.bias_init))
 
-    def init_weights(self, cfg: ObjectiveConfig) -> None:
-        super().init_weights(cfg)
-        with torch.no_grad():
-            self.bias.fill_(cfg.siglip_bias_init)
+    @torch.no_grad()
+    def reset_own_parameters(self) -> None:
+        super().reset_own_parameters()
+        self.bias.fill_(self.bias_init)
 
     def row_loss(self, q, k_all, k_mask, labels, scale):
         logits = scale * q @ k_all.T + self.bias.to(q.dtype)

@@ -38,7 +38,8 @@ def test_every_yaml_composes(group, choice):
     if group == "model":
         assert cfg.model.name == choice
     if group == "deepspeed":
-        assert cfg.deepspeed.stage == int(choice.removeprefix("zero"))
+        assert cfg.deepspeed.stage == int(choice.removeprefix("zero")[0])
+        assert (cfg.deepspeed.offload_optimizer == "cpu") == choice.endswith("_offload")
 
 
 def test_model_geometry_follows_data():

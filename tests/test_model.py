@@ -45,7 +45,7 @@ def test_loss_falls_over_a_few_steps():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     b = batch(16)
     losses = []
-    for _ in range(15):
+    for _ in range(30):
         out = model(b)
         opt.zero_grad()
         out["loss"].backward()

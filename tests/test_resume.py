@@ -1,5 +1,6 @@
 """Integration: a 2-process run stopped at a checkpoint and resumed continues
-exactly as the uninterrupted run: same batches, same losses, same W&B run."""
+exactly as the uninterrupted run: same batches, same losses, same final
+weights, same W&B run."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 from conftest import REPO, clean_env, venv_bin
 from train.checkpoint import find_checkpoint
+from train.export import consolidate
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +23,7 @@ def _train(run_dir, shards, *extra: str) -> subprocess.CompletedProcess:
         venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train",
         f"hydra.run.dir={run_dir}", "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.log_every=1",
         "trainer.micro_batch_size=16", "trainer.eval_batch_size=32", "deepspeed.precision=fp32",
-        f"data.train={shards['train']}", f"data.heldout={shards['heldout']}", "data.num_workers=2",
+        "trainer.deterministic=true", f"data.train={shards['train']}", f"data.heldout={shards['heldout']}", "data.num_workers=2",
         "logger.mode=offline", *extra,
     ]
     proc = subprocess.run(cmd, cwd=run_dir.parent, env=clean_env(PYTHONPATH=str(REPO)),
@@ -54,6 +57,11 @@ def test_resume_continues_exactly(demo_shards, tmp_path):
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]  # bitwise: same batches, same state
     assert first.stdout.strip().splitlines()[-1] == second.stdout.strip().splitlines()[-1]
+
+    weights_a = consolidate(straight / "checkpoints" / "step_000006")
+    weights_b = consolidate(stopped / "checkpoints" / "step_000006")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
     meta_a = json.loads((straight / "checkpoints" / "step_000006" / "meta.json").read_text())
     meta_b = json.loads((stopped / "checkpoints" / "step_000006" / "meta.json").read_text())

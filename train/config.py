@@ -15,7 +15,8 @@ from omegaconf import MISSING
 from data_pipeline.config import DataConfig
 from mm_models.config import FusionConfig, ModelConfig, ObjectiveConfig
 
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+OFFLOAD_DEVICES = ("none", "cpu")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 
 
@@ -24,6 +25,10 @@ class TrainerConfig:
     max_steps: int = 1000
     micro_batch_size: int = 32  # per rank, per micro step
     grad_accum_steps: int = 1
+    # Samples per optimizer step over all ranks. 0: micro × accumulation × ranks.
+    # Set it to fix the global batch whatever the world size; the accumulation
+    # steps are then derived (see train.engine.batch_sizes).
+    global_batch_size: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate at the end only
     checkpoint_every: int = 0  # 0: checkpoint at the end only
@@ -38,6 +43,9 @@ class TrainerConfig:
     # none: start fresh; or a checkpoint path.
     resume: str = "auto"
     threads: int = 0  # torch intra-op threads per rank; 0 = cores / local ranks
+    # Deterministic kernels only (torch.use_deterministic_algorithms): with
+    # it, a resumed or restarted run repeats the uninterrupted one bit for bit.
+    deterministic: bool = False
 
 
 @dataclass
@@ -57,8 +65,20 @@ class OptimizerConfig:
 class DeepSpeedConfig:
     stage: int = 2  # ZeRO stage 0-3
     # "auto" picks bf16 where the hardware computes it fast (CUDA with bf16,
-    # CPUs with AMX or AVX512-BF16) and fp32 elsewhere.
+    # CPUs with AMX or AVX512-BF16) and fp32 elsewhere. fp16 (CUDA only) uses
+    # dynamic loss scaling unless loss_scale is set.
     precision: str = "auto"
+    # ZeRO-Offload: keep optimizer states (any stage >= 1) or parameters
+    # (stage 3) in CPU memory; the optimizer then runs on the CPU.
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    # fp16 loss scaling: 0 = dynamic, starting at 2**initial_scale_power,
+    # halved on overflow, doubled after loss_scale_window clean steps.
+    loss_scale: float = 0.0
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
 
@@ -96,6 +116,13 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"deepspeed.precision={cfg.deepspeed.precision!r}; choose one of {PRECISIONS}")
     if cfg.deepspeed.stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed.stage={cfg.deepspeed.stage}; choose 0, 1, 2 or 3")
+    for key in ("offload_optimizer", "offload_param"):
+        if getattr(cfg.deepspeed, key) not in OFFLOAD_DEVICES:
+            raise ValueError(f"deepspeed.{key}={getattr(cfg.deepspeed, key)!r}; choose one of {OFFLOAD_DEVICES}")
+    if cfg.deepspeed.offload_optimizer != "none" and cfg.deepspeed.stage == 0:
+        raise ValueError("deepspeed.offload_optimizer needs deepspeed.stage 1, 2 or 3")
+    if cfg.deepspeed.offload_param != "none" and cfg.deepspeed.stage != 3:
+        raise ValueError("deepspeed.offload_param needs deepspeed.stage=3")
     if cfg.logger.mode not in LOGGER_MODES:
         raise ValueError(f"logger.mode={cfg.logger.mode!r}; choose one of {LOGGER_MODES}")
     if cfg.optimizer.name != "adamw":
@@ -103,3 +130,5 @@ def validate(cfg: Config) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_batch_size"):
         if getattr(cfg.trainer, key) < 1:
             raise ValueError(f"trainer.{key} must be at least 1, got {getattr(cfg.trainer, key)}")
+    if cfg.trainer.global_batch_size < 0:
+        raise ValueError(f"trainer.global_batch_size must be 0 (derived) or positive, got {cfg.trainer.global_batch_size}")

@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from mm_models.model import init_module
 from train.config import DeepSpeedConfig, OptimizerConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -24,19 +25,67 @@ def fast_bf16_available() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
+    """fp32, bf16 or fp16 for deepspeed.precision (auto included)."""
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            "deepspeed.precision=fp16 needs a CUDA GPU: DeepSpeed computes fp16 on GPUs only. "
+            "Use deepspeed.precision=bf16 or fp32 (or auto) on this machine."
+        )
     if precision != "auto":
         return precision
     return "bf16" if fast_bf16_available() else "fp32"
 
 
+def compute_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype the engine's parameters and inputs use."""
+    if ds_config["bf16"]["enabled"]:
+        return torch.bfloat16
+    if ds_config["fp16"]["enabled"]:
+        return torch.float16
+    return torch.float32
+
+
+def batch_sizes(trainer: TrainerConfig, world_size: int) -> tuple[int, int, int]:
+    """(micro, accumulation steps, global): global = micro × accum × world size.
+
+    The one place the three are related. With trainer.global_batch_size set,
+    the accumulation steps are derived from it; otherwise the global batch is.
+    """
+    micro, accum = trainer.micro_batch_size, trainer.grad_accum_steps
+    if trainer.global_batch_size <= 0:
+        return micro, accum, micro * accum * world_size
+    per_step = micro * world_size
+    derived, remainder = divmod(trainer.global_batch_size, per_step)
+    if remainder or derived < 1:
+        raise ValueError(
+            f"trainer.global_batch_size={trainer.global_batch_size} is not a multiple of "
+            f"trainer.micro_batch_size={micro} × {world_size} ranks = {per_step}"
+        )
+    if accum not in (1, derived):
+        raise ValueError(
+            f"trainer.global_batch_size={trainer.global_batch_size} with trainer.micro_batch_size={micro} on "
+            f"{world_size} ranks needs {derived} accumulation steps, but trainer.grad_accum_steps={accum}; "
+            "set one of the two"
+        )
+    return micro, derived, trainer.global_batch_size
+
+
+def _loss_scaling(ds: DeepSpeedConfig) -> dict:
+    return {
+        "loss_scale": ds.loss_scale,
+        "initial_scale_power": ds.initial_scale_power,
+        "loss_scale_window": ds.loss_scale_window,
+        "hysteresis": ds.hysteresis,
+        "min_loss_scale": ds.min_loss_scale,
+    }
+
+
 def build_deepspeed_config(
     *, ds: DeepSpeedConfig, trainer: TrainerConfig, optimizer: OptimizerConfig, world_size: int
 ) -> dict:
-    """The DeepSpeed JSON, built from the Hydra groups in this one place.
-
-    Global batch = micro batch × accumulation steps × world size.
-    """
+    """The DeepSpeed JSON, built from the Hydra groups in this one place."""
     precision = resolve_precision(ds.precision)
+    micro, accum, global_batch = batch_sizes(trainer, world_size)
     zero: dict = {"stage": ds.stage}
     if ds.stage > 0:
         zero.update(
@@ -45,19 +94,60 @@ def build_deepspeed_config(
             overlap_comm=False,
             contiguous_gradients=True,
         )
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": torch.cuda.is_available()}
+    if ds.offload_param != "none":
+        zero["offload_param"] = {"device": ds.offload_param, "pin_memory": torch.cuda.is_available()}
     return {
-        "train_batch_size": trainer.micro_batch_size * trainer.grad_accum_steps * world_size,
-        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
-        "gradient_accumulation_steps": trainer.grad_accum_steps,
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": optimizer.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": False},
+        "fp16": {"enabled": precision == "fp16", **(_loss_scaling(ds) if precision == "fp16" else {})},
         # The optimizer is ours (AdamW with parameter groups); let ZeRO wrap it.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    return "offload_optimizer" in ds_config["zero_optimization"]
+
+
+def build_model(build, *, ds_config: dict):
+    """Calls build() to construct the model and initialises its weights.
+
+    Under ZeRO-3 the model is constructed inside deepspeed.zero.Init: each
+    module's parameters are partitioned as soon as the module exists, so no
+    rank ever holds the whole model. init_weights then runs one module at a
+    time, gathering only that module's own parameters.
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        model = build()
+        model.init_weights()
+        return model
+    import deepspeed
+
+    deepspeed.init_distributed()  # adopts the existing process group; zero.Init sizes partitions by it
+    # The dtype comes from the config (passing one explicitly is ignored on CPU).
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = build()
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own:
+            # Every rank runs the same seeded init (RNG streams stay in step);
+            # rank 0's values are the ones kept.
+            with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+                init_module(module)
+    return model
+
+
+def parameter_total(model: nn.Module) -> int:
+    """All parameters, counted whole even when ZeRO-3 holds a shard."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -69,14 +159,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            if isinstance(module, no_decay_modules) or p.ndim < 2 or name in ("cls", "pos"):
+            # ds_shape: the full shape of a parameter ZeRO-3 has partitioned.
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            if isinstance(module, no_decay_modules) or ndim < 2 or name in ("cls", "pos"):
                 no_decay.append(p)
             else:
                 decay.append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -91,12 +184,16 @@ def build_engine(model: nn.Module, *, ds_config: dict, optimizer: OptimizerConfi
     """Wraps the model in a DeepSpeed engine with AdamW and warmup-cosine."""
     import deepspeed
 
-    opt = torch.optim.AdamW(
-        param_groups(model, optimizer.weight_decay),
-        lr=optimizer.lr,
-        betas=(optimizer.beta1, optimizer.beta2),
-        eps=optimizer.eps,
-    )
+    groups = param_groups(model, optimizer.weight_decay)
+    betas = (optimizer.beta1, optimizer.beta2)
+    if offloads_optimizer(ds_config):
+        # The optimizer steps on CPU copies of the parameters: DeepSpeed's
+        # vectorised CPU AdamW (compiled on first use) in decoupled-decay mode.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(groups, lr=optimizer.lr, betas=betas, eps=optimizer.eps, adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=optimizer.lr, betas=betas, eps=optimizer.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: warmup_cosine(

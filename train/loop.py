@@ -20,7 +20,9 @@ from train.batch import to_device
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.config import Config
 from train.distributed import DistInfo, all_reduce_mean, barrier, feature_gather, sum_counters
-from train.engine import build_deepspeed_config, build_engine
+from train.engine import (
+    build_deepspeed_config, build_engine, build_model, compute_dtype, offloads_optimizer, parameter_total,
+)
 from train.evaluate import evaluate_heldout, results_table
 from train.metrics import flatten
 from train.signals import StopRequest, any_rank
@@ -29,10 +31,15 @@ from train.tracking import Tracker
 log = logging.getLogger(__name__)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, *, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; read when CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
 
 def set_threads(threads: int, info: DistInfo) -> None:
@@ -85,7 +92,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     """Trains, checkpoints and evaluates; returns the final held-out results."""
     t_cfg = cfg.trainer
     set_threads(t_cfg.threads, info)
-    seed_everything(t_cfg.seed)
+    seed_everything(t_cfg.seed, deterministic=t_cfg.deterministic)
 
     # Data first: a bad shard pattern or tokenizer fails before any engine starts.
     loader = build_loader(
@@ -97,20 +104,23 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
             f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={loader.tokenizer.vocab_size}"
         )
 
-    model = PretrainModel(cfg.model, cfg.fusion, cfg.objective, gather=feature_gather(info))
-    model.init_weights()
     ds_config = build_deepspeed_config(
         ds=cfg.deepspeed, trainer=t_cfg, optimizer=cfg.optimizer, world_size=info.world_size
     )
+    accum = ds_config["gradient_accumulation_steps"]
+    model = build_model(
+        lambda: PretrainModel(cfg.model, cfg.fusion, cfg.objective, gather=feature_gather(info)), ds_config=ds_config
+    )
     engine = build_engine(model, ds_config=ds_config, optimizer=cfg.optimizer, total_steps=t_cfg.max_steps)
     device = engine.device
-    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    n_params = sum(p.numel() for p in model.parameters())
+    dtype = compute_dtype(ds_config)
+    n_params = parameter_total(model)
     if info.is_main:
         log.info(
-            "model %s: %.2fM parameters | ZeRO-%d, %s | global batch %d = %d micro × %d accum × %d ranks",
-            cfg.model.name, n_params / 1e6, cfg.deepspeed.stage, "bf16" if dtype == torch.bfloat16 else "fp32",
-            ds_config["train_batch_size"], t_cfg.micro_batch_size, t_cfg.grad_accum_steps, info.world_size,
+            "model %s: %.2fM parameters | ZeRO-%d%s, %s | global batch %d = %d micro × %d accum × %d ranks",
+            cfg.model.name, n_params / 1e6, cfg.deepspeed.stage,
+            " + CPU offload" if offloads_optimizer(ds_config) else "", str(dtype).removeprefix("torch."),
+            ds_config["train_batch_size"], t_cfg.micro_batch_size, accum, info.world_size,
         )
     start_step, run_id = 0, None
     resume_from = find_checkpoint(t_cfg.resume, run_dir=run_dir)
@@ -145,7 +155,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
     step = start_step
     while step < t_cfg.max_steps:
-        losses, wait = train_step(engine, batches, accum=t_cfg.grad_accum_steps, device=device, dtype=dtype)
+        losses, wait = train_step(engine, batches, accum=accum, device=device, dtype=dtype)
         window_wait += wait
         if losses is None:
             bad_steps += 1

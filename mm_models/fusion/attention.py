@@ -22,7 +22,7 @@ class AttentionFusion(nn.Module):
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, model.dropout)
         self.proj = nn.Linear(cfg.width, model.embed_dim, bias=False)
 
-    def init_weights(self) -> None:
+    def reset_own_parameters(self) -> None:
         nn.init.normal_(self.type_embed, std=0.02)
         nn.init.normal_(self.cls, std=0.02)
 
