@@ -58,6 +58,14 @@ class DataConfig:
     # Text: token ids, truncated to max_text_len tokens (BOS/EOS included).
     max_text_len: int = 64
 
+    # Zero-shot classification (evaluation): a sample's .json may carry an
+    # integer class label under label_key and its class name under class_key.
+    # Each class is scored by the mean text embedding of the prompts, each
+    # with "{}" replaced by the class name. label_key "" turns labels off.
+    label_key: str = "label"
+    class_key: str = "class"
+    prompts: List[str] = field(default_factory=lambda: ["{}", "a {}"])
+
     @property
     def audio_samples(self) -> int:
         """Samples per clip: exactly enough for audio_frames frames."""

@@ -27,7 +27,8 @@ MODALITIES = ("image", "audio", "text")
 
 def collate(samples: list[dict | None], *, cfg: DataConfig, pad_id: int = ByteTokenizer.pad_id) -> dict:
     """Stacks decoded samples. An absent modality is zeros with mask False; a
-    None sample is a padding row (key "", every mask False)."""
+    None sample is a padding row (key "", every mask False). "label" is -1
+    and "class_name" "" where a sample has no class label."""
     b = len(samples)
     batch = {
         "image": torch.zeros(b, 3, cfg.image_size, cfg.image_size),
@@ -37,6 +38,8 @@ def collate(samples: list[dict | None], *, cfg: DataConfig, pad_id: int = ByteTo
         "text": torch.full((b, cfg.max_text_len), pad_id, dtype=torch.long),
         "text_mask": torch.zeros(b, dtype=torch.bool),
         "text_pad": torch.ones(b, cfg.max_text_len, dtype=torch.bool),
+        "label": torch.tensor([s.get("label", -1) if s is not None else -1 for s in samples], dtype=torch.long),
+        "class_name": [s.get("class_name", "") if s is not None else "" for s in samples],
         "__key__": [s["__key__"] if s is not None else "" for s in samples],
     }
     for i, s in enumerate(samples):

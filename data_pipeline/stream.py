@@ -9,6 +9,7 @@ nothing but byte reads up to the current shuffle block.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -75,7 +76,29 @@ def decode_sample(sample: dict, *, cfg: DataConfig, tokenizer) -> dict:
     for m in cfg.require:
         if out.get(m) is None:
             raise BadSample(f"missing_{m}")
+    out["label"], out["class_name"] = read_label(sample.get("json"), cfg)
     return out
+
+
+def read_label(raw: bytes | None, cfg: DataConfig) -> tuple[int, str]:
+    """(label, class name) from a sample's .json; (-1, "") where it has none.
+
+    A label must be a non-negative integer; anything else counts as no label.
+    Unparsable JSON is a bad sample.
+    """
+    if raw is None or not cfg.label_key:
+        return -1, ""
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadSample("bad_json", str(e)) from e
+    if not isinstance(meta, dict):
+        return -1, ""
+    label = meta.get(cfg.label_key)
+    if not isinstance(label, int) or isinstance(label, bool) or label < 0:
+        return -1, ""
+    name = meta.get(cfg.class_key)
+    return label, name.strip() if isinstance(name, str) else ""
 
 
 def block_shuffled(

@@ -3,15 +3,21 @@
 
     torchrun --nproc_per_node=2 tests/engine_probe.py OUT [train overrides]
 
+With PROBE_NAN_RANK=r and PROBE_NAN_STEP=s, rank r's images are NaN in its
+batch of step s (a non-finite loss on one rank only).
+
 Writes OUT/probe.json (per-rank parameter counts, whether the partitioned
-initialisation equals the plain one, per-step losses) and OUT/live_embeddings.pt
+initialisation equals the plain one, per-step losses (None: skipped), each
+rank's digest of its final weights) and OUT/live_embeddings.pt
 (the live engine's embeddings of the first held-out batch), and saves a
 checkpoint of the final step under OUT/checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,24 +80,44 @@ def main(out: Path, overrides: list[str]) -> None:
     dtype = compute_dtype(ds_config)
     loader = build_loader(config.data, split="train", batch_size=t_cfg.micro_batch_size,
                           rank=info.rank, world_size=info.world_size)
-    batches = iter(loader)
+    nan_rank, nan_step = int(os.environ.get("PROBE_NAN_RANK", -1)), int(os.environ.get("PROBE_NAN_STEP", -1))
+
+    current = {"step": 0}
+
+    def poisoned():
+        for batch in loader:
+            if info.rank == nan_rank and current["step"] == nan_step:
+                batch["image"] = torch.full_like(batch["image"], float("nan"))
+            yield batch
+
+    batches = poisoned()
     losses = []
-    for _ in range(t_cfg.max_steps):
+    for step in range(1, t_cfg.max_steps + 1):
+        current["step"] = step
         step_losses, _ = train_step(engine, batches, accum=ds_config["gradient_accumulation_steps"],
                                     device=engine.device, dtype=dtype)
+        if step_losses is None:
+            losses.append(None)
+            continue
         t = torch.tensor([step_losses["loss"]])
         dist.all_reduce(t)
         losses.append(t.item() / info.world_size)
+    digest = hashlib.sha256()
+    for name, w in sorted(full_weights(model).items()):
+        digest.update(name.encode() + w.float().numpy().tobytes())
+    digests = [None] * info.world_size
+    dist.all_gather_object(digests, digest.hexdigest())
 
     heldout = build_loader(config.data, split="heldout", batch_size=16)
     first = [next(iter(heldout))]
-    embeds, _ = embed_split(engine, first, device=engine.device, dtype=dtype)
+    embeds = embed_split(engine, first, device=engine.device, dtype=dtype)["embeds"]
     save_checkpoint(engine, run_dir=out, step=t_cfg.max_steps, meta={"config": resolved},
                     loader_state=loader.state_dict(), rank=info.rank)
     if info.is_main:
         torch.save(embeds, out / "live_embeddings.pt")
         report = {"local_numel": locals_, "total_numel": parameter_total(model), "init_equal": init_equal,
-                  "losses": losses, "micro_batch": ds_config["train_micro_batch_size_per_gpu"]}
+                  "losses": losses, "weight_digests": digests,
+                  "micro_batch": ds_config["train_micro_batch_size_per_gpu"]}
         (out / "probe.json").write_text(json.dumps(report) + "\n")
     dist.barrier()
     dist.destroy_process_group()

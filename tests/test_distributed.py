@@ -29,7 +29,8 @@ def run(demo_shards, tmp_path_factory):
     cmd = [
         venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train",
         f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=16", "trainer.log_every=2",
-        "trainer.eval_batch_size=32", "deepspeed=zero2", "deepspeed.precision=bf16",
+        "trainer.eval_batch_size=32", "trainer.eval_every=4", "trainer.checkpoint_every=4", "logger.table_rows=4",
+        "deepspeed=zero2", "deepspeed.precision=bf16",
         f"data.train={demo_shards['train']}::{cwd / 'bad-000000.tar'}", f"data.heldout={demo_shards['heldout']}",
         "data.num_workers=1", "logger.mode=offline", "logger.project=mm-test",
     ]
@@ -57,6 +58,17 @@ def test_last_line_is_heldout_json_with_chance(run):
         assert 0 < pair["n"] <= 64
         assert pair["chance"]["R@1"] == pytest.approx(1 / pair["n"], abs=1e-5)
         assert 0.0 <= pair["R@1"] <= pair["R@5"] <= pair["R@10"] <= 1.0
+
+
+def test_zero_shot_uses_the_heldout_labels(run, demo_shards):
+    result = json.loads(run["proc"].stdout.strip().splitlines()[-1])
+    rows = [json.loads(l) for l in (demo_shards["raw"] / "heldout.jsonl").read_text().splitlines()]
+    classes = len({r["label"] for r in rows})
+    assert set(result["zero_shot"]) == {"image", "audio"}
+    for m, r in result["zero_shot"].items():
+        assert r["n"] == sum(1 for row in rows if m in row)
+        assert r["classes"] == classes and r["chance"]["top1"] == pytest.approx(1 / classes, abs=1e-5)
+        assert 0.0 <= r["top1"] <= r["top5"] <= 1.0
 
 
 def test_checkpoint_is_complete(run):
@@ -104,3 +116,49 @@ def test_wandb_offline_run_holds_config_and_metrics(run):
     metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "train/loss" in m] == [2, 4, 6, 8, 9]
     assert summary["data/skipped/bad_image"] == 2 and summary["data/skipped/empty_text"] == 1
+
+
+def _records(wandb_run) -> list[dict]:
+    out = subprocess.run([venv_bin("wandb"), "leet", "inspect", "--json", str(wandb_run)],
+                         capture_output=True, text=True, timeout=120, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_wandb_records_checkpoint_artifacts_the_export_and_a_retrieval_table(run):
+    run_dir = run["run_dirs"][0]
+    (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
+    run_id = json.loads((run_dir / "checkpoints" / "latest").parent.joinpath(
+        (run_dir / "checkpoints" / "latest").read_text(), "meta.json").read_text())["wandb_run_id"]
+    artifacts = [r["artifact"] for r in _records(wandb_run) if r.get("type") == "artifact"]
+    checkpoints = [a for a in artifacts if a["name"] == f"checkpoint-{run_id}"]
+    assert all(a["type"] == "model" for a in checkpoints)
+    steps = [json.loads(a["metadata"])["step"] for a in checkpoints]
+    assert steps == [4, 8, STEPS]
+    for a, step in zip(checkpoints, steps):
+        assert {"latest", f"step_{step}"} <= set(a["aliases"])
+        paths = {c["path"] for c in a["manifest"]["contents"]}
+        assert {"meta.json", "loader_rank0.json", "loader_rank1.json"} <= paths
+        assert all(c["ref"].startswith("file://") for c in a["manifest"]["contents"])
+    best = [a for a in checkpoints if "best" in a["aliases"]]
+    assert best and best[0] is checkpoints[0]  # the first evaluated checkpoint is the best so far
+    (export,) = [a for a in artifacts if a["name"] == f"model-{run_id}"]
+    assert export["type"] == "model" and {c["path"] for c in export["manifest"]["contents"]} == {
+        "model.safetensors", "model.json"}
+    assert (run_dir / "export" / "model.safetensors").is_file()
+
+    tables = sorted((wandb_run / "files" / "media" / "table" / "eval").glob("retrieval_samples_*.table.json"))
+    assert len(tables) == 3  # one per evaluation: steps 4, 8 and the end
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"][:4] == ["key", "image", "audio", "caption"]
+    assert len(table["data"]) == 4
+    for row in table["data"]:
+        row = dict(zip(table["columns"], row))
+        assert row["key"].startswith("heldout_") and row["caption"]
+        assert row["image"] == row["caption → image"] == "Image" and row["audio"] == "Audio"
+        assert row["image → caption"] and row["audio → caption"]
+    # The media themselves travel in the table's run_table artifact.
+    (last_table,) = [a for a in artifacts if a["type"] == "run_table"][-1:]
+    media = [c["path"] for c in last_table["manifest"]["contents"]]
+    assert any(p.startswith("media/images/") and p.endswith(".png") for p in media)
+    assert any(p.startswith("media/audio/") and p.endswith(".wav") for p in media)

@@ -108,20 +108,34 @@ def test_every_zero_stage_trains_with_a_falling_loss(stage, demo_shards, tmp_pat
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000008"
 
 
-@pytest.mark.integration
-def test_zero3_is_built_partitioned_and_exports_the_live_model(demo_shards, tmp_path):
-    out = tmp_path / "probe"
+def _probe(out, shards, *overrides: str, **env: str) -> dict:
+    """Runs tests/engine_probe.py on 2 processes; returns its report."""
     out.mkdir()
     cmd = [
         venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "engine_probe.py"), str(out),
-        "model=tiny", "deepspeed=zero3", "deepspeed.precision=fp32", "trainer.max_steps=4",
-        "trainer.micro_batch_size=16", f"data.train={demo_shards['train']}",
-        f"data.heldout={demo_shards['heldout']}", "data.num_workers=0",
+        "model=tiny", "deepspeed.precision=fp32", "trainer.micro_batch_size=16", f"data.train={shards['train']}",
+        f"data.heldout={shards['heldout']}", "data.num_workers=0", *overrides,
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)),
+    proc = subprocess.run(cmd, cwd=out.parent, env=clean_env(PYTHONPATH=str(REPO), **env),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    report = json.loads((out / "probe.json").read_text())
+    return json.loads((out / "probe.json").read_text())
+
+
+@pytest.mark.integration
+def test_a_nan_on_one_rank_is_skipped_by_every_rank(demo_shards, tmp_path):
+    report = _probe(tmp_path / "probe", demo_shards, "deepspeed=zero2", "trainer.max_steps=4",
+                    PROBE_NAN_RANK="1", PROBE_NAN_STEP="2")
+    losses = report["losses"]
+    assert losses[1] is None and all(v is not None for i, v in enumerate(losses) if i != 1), losses
+    digests = report["weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # the replicas never diverged
+
+
+@pytest.mark.integration
+def test_zero3_is_built_partitioned_and_exports_the_live_model(demo_shards, tmp_path):
+    out = tmp_path / "probe"
+    report = _probe(out, demo_shards, "deepspeed=zero3", "trainer.max_steps=4")
     # zero.Init: each rank holds about half of every parameter, never the whole model.
     total = report["total_numel"]
     for held in report["local_numel"]:

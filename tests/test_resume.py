@@ -32,6 +32,13 @@ def _train(run_dir, shards, *extra: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def _wandb_summary(wandb_run) -> dict:
+    out = subprocess.run([venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
+                         capture_output=True, text=True, timeout=120, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def _losses(run_dir) -> dict[int, float]:
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
@@ -66,6 +73,11 @@ def test_resume_continues_exactly(demo_shards, tmp_path):
     meta_a = json.loads((straight / "checkpoints" / "step_000006" / "meta.json").read_text())
     meta_b = json.loads((stopped / "checkpoints" / "step_000006" / "meta.json").read_text())
     assert meta_a["wandb_run_id"] == meta_b["wandb_run_id"]
+    # W&B, read back from its own logs: the resumed run continues the same run id to step 6.
+    first_log, resumed_log = sorted((stopped / "wandb").glob("offline-run-*"))
+    summaries = [_wandb_summary(d) for d in (first_log, resumed_log)]
+    assert {s["run_id"] for s in summaries} == {meta_a["wandb_run_id"]}
+    assert summaries[1]["summary"]["_step"] == 6
     for rank in (0, 1):
         name = f"loader_rank{rank}.json"
         state_a = json.loads((straight / "checkpoints" / "step_000006" / name).read_text())

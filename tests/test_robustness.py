@@ -65,3 +65,41 @@ def test_prune_keeps_the_newest_checkpoints(tmp_path):
     (tmp_path / "latest").write_text("step_000008")
     _prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000006", "step_000008"]
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_to_resume(demo_shards, tmp_path):
+    """A process killed mid-save (model=small: a save takes long enough to
+    land in) leaves a step directory without `latest` pointing at it; resume
+    picks the previous, complete checkpoint."""
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    cmd = _cmd(run, demo_shards, "model=small", "trainer.max_steps=8", "trainer.checkpoint_every=1",
+               "trainer.keep_last=2", "trainer.micro_batch_size=2", "trainer.eval_batch_size=8", "trainer.export=false")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    killed_in = None
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        latest = ckpts / "latest"
+        if latest.is_file():
+            done = int(latest.read_text().strip().removeprefix("step_"))
+            saving = ckpts / f"step_{done + 1:06d}"
+            if saving.is_dir() and any(saving.iterdir()):
+                proc.kill()  # SIGKILL: no handler, no cleanup
+                killed_in = saving
+                break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert killed_in is not None, "the run ended before a save could be interrupted"
+    previous = ckpts / (ckpts / "latest").read_text().strip()
+    assert previous.name < killed_in.name and (previous / "meta.json").is_file()
+    assert not (killed_in / "meta.json").exists()  # the interrupted save never completed
+
+    resumed = subprocess.run(
+        _cmd(run, demo_shards, "model=small", f"trainer.max_steps={int(previous.name[5:]) + 1}",
+             "trainer.micro_batch_size=2", "trainer.eval_batch_size=8", "trainer.export=false", "trainer.keep_last=2"),
+        cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {previous}" in resumed.stdout + resumed.stderr
+    assert (ckpts / "latest").read_text().strip() == f"step_{int(previous.name[5:]) + 1:06d}"

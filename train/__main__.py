@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from train.config import Config, register_configs, validate
 from train.distributed import DistInfo, init_distributed, shared_run_stamp
+from train.signals import STOPPED_FILE
 
 register_configs()
 # DeepSpeed's gathers go through a torch API deprecated in 2.13; nothing for users to act on.
@@ -24,14 +26,22 @@ _INFO = DistInfo()
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     from train.loop import final_json, train  # heavy imports after config errors surface
+    from train.watchdog import stall_watchdog
 
     config: Config = OmegaConf.to_object(cfg)
     validate(config)
     if not _INFO.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    results = train(config, info=_INFO, run_dir=run_dir, resolved=OmegaConf.to_container(cfg, resolve=True))
-    if _INFO.is_main and not results.get("stopped"):
+    stopped_file = run_dir / STOPPED_FILE
+    if _INFO.is_main:
+        stopped_file.unlink(missing_ok=True)  # left by an earlier, stopped attempt of this run
+    with stall_watchdog(timeout_s=config.trainer.collective_timeout, info=_INFO):
+        results = train(config, info=_INFO, run_dir=run_dir, resolved=OmegaConf.to_container(cfg, resolve=True))
+    if _INFO.is_main and results.get("stopped"):
+        # Checkpointed but not finished: a job script (launch.slurm) requeues on this file.
+        stopped_file.write_text(json.dumps({"step": results["step"], "checkpoint": results["checkpoint"]}) + "\n")
+    elif _INFO.is_main:
         print(final_json(results), flush=True)
 
 

@@ -43,6 +43,15 @@ class TrainerConfig:
     # none: start fresh; or a checkpoint path.
     resume: str = "auto"
     threads: int = 0  # torch intra-op threads per rank; 0 = cores / local ranks
+    # Seconds a rank may go without progress in a training step, checkpoint or
+    # evaluation (e.g. waiting on a stalled rank) before every rank exits,
+    # naming the rank that is behind and what it was doing (train.watchdog).
+    collective_timeout: int = 1800
+    # Append each rank's consumed sample keys to samples_rank{r}.jsonl (an audit of
+    # exactly-once reading across stops, restarts and requeues).
+    log_samples: bool = False
+    # At the end, write OUT/export/model.safetensors (+ .json), as train.export does.
+    export: bool = True
     # Deterministic kernels only (torch.use_deterministic_algorithms): with
     # it, a resumed or restarted run repeats the uninterrupted one bit for bit.
     deterministic: bool = False
@@ -91,6 +100,15 @@ class LoggerConfig:
     entity: Optional[str] = None
     name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    # Each checkpoint is logged as a W&B artifact of type "model" (a reference
+    # to its directory) with the aliases "latest" and, when the eval metric
+    # best_metric improves on every earlier checkpoint's, "best".
+    best_metric: str = "eval/image_text/R@1"
+    best_mode: str = "max"  # max or min
+    # Rows of the held-out retrieval table logged at each evaluation (0: none).
+    table_rows: int = 8
+    # The end-of-run export: uploaded with the run (true) or a reference to the file.
+    upload_export: bool = True
 
 
 @dataclass
@@ -123,11 +141,14 @@ def validate(cfg: Config) -> None:
         raise ValueError("deepspeed.offload_optimizer needs deepspeed.stage 1, 2 or 3")
     if cfg.deepspeed.offload_param != "none" and cfg.deepspeed.stage != 3:
         raise ValueError("deepspeed.offload_param needs deepspeed.stage=3")
+    if cfg.logger.best_mode not in ("max", "min"):
+        raise ValueError(f"logger.best_mode={cfg.logger.best_mode!r}; choose 'max' or 'min'")
     if cfg.logger.mode not in LOGGER_MODES:
         raise ValueError(f"logger.mode={cfg.logger.mode!r}; choose one of {LOGGER_MODES}")
     if cfg.optimizer.name != "adamw":
         raise ValueError(f"optimizer.name={cfg.optimizer.name!r}; only 'adamw' is available")
-    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_batch_size"):
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_batch_size",
+                "collective_timeout"):
         if getattr(cfg.trainer, key) < 1:
             raise ValueError(f"trainer.{key} must be at least 1, got {getattr(cfg.trainer, key)}")
     if cfg.trainer.global_batch_size < 0:

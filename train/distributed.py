@@ -63,11 +63,26 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
 
 def shared_run_stamp() -> str:
     """Rank 0's clock as 'YYYY-MM-DD/HH-MM-SS', the same string on every rank,
-    so that all ranks write into one Hydra output directory."""
+    so that all ranks write into one Hydra output directory.
+
+    Under torchrun the first attempt's stamp is kept in the agent's store, so
+    workers restarted after a failure (--max-restarts) write into the same
+    directory and resume from its checkpoints."""
     stamp = [time.strftime("%Y-%m-%d/%H-%M-%S")]
     if dist.is_initialized():
+        if dist.get_rank() == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # The agent's store outlives worker restarts; the process group's is a prefix of it.
+            store = dist.distributed_c10d._get_default_store().underlying_store
+            stamp[0] = store.compare_set("mm_run_stamp", "", stamp[0]).decode()
         dist.broadcast_object_list(stamp, src=0)
     return stamp[0]
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """How long a collective on the default process group may wait before it
+    fails (the group is created before the config is read, with the default)."""
+    if dist.is_initialized():
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds))
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -1,51 +1,140 @@
-"""Held-out evaluation: embed every held-out sample, then retrieval metrics."""
+"""Held-out evaluation: embed every held-out sample, then retrieval metrics
+and, where the shards carry class labels, zero-shot classification."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from data_pipeline import DataConfig, build_loader
+from data_pipeline.loader import collate
 from mm_models.objectives import MODALITIES
 from train.batch import to_device
-from train.metrics import retrieval_metrics
+from train.metrics import flatten, retrieval_metrics
 
 
 @torch.no_grad()
-def embed_split(model, loader, *, device: torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
+def embed_split(model, loader, *, device: torch.device, dtype: torch.dtype) -> dict:
     """model: a PretrainModel (or DeepSpeed engine around one).
 
-    Every rank runs every batch, so ZeRO-3 parameter gathers stay in step.
+    Returns {"embeds": modality -> N×E, "masks": modality -> N bool,
+    "labels": N (-1: none), "class_names": [N], "keys": [N]}, padding rows
+    dropped. Every rank runs every batch, so ZeRO-3 parameter gathers stay in step.
     """
     module = getattr(model, "module", model)
     was_training = module.training
     module.eval()
     embeds = {m: [] for m in MODALITIES}
     masks = {m: [] for m in MODALITIES}
+    labels, names, keys = [], [], []
     for batch in loader:
+        real = torch.tensor([k != "" for k in batch["__key__"]])
         batch = to_device(batch, device=device, dtype=dtype)
         out = module.embed(batch)
         for m in MODALITIES:
-            embeds[m].append(out[m].float().cpu())
-            masks[m].append(batch[f"{m}_mask"].cpu())
+            embeds[m].append(out[m].float().cpu()[real])
+            masks[m].append(batch[f"{m}_mask"].cpu()[real])
+        labels.append(batch["label"].cpu()[real] if "label" in batch else torch.full((int(real.sum()),), -1))
+        names += [n for n, r in zip(batch.get("class_name", [""] * len(real)), real) if r]
+        keys += [k for k in batch["__key__"] if k]
     module.train(was_training)
-    return ({m: torch.cat(v) for m, v in embeds.items()}, {m: torch.cat(v) for m, v in masks.items()})
+    return {
+        "embeds": {m: torch.cat(v) for m, v in embeds.items()},
+        "masks": {m: torch.cat(v) for m, v in masks.items()},
+        "labels": torch.cat(labels), "class_names": names, "keys": keys,
+    }
 
 
-def evaluate_heldout(model, *, data: DataConfig, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
+def class_names(labels: torch.Tensor, names: list[str]) -> dict[int, str]:
+    """label -> class name, as the labelled samples name them (first seen wins)."""
+    out: dict[int, str] = {}
+    for label, name in zip(labels.tolist(), names):
+        if label >= 0 and name and label not in out:
+            out[label] = name
+    return dict(sorted(out.items()))
+
+
+@torch.no_grad()
+def class_embeddings(model, names: list[str], *, data: DataConfig, tokenizer, batch_size: int,
+                     device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """C×E unit vectors: per class, the normalised mean of its prompts' text embeddings."""
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    texts = [p.format(name) for name in names for p in data.prompts]
+    samples = [{"__key__": "prompt", "image": None, "audio": None,
+                "text": tokenizer.encode(t, max_len=data.max_text_len)} for t in texts]
+    chunks = []
+    for i in range(0, len(samples), batch_size):
+        batch = to_device(collate(samples[i : i + batch_size], cfg=data, pad_id=tokenizer.pad_id),
+                          device=device, dtype=dtype)
+        chunks.append(F.normalize(module.embed(batch)["text"].float().cpu(), dim=-1))
+    module.train(was_training)
+    per_prompt = torch.cat(chunks).view(len(names), len(data.prompts), -1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1)
+
+
+def zero_shot_metrics(split: dict, classes: dict[int, str], class_embeds: torch.Tensor) -> dict:
+    """Top-1/top-5 accuracy of classifying each non-text modality by its
+    nearest class prompt, over the samples with that modality and a known label."""
+    index = {label: i for i, label in enumerate(classes)}
+    targets = torch.tensor([index.get(label, -1) for label in split["labels"].tolist()], dtype=torch.long)
+    n_classes = len(classes)
+    out = {}
+    for m in ("image", "audio"):
+        keep = split["masks"][m] & (targets >= 0)
+        n = int(keep.sum())
+        if n == 0:
+            continue
+        scores = F.normalize(split["embeds"][m][keep], dim=-1) @ class_embeds.T
+        true = scores.gather(1, targets[keep][:, None])
+        rank = (scores > true).sum(1)  # classes scored strictly above the true one
+        out[m] = {
+            "n": n, "classes": n_classes,
+            **{f"top{k}": (rank < k).float().mean().item() for k in (1, 5)},
+            "chance": {f"top{k}": min(1.0, k / n_classes) for k in (1, 5)},
+        }
+    return out
+
+
+def evaluate_heldout(model, *, data: DataConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
+                     keep_split: bool = False) -> dict:
+    """{"retrieval": per pair R@k (see retrieval_metrics), "zero_shot": per
+    modality accuracy (empty where the held-out .json carries no labels)},
+    plus "split" (embed_split's result) with keep_split."""
     loader = build_loader(data, split="heldout", batch_size=batch_size)
-    embeds, masks = embed_split(model, loader, device=device, dtype=dtype)
-    return retrieval_metrics(embeds, masks)
+    split = embed_split(model, loader, device=device, dtype=dtype)
+    results = {"retrieval": retrieval_metrics(split["embeds"], split["masks"]), "zero_shot": {}}
+    if keep_split:
+        results["split"] = split
+    classes = class_names(split["labels"], split["class_names"])
+    if len(classes) >= 2 and data.prompts:
+        class_embeds = class_embeddings(model, list(classes.values()), data=data, tokenizer=loader.tokenizer,
+                                         batch_size=batch_size, device=device, dtype=dtype)
+        results["zero_shot"] = zero_shot_metrics(split, classes, class_embeds)
+    return results
+
+
+def eval_metrics(results: dict, prefix: str) -> dict[str, float]:
+    """Flat metric names: PREFIX/<pair>/R@k and PREFIX/zero_shot/<modality>/topk."""
+    return {**flatten(results["retrieval"], prefix), **flatten(results["zero_shot"], f"{prefix}/zero_shot")}
 
 
 def results_table(results: dict) -> str:
-    """A fixed-width table of R@k against chance, one row per pair."""
+    """Fixed-width tables: R@k against chance per pair, then zero-shot accuracy."""
     lines = [f"{'pair':<12} {'n':>5} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'chance@1':>9} {'R@1/chance':>11}"]
-    for pair, r in results.items():
+    for pair, r in results["retrieval"].items():
         ratio = r["R@1"] / r["chance"]["R@1"]
         lines.append(
             f"{pair:<12} {r['n']:>5} {r['R@1']:>7.3f} {r['R@5']:>7.3f} {r['R@10']:>7.3f} "
             f"{r['chance']['R@1']:>9.4f} {ratio:>10.1f}x"
         )
+    if results["zero_shot"]:
+        lines.append(f"{'zero-shot':<12} {'n':>5} {'top1':>7} {'top5':>7} {'classes':>7} {'chance@1':>9} {'top1/chance':>11}")
+        for m, r in results["zero_shot"].items():
+            ratio = r["top1"] / r["chance"]["top1"]
+            lines.append(f"{m:<12} {r['n']:>5} {r['top1']:>7.3f} {r['top5']:>7.3f} {r['classes']:>7} "
+                         f"{r['chance']['top1']:>9.4f} {ratio:>10.1f}x")
     return "\n".join(lines)
 
 

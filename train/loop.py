@@ -23,10 +23,13 @@ from train.distributed import DistInfo, all_reduce_mean, barrier, feature_gather
 from train.engine import (
     build_deepspeed_config, build_engine, build_model, compute_dtype, offloads_optimizer, parameter_total,
 )
-from train.evaluate import evaluate_heldout, results_table
-from train.metrics import flatten
+from train.evaluate import eval_metrics, evaluate_heldout, results_table
+from train import watchdog
+from train.sample_log import log_samples
 from train.signals import StopRequest, any_rank
-from train.tracking import Tracker
+from train.export import export
+from train.tables import retrieval_table
+from train.tracking import BestMetric, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -122,31 +125,51 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
             " + CPU offload" if offloads_optimizer(ds_config) else "", str(dtype).removeprefix("torch."),
             ds_config["train_batch_size"], t_cfg.micro_batch_size, accum, info.world_size,
         )
-    start_step, run_id = 0, None
+    start_step, run_id, resumed_meta = 0, None, {}
     resume_from = find_checkpoint(t_cfg.resume, run_dir=run_dir)
     if resume_from is not None:
         meta, loader_state = load_checkpoint(engine, resume_from, rank=info.rank)
+        resumed_meta = meta
         loader.load_state_dict(loader_state)
         start_step, run_id = int(meta["step"]), meta.get("wandb_run_id")
         if info.is_main:
             log.info("resumed from %s at step %d", resume_from, start_step)
     tracker = Tracker(cfg.logger, run_dir=run_dir, config=resolved, is_main=info.is_main, run_id=run_id)
     batches = iter(loader)
+    if t_cfg.log_samples:
+        batches = log_samples(batches, loader=loader, path=run_dir / f"samples_rank{info.rank}.jsonl")
+    batches = watchdog.watch_batches(batches)
     tracker.summary({"params": n_params, "precision": str(dtype).removeprefix("torch.")})
 
+    best = BestMetric(cfg.logger.best_metric, cfg.logger.best_mode, value=resumed_meta.get("best_metric_value"))
+    last_eval: dict = {}
+
     def evaluate(step: int) -> dict:
+        watchdog.mark("evaluation", step=step)
         results = evaluate_heldout(
-            engine, data=cfg.data, batch_size=t_cfg.eval_batch_size, device=device, dtype=dtype
+            engine, data=cfg.data, batch_size=t_cfg.eval_batch_size, device=device, dtype=dtype, keep_split=True
         )
-        tracker.log(flatten(results, "eval"), step=step)
+        split = results.pop("split")
+        last_eval.clear()
+        last_eval.update(step=step, metrics=eval_metrics(results, "eval"))
+        tracker.log(last_eval["metrics"], step=step)
+        if tracker.run is not None and cfg.logger.table_rows > 0:
+            tracker.log_table("eval/retrieval_samples", retrieval_table(split, data=cfg.data, rows=cfg.logger.table_rows),
+                              step=step)
         return results
 
     def checkpoint(step: int) -> Path:
-        meta = {"wandb_run_id": tracker.run.id if tracker.run else None, "config": resolved}
-        return save_checkpoint(
+        watchdog.mark("checkpoint", step=step)
+        is_best = last_eval.get("step") == step and best.improved(last_eval["metrics"])
+        meta = {"wandb_run_id": tracker.run.id if tracker.run else None, "config": resolved,
+                "best_metric_value": best.value}
+        path = save_checkpoint(
             engine, run_dir=run_dir, step=step, meta=meta, loader_state=loader.state_dict(), rank=info.rank,
             keep_last=t_cfg.keep_last,
         )
+        tracker.log_checkpoint(path, step=step, aliases=["latest", f"step_{step}"] + (["best"] if is_best else []),
+                               metadata={best.name: last_eval["metrics"].get(best.name)} if is_best else None)
+        return path
 
     model_flops = flops_per_sample(cfg.model)
     tokens = sum(sequence_lengths(cfg.model).values())
@@ -155,6 +178,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
     step = start_step
     while step < t_cfg.max_steps:
+        watchdog.next_step(step + 1)
         losses, wait = train_step(engine, batches, accum=accum, device=device, dtype=dtype)
         window_wait += wait
         if losses is None:
@@ -201,10 +225,15 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
             return {"step": step, "checkpoint": str(ckpt), "stopped": True}
     stop.restore()
 
-    ckpt = checkpoint(t_cfg.max_steps)
     results = evaluate(t_cfg.max_steps)
-    tracker.summary({f"final/{k}": v for k, v in flatten(results, "heldout").items()})
+    ckpt = checkpoint(t_cfg.max_steps)
+    tracker.summary({f"final/{k}": v for k, v in eval_metrics(results, "heldout").items()})
     tracker.summary({"checkpoint": str(ckpt)})
+    if t_cfg.export and info.is_main:
+        weights, config_file, _ = export(ckpt, run_dir / "export" / "model.safetensors")
+        tracker.log_export([weights, config_file], step=t_cfg.max_steps, upload=cfg.logger.upload_export)
+        tracker.summary({"export": str(weights)})
+        log.info("exported %s", weights)
     wandb_dir = tracker.run_dir
     tracker.finish()
     barrier()
@@ -217,10 +246,16 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
 
 
 def final_json(results: dict) -> str:
-    """The demo's last line: held-out R@k and chance per pair."""
-    pairs = {
-        pair: {"n": r["n"], **{k: round(v, 4) for k, v in r.items() if k.startswith("R@")},
-               "chance": {k: round(v, 5) for k, v in r["chance"].items()}}
-        for pair, r in results["heldout"].items()
-    }
-    return json.dumps({"step": results["step"], "heldout": pairs}, sort_keys=True)
+    """The demo's last line: held-out R@k and chance per pair, and zero-shot
+    accuracy and chance per modality where the data has class labels."""
+
+    def rounded(r: dict, prefix: str) -> dict:
+        return {k: (round(v, 4) if k.startswith(prefix) else v) for k, v in r.items()
+                if k.startswith(prefix) or k in ("n", "classes")} | {
+            "chance": {k: round(v, 5) for k, v in r["chance"].items()}}
+
+    heldout = results["heldout"]
+    out = {"step": results["step"], "heldout": {p: rounded(r, "R@") for p, r in heldout["retrieval"].items()}}
+    if heldout["zero_shot"]:
+        out["zero_shot"] = {m: rounded(r, "top") for m, r in heldout["zero_shot"].items()}
+    return json.dumps(out, sort_keys=True)

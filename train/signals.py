@@ -16,6 +16,9 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Written into the run directory by rank 0 when a run stopped on a signal
+# (checkpointed, not finished); removed when the run starts again.
+STOPPED_FILE = "stopped.json"
 
 
 def any_rank(flag: bool) -> bool:

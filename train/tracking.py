@@ -71,6 +71,34 @@ class Tracker:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def log_table(self, name: str, table, *, step: int) -> None:
+        if self.run is not None:
+            self.run.log({name: table}, step=step)
+
+    def log_checkpoint(self, path: Path, *, step: int, aliases: list[str], metadata: dict | None = None) -> None:
+        """A W&B artifact of type model that references the checkpoint directory."""
+        if self.run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"checkpoint-{self.run.id}", type="model", metadata={"step": step, **(metadata or {})})
+        artifact.add_reference(Path(path).resolve().as_uri(), checksum=False)
+        self.run.log_artifact(artifact, aliases=aliases)
+
+    def log_export(self, files: list[Path], *, step: int, upload: bool) -> None:
+        """The exported weights and config as a W&B artifact of type model."""
+        if self.run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"step": step, "format": "safetensors"})
+        for f in files:
+            if upload:
+                artifact.add_file(str(f))
+            else:
+                artifact.add_reference(Path(f).resolve().as_uri(), checksum=False)
+        self.run.log_artifact(artifact, aliases=["latest", f"step_{step}"])
+
     def summary(self, values: dict) -> None:
         if self.run is not None:
             self.run.summary.update(values)
@@ -82,3 +110,25 @@ class Tracker:
         if self.jsonl is not None:
             self.jsonl.close()
             self.jsonl = None
+
+
+class BestMetric:
+    """Whether an eval metric improved on every earlier checkpoint's value
+    (the W&B alias "best"). The value travels in checkpoint metadata, so a
+    resumed run keeps comparing against it."""
+
+    def __init__(self, name: str, mode: str, value: float | None = None):
+        self.name, self.mode, self.value = name, mode, value
+        self._warned = False
+
+    def improved(self, metrics: dict[str, float]) -> bool:
+        if self.name not in metrics:
+            if not self._warned:
+                log.warning("logger.best_metric=%r is not among the eval metrics; no checkpoint is marked best", self.name)
+                self._warned = True
+            return False
+        value = float(metrics[self.name])
+        better = self.value is None or (value > self.value if self.mode == "max" else value < self.value)
+        if better:
+            self.value = value
+        return better
