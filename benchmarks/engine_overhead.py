@@ -1,0 +1,173 @@
+"""What the DeepSpeed engine costs per training step, against plain PyTorch.
+
+The engine is built exactly as `python -m train` builds it (the Hydra config,
+train.engine's DeepSpeed JSON, model and optimizer, train.loop.train_step),
+on model=small. In the same run, a minimal plain loop trains the same model
+(same init, same parameter groups, torch AdamW, autocast in the same
+precision, gradient clipping, the same LR schedule). Both step on one fixed
+in-memory batch, so data loading is not part of the figure. Both use the
+optimizer train.engine builds (torch AdamW, fused kernel), so the ratio is
+what DeepSpeed adds around it.
+
+    python benchmarks/engine_overhead.py [--precision bf16] [--micro-batch 8] [--steps 10]
+
+Comparisons, each as engine samples/s ÷ baseline samples/s:
+  zero0, zero1, zero2   1 process, against the plain loop
+  zero2_vs_ddp          2 processes, against torch DistributedDataParallel
+
+Every variant runs in its own torchrun job, one after another, so none
+shares the CPU with another. The last line of output is one JSON object:
+{"zero0": ..., "zero1": ..., "zero2": ..., "zero2_vs_ddp": ..., "samples_per_s": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# A cut-down input geometry (as benchmarks/model_throughput.py) so a CPU step takes seconds.
+GEOMETRY = ["data.image_size=64", "data.n_mels=64", "data.audio_frames=64", "data.max_text_len=32"]
+RESULT = "ENGINE_OVERHEAD_RESULT "
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = OmegaConf.to_object(hydra_compose("config", overrides=overrides))
+    validate(cfg)
+    return cfg
+
+
+def fixed_batch(model_cfg, b: int) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.randn(b, 3, model_cfg.image_size, model_cfg.image_size, generator=g),
+        "audio": torch.randn(b, model_cfg.n_mels, model_cfg.audio_frames, generator=g),
+        "text": torch.randint(4, 256, (b, model_cfg.max_text_len), generator=g),
+        "text_pad": torch.zeros(b, model_cfg.max_text_len, dtype=torch.bool),
+        **{f"{m}_mask": torch.ones(b, dtype=torch.bool) for m in ("image", "audio", "text")},
+    }
+
+
+def worker(variant: str, args) -> None:
+    """One variant, inside torchrun: prints RESULT {"variant", "samples_per_s"} on rank 0."""
+    import itertools
+
+    import torch
+    import torch.distributed as dist
+
+    from mm_models import PretrainModel
+    from train.distributed import feature_gather, init_distributed
+    from train.engine import (batch_sizes, build_deepspeed_config, build_engine, build_model, build_optimizer,
+                              build_schedule, compute_dtype)
+    from train.loop import seed_everything, train_step
+
+    info = init_distributed()
+    stage = {"zero0": "zero0", "zero1": "zero1", "zero2": "zero2"}.get(variant, "zero0")
+    cfg = compose(["model=small", f"deepspeed={stage}", f"deepspeed.precision={args.precision}",
+                   f"trainer.micro_batch_size={args.micro_batch}", *GEOMETRY])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+    seed_everything(0)
+    ds_config = build_deepspeed_config(ds=cfg.deepspeed, trainer=cfg.trainer, optimizer=cfg.optimizer,
+                                       world_size=info.world_size)
+    dtype = compute_dtype(ds_config)
+    batch = fixed_batch(cfg.model, cfg.trainer.micro_batch_size)
+    o = cfg.optimizer
+
+    def build() -> PretrainModel:
+        return PretrainModel(cfg.model, cfg.fusion, cfg.objective, gather=feature_gather(info))
+
+    if variant.startswith("zero"):
+        engine = build_engine(build_model(build, ds_config=ds_config), ds_config=ds_config, optimizer=o,
+                              total_steps=cfg.trainer.max_steps)
+        accum = batch_sizes(cfg.trainer, info.world_size)[1]
+        batches = itertools.repeat(batch)
+
+        def step() -> None:
+            train_step(engine, batches, accum=accum, device=engine.device, dtype=dtype)
+    else:  # plain or ddp: the loop a user would write without DeepSpeed
+        model = build()
+        model.init_weights()
+        opt = build_optimizer(model, o)  # the engine's own torch AdamW: the comparison is DeepSpeed alone
+        sched = build_schedule(opt, o, cfg.trainer.max_steps)
+        net = torch.nn.parallel.DistributedDataParallel(model) if variant == "ddp" else model
+        amp = dtype != torch.float32
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=dtype, enabled=amp):
+                loss = net(batch)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    dist.barrier()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    dist.barrier()
+    elapsed = time.perf_counter() - t
+    if info.is_main:
+        samples = args.steps * cfg.trainer.micro_batch_size * info.world_size
+        print(RESULT + json.dumps({"variant": variant, "samples_per_s": samples / elapsed}), flush=True)
+    dist.destroy_process_group()
+
+
+def run_variant(variant: str, nproc: int, args) -> float:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(Path(__file__).resolve()), "--worker", variant, "--precision", args.precision,
+           "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT)]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"{variant} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    value = json.loads(lines[-1].removeprefix(RESULT))["samples_per_s"]
+    print(f"{variant:<6} {nproc} proc  {value:8.2f} samples/s   ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args)
+        return
+    sps = {v: run_variant(v, 1, args) for v in ("plain", "zero0", "zero1", "zero2")}
+    sps.update({f"{v}_2proc": run_variant(v, 2, args) for v in ("ddp", "zero2")})
+    result = {
+        "zero0": round(sps["zero0"] / sps["plain"], 3),
+        "zero1": round(sps["zero1"] / sps["plain"], 3),
+        "zero2": round(sps["zero2"] / sps["plain"], 3),
+        "zero2_vs_ddp": round(sps["zero2_2proc"] / sps["ddp_2proc"], 3),
+        "precision": args.precision,
+        "samples_per_s": {k: round(v, 2) for k, v in sps.items()},
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
