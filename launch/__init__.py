@@ -1,1 +1,2 @@
-"""Launching training: one node with torchrun (launch.local); SLURM comes next."""
+"""Launching training: one node with torchrun (launch.local), SLURM jobs with
+preemption and requeue (launch.slurm)."""

@@ -49,7 +49,7 @@ def main() -> None:
     global _INFO
     _INFO = init_distributed()
     # All ranks must agree on the output directory before Hydra creates it.
-    os.environ.setdefault("MM_RUN_STAMP", shared_run_stamp())
+    os.environ["MM_RUN_STAMP"] = shared_run_stamp()
     _main()
     import torch.distributed as dist
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -12,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 from mm_models.objectives import Gather
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,12 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
     )
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if info.rank == 0 and restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # Restarted workers find the failed ones' keys in torchrun's shared store and hang (pytorch#135712).
+        log.warning("torchrun --max-restarts: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 or restarted workers may "
+                    "hang, and MM_RUN_STAMP or hydra.run.dir to keep the run directory "
+                    "(python -m launch.local and launch.slurm do both)")
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(info.local_rank)
@@ -65,15 +74,11 @@ def shared_run_stamp() -> str:
     """Rank 0's clock as 'YYYY-MM-DD/HH-MM-SS', the same string on every rank,
     so that all ranks write into one Hydra output directory.
 
-    Under torchrun the first attempt's stamp is kept in the agent's store, so
-    workers restarted after a failure (--max-restarts) write into the same
-    directory and resume from its checkpoints."""
-    stamp = [time.strftime("%Y-%m-%d/%H-%M-%S")]
+    An MM_RUN_STAMP that rank 0 inherited wins: a launcher sets it once, so
+    that workers torchrun restarts after a failure keep the directory (and
+    resume from its checkpoints)."""
+    stamp = [os.environ.get("MM_RUN_STAMP") or time.strftime("%Y-%m-%d/%H-%M-%S")]
     if dist.is_initialized():
-        if dist.get_rank() == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            # The agent's store outlives worker restarts; the process group's is a prefix of it.
-            store = dist.distributed_c10d._get_default_store().underlying_store
-            stamp[0] = store.compare_set("mm_run_stamp", "", stamp[0]).decode()
         dist.broadcast_object_list(stamp, src=0)
     return stamp[0]
 

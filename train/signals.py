@@ -9,6 +9,7 @@ preemption warning and a scheduler's SIGTERM both land here.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import torch
@@ -36,9 +37,14 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = ""
+        self._pid = os.getpid()
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            # A forked data worker inherits the handler; a scheduler signalling every
+            # process of the job (SLURM does) must not make it log a stop too.
+            return
         self.requested = True
         self.signal_name = signal.Signals(signum).name
         log.warning("received %s: checkpointing and stopping after this step", self.signal_name)

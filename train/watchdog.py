@@ -8,11 +8,13 @@ nor what it was doing. Here each rank marks what it is doing (`mark`): the
 step, and one of OPS. A daemon thread publishes that record to the job's
 c10d store every few seconds, and once its own rank has spent more than the
 timeout in one operation it reads every rank's record, logs which rank is
-behind and where, and ends the process (exit code EXIT_STALLED). The stalled
-rank's own thread does the same, so every rank exits within the timeout plus
-one publishing interval; under `torchrun --max-restarts` the job then
-restarts from its latest checkpoint. The process group's own timeout is set a
-minute longer, as a backstop for waits outside the marked operations.
+behind and where, and ends the process (exit code EXIT_STALLED). It leaves
+that report in the store, and every other rank's thread, checking at each
+interval, logs it and exits too: every rank exits within the timeout plus a
+few intervals, each naming the rank behind. Under `torchrun --max-restarts`
+the job then restarts from its latest checkpoint. The process group's own
+timeout is set a minute longer, as a backstop for waits outside the marked
+operations.
 
 Fault injection for tests: MM_TEST_STALL_RANK=r and MM_TEST_STALL_AT_STEP=s
 make rank r stall, while loading the data of step s, until the watchdog ends
@@ -28,6 +30,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from datetime import timedelta
 from typing import Iterator
 
@@ -45,7 +48,7 @@ BACKSTOP_S = 60  # the process group's timeout is collective_timeout + this
 
 def describe_stall(*, me: int, records: dict[int, dict | None], timeout_s: float, now: float,
                    stale_after: float) -> str:
-    """The report a rank logs before exiting. records: rank -> its last
+    """The report every rank logs before exiting; `me` detected the stall. records: rank -> its last
     published record ({"step", "micro", "op", "since", "beat", "host", "pid"})
     or None if it never published one."""
     silent = sorted(r for r, rec in records.items() if rec is None or now - rec["beat"] > stale_after)
@@ -90,7 +93,7 @@ def describe_stall(*, me: int, records: dict[int, dict | None], timeout_s: float
             lines.append(f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))} waiting {place}")
     return (
         f"stalled job: no progress for {timeout_s:g} s (trainer.collective_timeout); "
-        + "; ".join(lines) + f". Rank {me} exits."
+        + "; ".join(lines) + f" (detected by rank {me})."
     )
 
 
@@ -98,13 +101,14 @@ class StallWatchdog:
     """One per process. `mark()` from the training thread; the checking runs
     in a daemon thread that talks to the job's store through its own client."""
 
-    def __init__(self, *, timeout_s: float, info: DistInfo, store: dist.Store):
+    def __init__(self, *, timeout_s: float, info: DistInfo, store: dist.Store, namespace: str):
+        """namespace: the same on every rank of this attempt, new for each attempt."""
         self.timeout_s = float(timeout_s)
         self.rank, self.world_size = info.rank, info.world_size
         self.interval = max(0.5, min(5.0, self.timeout_s / 10))
         self._store = store
-        # Keys of an earlier torchrun attempt (same store, after a restart) are not ours.
-        self._prefix = f"mm_watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        # A store can outlive a torchrun attempt: an earlier attempt's records and report are not ours.
+        self._prefix = f"mm_watchdog/{namespace}/"
         self._host, self._pid = socket.gethostname(), os.getpid()
         # (step, micro batch within it, op or None, wall clock and monotonic start of op)
         self._state: tuple = (0, 0, None, time.time(), time.monotonic())
@@ -142,9 +146,19 @@ class StallWatchdog:
                     self._store.set(f"{self._prefix}{self.rank}", json.dumps(rec))
                 except Exception:  # the store may be gone at shutdown; checking goes on
                     pass
+            report = self._report_from_another_rank()
+            if report is not None:
+                self._exit(report)
             _, _, op, _, since_mono = self._state
             if op is not None and time.monotonic() - since_mono > self.timeout_s and not self._stop.is_set():
                 self._abort()
+
+    def _report_from_another_rank(self) -> str | None:
+        key = f"{self._prefix}report"
+        try:
+            return self._store.get(key).decode() if self._store.check([key]) else None
+        except Exception:
+            return None
 
     def _read_all(self) -> dict[int, dict | None]:
         out: dict[int, dict | None] = {}
@@ -162,11 +176,19 @@ class StallWatchdog:
         except Exception as e:  # the report must not keep the process alive
             step, _, op, _, _ = self._state
             message = (f"stalled job: rank {self.rank} made no progress for {self.timeout_s:g} s in '{op}' "
-                       f"at step {step} (trainer.collective_timeout); other ranks unknown ({e}). "
-                       f"Rank {self.rank} exits.")
-        log.critical(message)
+                       f"at step {step} (trainer.collective_timeout); other ranks unknown ({e}).")
+        try:
+            self._store.set(f"{self._prefix}report", message)
+        except Exception:
+            pass
+        # Linger while the others read the report: this rank's exit breaks their collectives.
+        self._exit(message, linger_s=2 * self.interval + 1)
+
+    def _exit(self, report: str, linger_s: float = 0.0) -> None:
+        log.critical("%s Rank %d exits.", report, self.rank)
         for handler in logging.getLogger().handlers:
             handler.flush()
+        time.sleep(linger_s)
         os._exit(EXIT_STALLED)
 
     def close(self) -> None:
@@ -229,7 +251,10 @@ def stall_watchdog(*, timeout_s: float, info: DistInfo):
         yield None
         return
     set_collective_timeout(timeout_s + BACKSTOP_S)
-    _active = StallWatchdog(timeout_s=timeout_s, info=info, store=_job_store(min(30.0, timeout_s)))
+    namespace = [uuid.uuid4().hex]
+    dist.broadcast_object_list(namespace, src=0)  # collective: every rank enters here
+    _active = StallWatchdog(timeout_s=timeout_s, info=info, store=_job_store(min(30.0, timeout_s)),
+                            namespace=namespace[0])
     try:
         yield _active
     finally:
