@@ -154,8 +154,13 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
         last_eval.update(step=step, metrics=eval_metrics(results, "eval"))
         tracker.log(last_eval["metrics"], step=step)
         if tracker.run is not None and cfg.logger.table_rows > 0:
-            tracker.log_table("eval/retrieval_samples", retrieval_table(split, data=cfg.data, rows=cfg.logger.table_rows),
-                              step=step)
+            # Rank 0 only, and optional: a failure here must not stop the run
+            # (or leave the other ranks waiting for rank 0).
+            try:
+                table = retrieval_table(split, data=cfg.data, rows=cfg.logger.table_rows)
+                tracker.log_table("eval/retrieval_samples", table, step=step)
+            except Exception as e:  # noqa: BLE001 - reported, then training goes on
+                log.warning("retrieval table at step %d skipped: %s: %s", step, type(e).__name__, e)
         return results
 
     def checkpoint(step: int) -> Path:
@@ -230,10 +235,17 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     tracker.summary({f"final/{k}": v for k, v in eval_metrics(results, "heldout").items()})
     tracker.summary({"checkpoint": str(ckpt)})
     if t_cfg.export and info.is_main:
-        weights, config_file, _ = export(ckpt, run_dir / "export" / "model.safetensors")
-        tracker.log_export([weights, config_file], step=t_cfg.max_steps, upload=cfg.logger.upload_export)
-        tracker.summary({"export": str(weights)})
-        log.info("exported %s", weights)
+        # The checkpoint is saved; an export that fails (disk full, say) is
+        # reported and can be redone with `python -m train.export`.
+        try:
+            weights, config_file, _ = export(ckpt, run_dir / "export" / "model.safetensors")
+        except Exception as e:  # noqa: BLE001
+            log.error("export failed (%s: %s); run: python -m train.export checkpoint=%s out=model.safetensors",
+                      type(e).__name__, e, ckpt)
+        else:
+            tracker.log_export([weights, config_file], step=t_cfg.max_steps, upload=cfg.logger.upload_export)
+            tracker.summary({"export": str(weights)})
+            log.info("exported %s", weights)
     wandb_dir = tracker.run_dir
     tracker.finish()
     barrier()
