@@ -91,6 +91,35 @@ def perf_metrics(*, samples_per_s: float, flops_per_sample: float, tokens_per_sa
     return out
 
 
+class LogWindow:
+    """The steps between two log lines: their time, data wait and throughput."""
+
+    def __init__(self, *, global_batch: int, flops_per_sample: float, tokens_per_sample: int, peak_flops: float,
+                 world_size: int):
+        self.global_batch, self.world_size = global_batch, world_size
+        self.flops_per_sample, self.tokens_per_sample, self.peak_flops = flops_per_sample, tokens_per_sample, peak_flops
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start, self.data_wait, self.steps = time.perf_counter(), 0.0, 0
+
+    def metrics(self, losses: dict[str, float], *, engine, skipped) -> dict[str, float]:
+        """Collective (every rank calls it): the window's metrics, averaged
+        over ranks; starts the next window."""
+        elapsed = time.perf_counter() - self.start
+        out = all_reduce_mean({f"train/{k}": v for k, v in losses.items()})
+        out.update({f"data/skipped/{k}": v for k, v in sum_counters(skipped).items()})
+        out["train/lr"] = engine.get_lr()[0]
+        out["train/grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+        out["perf/data_wait_frac"] = self.data_wait / elapsed
+        out.update(perf_metrics(
+            samples_per_s=self.steps * self.global_batch / elapsed, flops_per_sample=self.flops_per_sample,
+            tokens_per_sample=self.tokens_per_sample, peak_flops=self.peak_flops, world_size=self.world_size,
+        ))
+        self._reset()
+        return out
+
+
 def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict:
     """Trains, checkpoints and evaluates; returns the final held-out results."""
     t_cfg = cfg.trainer
@@ -176,16 +205,16 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
                                metadata={best.name: last_eval["metrics"].get(best.name)} if is_best else None)
         return path
 
-    model_flops = flops_per_sample(cfg.model)
-    tokens = sum(sequence_lengths(cfg.model).values())
+    window = LogWindow(global_batch=ds_config["train_batch_size"], flops_per_sample=flops_per_sample(cfg.model),
+                       tokens_per_sample=sum(sequence_lengths(cfg.model).values()),
+                       peak_flops=t_cfg.peak_flops_per_device, world_size=info.world_size)
     stop = StopRequest()
     bad_steps = 0
-    window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
     step = start_step
     while step < t_cfg.max_steps:
         watchdog.next_step(step + 1)
         losses, wait = train_step(engine, batches, accum=accum, device=device, dtype=dtype)
-        window_wait += wait
+        window.data_wait += wait
         if losses is None:
             bad_steps += 1
             log.warning("non-finite loss on some rank: step skipped on all ranks (%d in a row)", bad_steps)
@@ -197,18 +226,9 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
             continue
         bad_steps = 0
         step += 1
-        window_steps += 1
+        window.steps += 1
         if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
-            elapsed = time.perf_counter() - window_t
-            metrics = all_reduce_mean({f"train/{k}": v for k, v in losses.items()})
-            metrics.update({f"data/skipped/{k}": v for k, v in sum_counters(loader.skipped).items()})
-            metrics["train/lr"] = engine.get_lr()[0]
-            metrics["train/grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
-            metrics["perf/data_wait_frac"] = window_wait / elapsed
-            metrics.update(perf_metrics(
-                samples_per_s=window_steps * ds_config["train_batch_size"] / elapsed, flops_per_sample=model_flops,
-                tokens_per_sample=tokens, peak_flops=t_cfg.peak_flops_per_device, world_size=info.world_size,
-            ))
+            metrics = window.metrics(losses, engine=engine, skipped=loader.skipped)
             tracker.log(metrics, step=step)
             if info.is_main:
                 log.info(
@@ -216,7 +236,6 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
                     step, t_cfg.max_steps, metrics["train/loss"], metrics["train/lr"],
                     metrics["perf/samples_per_s"], 100 * metrics["perf/data_wait_frac"],
                 )
-            window_t, window_wait, window_steps = time.perf_counter(), 0.0, 0
         if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step != t_cfg.max_steps:
             evaluate(step)
         if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step != t_cfg.max_steps:
