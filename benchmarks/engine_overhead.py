@@ -36,20 +36,6 @@ GEOMETRY = ["data.image_size=64", "data.n_mels=64", "data.audio_frames=64", "dat
 RESULT = "ENGINE_OVERHEAD_RESULT "
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from train.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(hydra_compose("config", overrides=overrides))
-    validate(cfg)
-    return cfg
-
-
 def fixed_batch(model_cfg, b: int) -> dict:
     import torch
 
@@ -70,16 +56,20 @@ def worker(variant: str, args) -> None:
     import torch
     import torch.distributed as dist
 
+    from omegaconf import OmegaConf
+
     from mm_models import PretrainModel
+    from train.config import compose, validate
     from train.distributed import feature_gather, init_distributed
     from train.engine import (batch_sizes, build_deepspeed_config, build_engine, build_model, build_optimizer,
                               build_schedule, compute_dtype)
     from train.loop import seed_everything, train_step
 
     info = init_distributed()
-    stage = {"zero0": "zero0", "zero1": "zero1", "zero2": "zero2"}.get(variant, "zero0")
-    cfg = compose(["model=small", f"deepspeed={stage}", f"deepspeed.precision={args.precision}",
-                   f"trainer.micro_batch_size={args.micro_batch}", *GEOMETRY])
+    stage = variant if variant.startswith("zero") else "zero0"  # plain and ddp: the precision is what matters
+    cfg = OmegaConf.to_object(compose(["model=small", f"deepspeed={stage}", f"deepspeed.precision={args.precision}",
+                                       f"trainer.micro_batch_size={args.micro_batch}", *GEOMETRY]))
+    validate(cfg)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
     seed_everything(0)
     ds_config = build_deepspeed_config(ds=cfg.deepspeed, trainer=cfg.trainer, optimizer=cfg.optimizer,

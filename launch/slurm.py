@@ -30,7 +30,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 STOPPED_FILE = "stopped.json"  # train.signals.STOPPED_FILE: the trainers stopped on a signal, checkpointed
 
 
@@ -90,18 +89,15 @@ def time_limit_seconds(limit: str) -> int:
 def check_overrides(overrides: list[str]) -> None:
     """Composes the training config as `python -m train` would; raises
     LaunchError naming what Hydra or train.config.validate rejected."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from train.config import register_configs, validate
+    from train.config import compose, validate
 
-    register_configs()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose(config_name="config", overrides=overrides, return_hydra_config=True)  # hydra.* keys too
-            cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+        compose(overrides, hydra_keys=True)  # hydra.* overrides are checked too
+        cfg = OmegaConf.to_object(compose(overrides))
         validate(cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         cause = f" ({e.__cause__})" if e.__cause__ is not None else ""

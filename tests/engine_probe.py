@@ -23,13 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data_pipeline import build_loader
 from mm_models import PretrainModel
 from train.checkpoint import save_checkpoint
-from train.config import Config, register_configs, validate
+from train.config import Config, compose, validate
 from train.distributed import feature_gather, init_distributed
 from train.engine import build_deepspeed_config, build_engine, build_model, compute_dtype, parameter_total
 from train.evaluate import embed_split
@@ -49,9 +48,7 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def main(out: Path, overrides: list[str]) -> None:
     info = init_distributed()
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose(overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     config: Config = OmegaConf.to_object(cfg)
     validate(config)

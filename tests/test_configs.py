@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from train.config import Config, register_configs, validate
+from train.config import CONF_DIR as CONF
+from train.config import Config, compose, validate
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 CHOICES = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 # Values the user must supply for some choices (e.g. their own shard paths).
@@ -20,10 +18,7 @@ REQUIRED = {("data", "webdataset"): ["data.train=/shards/train", "data.heldout=/
 
 
 def _compose(overrides: list[str]) -> Config:
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_object(cfg)
+    return OmegaConf.to_object(compose(overrides))
 
 
 def test_groups_match_architecture():

@@ -9,7 +9,6 @@ import subprocess
 
 import pytest
 import torch
-from torch import nn
 
 import mm_models
 from conftest import REPO, clean_env, venv_bin
@@ -71,14 +70,11 @@ def test_no_weight_decay_on_norms_biases_embeddings_and_temperature():
 
 
 def _tiny_configs():
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from train.config import register_configs
+    from train.config import compose
 
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", overrides=["model=tiny"]))
+    cfg = OmegaConf.to_object(compose(["model=tiny"]))
     return cfg.model, cfg.fusion, cfg.objective
 
 

@@ -14,13 +14,12 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO, clean_env, venv_bin
 from data_pipeline import build_loader
 from shardkit import flac, jpeg, write_tar
-from train.config import register_configs
+from train.config import compose
 
 pytestmark = pytest.mark.integration
 PER_SHARD = 64
@@ -58,9 +57,7 @@ def _overrides(shards: Path) -> list[str]:
 def _data_config(overrides: list[str]):
     """The data config the run composes, so the in-process check reads the
     very batches the ranks will."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return OmegaConf.to_object(compose(config_name="config", overrides=overrides)).data
+    return OmegaConf.to_object(compose(overrides)).data
 
 
 @pytest.fixture(scope="module")

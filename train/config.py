@@ -7,6 +7,7 @@ key or a wrong type fails at start with the key's name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -18,6 +19,7 @@ from mm_models.config import FusionConfig, ModelConfig, ObjectiveConfig
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 OFFLOAD_DEVICES = ("none", "cpu")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 @dataclass
@@ -126,6 +128,18 @@ class Config:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+
+
+def compose(overrides: list[str], *, hydra_keys: bool = False):
+    """The training config `python -m train OVERRIDES` would run with, as a
+    DictConfig, composed outside a Hydra app (launchers, benchmarks, tests).
+    hydra_keys: also compose the hydra.* section, so overrides of it are checked."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra_keys)
 
 
 def validate(cfg: Config) -> None:

@@ -3,6 +3,8 @@ and, where the shards carry class labels, zero-shot classification."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +15,19 @@ from train.batch import to_device
 from train.metrics import flatten, retrieval_metrics
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """The PretrainModel in `model` (itself, or the one a DeepSpeed engine
+    wraps) in eval mode for the block; its training flag is restored after."""
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 @torch.no_grad()
 def embed_split(model, loader, *, device: torch.device, dtype: torch.dtype) -> dict:
     """model: a PretrainModel (or DeepSpeed engine around one).
@@ -21,23 +36,20 @@ def embed_split(model, loader, *, device: torch.device, dtype: torch.dtype) -> d
     "labels": N (-1: none), "class_names": [N], "keys": [N]}, padding rows
     dropped. Every rank runs every batch, so ZeRO-3 parameter gathers stay in step.
     """
-    module = getattr(model, "module", model)
-    was_training = module.training
-    module.eval()
     embeds = {m: [] for m in MODALITIES}
     masks = {m: [] for m in MODALITIES}
     labels, names, keys = [], [], []
-    for batch in loader:
-        real = torch.tensor([k != "" for k in batch["__key__"]])
-        batch = to_device(batch, device=device, dtype=dtype)
-        out = module.embed(batch)
-        for m in MODALITIES:
-            embeds[m].append(out[m].float().cpu()[real])
-            masks[m].append(batch[f"{m}_mask"].cpu()[real])
-        labels.append(batch["label"].cpu()[real] if "label" in batch else torch.full((int(real.sum()),), -1))
-        names += [n for n, r in zip(batch.get("class_name", [""] * len(real)), real) if r]
-        keys += [k for k in batch["__key__"] if k]
-    module.train(was_training)
+    with eval_mode(model) as module:
+        for batch in loader:
+            real = torch.tensor([k != "" for k in batch["__key__"]])
+            batch = to_device(batch, device=device, dtype=dtype)
+            out = module.embed(batch)
+            for m in MODALITIES:
+                embeds[m].append(out[m].float().cpu()[real])
+                masks[m].append(batch[f"{m}_mask"].cpu()[real])
+            labels.append(batch["label"].cpu()[real])
+            names += [n for n, r in zip(batch["class_name"], real) if r]
+            keys += [k for k in batch["__key__"] if k]
     return {
         "embeds": {m: torch.cat(v) for m, v in embeds.items()},
         "masks": {m: torch.cat(v) for m, v in masks.items()},
@@ -58,18 +70,15 @@ def class_names(labels: torch.Tensor, names: list[str]) -> dict[int, str]:
 def class_embeddings(model, names: list[str], *, data: DataConfig, tokenizer, batch_size: int,
                      device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """C×E unit vectors: per class, the normalised mean of its prompts' text embeddings."""
-    module = getattr(model, "module", model)
-    was_training = module.training
-    module.eval()
     texts = [p.format(name) for name in names for p in data.prompts]
     samples = [{"__key__": "prompt", "image": None, "audio": None,
                 "text": tokenizer.encode(t, max_len=data.max_text_len)} for t in texts]
     chunks = []
-    for i in range(0, len(samples), batch_size):
-        batch = to_device(collate(samples[i : i + batch_size], cfg=data, pad_id=tokenizer.pad_id),
-                          device=device, dtype=dtype)
-        chunks.append(F.normalize(module.embed(batch)["text"].float().cpu(), dim=-1))
-    module.train(was_training)
+    with eval_mode(model) as module:
+        for i in range(0, len(samples), batch_size):
+            batch = to_device(collate(samples[i : i + batch_size], cfg=data, pad_id=tokenizer.pad_id),
+                              device=device, dtype=dtype)
+            chunks.append(F.normalize(module.embed(batch)["text"].float().cpu(), dim=-1))
     per_prompt = torch.cat(chunks).view(len(names), len(data.prompts), -1)
     return F.normalize(per_prompt.mean(dim=1), dim=-1)
 

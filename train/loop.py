@@ -146,31 +146,32 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     engine = build_engine(model, ds_config=ds_config, optimizer=cfg.optimizer, total_steps=t_cfg.max_steps)
     device = engine.device
     dtype = compute_dtype(ds_config)
+    precision = str(dtype).removeprefix("torch.")
     n_params = parameter_total(model)
     if info.is_main:
         log.info(
             "model %s: %.2fM parameters | ZeRO-%d%s, %s | global batch %d = %d micro × %d accum × %d ranks",
             cfg.model.name, n_params / 1e6, cfg.deepspeed.stage,
-            " + CPU offload" if offloads_optimizer(ds_config) else "", str(dtype).removeprefix("torch."),
+            " + CPU offload" if offloads_optimizer(ds_config) else "", precision,
             ds_config["train_batch_size"], t_cfg.micro_batch_size, accum, info.world_size,
         )
-    start_step, run_id, resumed_meta = 0, None, {}
+    resumed: dict = {}  # the checkpoint's meta.json, if resuming
     resume_from = find_checkpoint(t_cfg.resume, run_dir=run_dir)
     if resume_from is not None:
-        meta, loader_state = load_checkpoint(engine, resume_from, rank=info.rank)
-        resumed_meta = meta
+        resumed, loader_state = load_checkpoint(engine, resume_from, rank=info.rank)
         loader.load_state_dict(loader_state)
-        start_step, run_id = int(meta["step"]), meta.get("wandb_run_id")
-        if info.is_main:
-            log.info("resumed from %s at step %d", resume_from, start_step)
-    tracker = Tracker(cfg.logger, run_dir=run_dir, config=resolved, is_main=info.is_main, run_id=run_id)
+    start_step = int(resumed.get("step", 0))
+    if resume_from is not None and info.is_main:
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    tracker = Tracker(cfg.logger, run_dir=run_dir, config=resolved, is_main=info.is_main,
+                      run_id=resumed.get("wandb_run_id"))
     batches = iter(loader)
     if t_cfg.log_samples:
         batches = log_samples(batches, loader=loader, path=run_dir / f"samples_rank{info.rank}.jsonl")
     batches = watchdog.watch_batches(batches)
-    tracker.summary({"params": n_params, "precision": str(dtype).removeprefix("torch.")})
+    tracker.summary({"params": n_params, "precision": precision})
 
-    best = BestMetric(cfg.logger.best_metric, cfg.logger.best_mode, value=resumed_meta.get("best_metric_value"))
+    best = BestMetric(cfg.logger.best_metric, cfg.logger.best_mode, value=resumed.get("best_metric_value"))
     last_eval: dict = {}
 
     def evaluate(step: int) -> dict:

@@ -23,9 +23,9 @@ def top_matches(split: dict, rows: int) -> list[tuple[int, dict[str, int]]]:
     """The first `rows` samples holding all three modalities (or, failing
     that, any), each with the index of its top match per direction."""
     masks, embeds = split["masks"], split["embeds"]
-    full = (masks["image"] & masks["audio"] & masks["text"]).nonzero().flatten().tolist()
-    anyone = (masks["image"] | masks["audio"] | masks["text"]).nonzero().flatten().tolist()
-    queries = (full + [i for i in anyone if i not in set(full)])[:rows]
+    full = masks["image"] & masks["audio"] & masks["text"]
+    partial = (masks["image"] | masks["audio"] | masks["text"]) & ~full
+    queries = (full.nonzero().flatten().tolist() + partial.nonzero().flatten().tolist())[:rows]
     unit = {m: F.normalize(e.float(), dim=-1) for m, e in embeds.items()}
     out = []
     for i in queries:
