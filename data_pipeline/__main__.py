@@ -60,7 +60,16 @@ def cmd_write(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from data_pipeline.demo import write_raw
+    if args.spoken:
+        from data_pipeline.spoken import SpeechUnavailable, require_espeak, write_raw
+
+        try:
+            require_espeak()
+        except SpeechUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        from data_pipeline.demo import write_raw
 
     out = Path(args.out)
     train = write_raw(out, split="train", n=args.train, seed=args.seed)
@@ -90,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--train", type=int, default=6000)
     d.add_argument("--heldout", type=int, default=500)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--spoken", action="store_true",
+                   help="32 classes with captions spoken by espeak-ng (needs espeak-ng) instead of 72 with beeps")
     d.set_defaults(func=cmd_demo)
 
     from data_pipeline.bpe import add_cli  # `tokenizer train ...`

@@ -49,11 +49,58 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
+class PretrainedTokenizer:
+    """The tokenizer of a pretrained text backbone: a directory in Hugging
+    Face's save_pretrained layout holding tokenizer.json (a BERT's, say), for
+    `model.text.arch=hf`. Its own ids, special tokens ([CLS] … [SEP]) and
+    padding id are used as they are; captions longer than max_len are cut,
+    keeping the closing special token."""
+
+    def __init__(self, directory: str):
+        from pathlib import Path
+
+        from tokenizers import Tokenizer as _Tokenizer
+
+        path = Path(directory) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"data.tokenizer={directory}: no tokenizer.json there (save the backbone's "
+                                    "tokenizer with save_pretrained into that directory)")
+        self._tok = _Tokenizer.from_file(str(path))
+        self._tok.encode_special_tokens = True  # a caption's literal "[SEP]" stays text
+        self.source = str(path)
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+
+        def first(*tokens: str) -> int | None:
+            return next((i for i in map(self._tok.token_to_id, tokens) if i is not None), None)
+
+        pad = first("[PAD]", "<pad>", "<|endoftext|>")
+        if pad is None:
+            raise ValueError(f"tokenizer {path}: no padding token ([PAD] or <pad>)")
+        self.pad_id = pad
+        self.bos_id = first("[CLS]", "<s>", "<|startoftext|>")
+        self.eos_id = first("[SEP]", "</s>", "<|endoftext|>")
+        self.mask_id = first("[MASK]", "<mask>")
+
+    def encode(self, text: str, *, max_len: int) -> torch.Tensor:
+        ids = self._tok.encode(text).ids
+        if len(ids) > max_len:
+            ids = ids[: max_len - 1] + ids[-1:]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
-    """The tokenizer named by `spec`: "byte" is ByteTokenizer; anything else is
+    """The tokenizer named by `spec`: "byte" is ByteTokenizer; a directory is
+    a pretrained backbone's tokenizer (PretrainedTokenizer); anything else is
     the path of a tokenizer JSON written by `python -m data_pipeline tokenizer train`."""
+    import os
+
     if spec == "byte":
         return ByteTokenizer()
+    if os.path.isdir(spec):
+        return PretrainedTokenizer(spec)
     from data_pipeline.bpe import BPETokenizer  # lazy: only BPE needs `tokenizers`
 
     return BPETokenizer.from_file(spec)

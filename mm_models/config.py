@@ -7,6 +7,16 @@ from dataclasses import dataclass, field
 
 @dataclass
 class EncoderConfig:
+    # The encoder (mm_models.encoders.ENCODERS): "transformer" (image, audio:
+    # a ViT over patches, alias "vit"; text: over token embeddings),
+    # "conv_transformer" (image, audio: the ViT with a convolutional stem,
+    # alias "vit_conv"), "cnn" (image, audio: ResNet-style), "rnn" (text: a
+    # bidirectional GRU or LSTM), "hf" (any modality: a Hugging Face
+    # transformers backbone loaded from `pretrained`).
+    arch: str = "transformer"
+    # Output width of every encoder (tokens and pooled features): the
+    # transformer's width, the CNN's last stage, the RNN's two directions
+    # together; an hf backbone of another width is projected to it.
     width: int = 128
     depth: int = 2
     heads: int = 4
@@ -16,8 +26,16 @@ class EncoderConfig:
     # "learned" absolute position embeddings, or "rotary" (RoPE on queries and
     # keys, over the token order; patches in raster order).
     positions: str = "learned"
-    # Recompute each block's activations in the backward pass to save memory.
+    # Recompute each block's (CNN: stage's) activations in the backward pass to save memory.
     activation_checkpointing: bool = False
+    # rnn: "gru" or "lstm".
+    rnn_cell: str = "gru"
+    # hf: a local directory in Hugging Face's save_pretrained layout.
+    pretrained: str = ""
+    # Lock the encoder (LiT): its weights get no gradient and no optimizer
+    # state and stay in eval mode; only its projection into the shared
+    # embedding space trains.
+    freeze: bool = False
 
 
 @dataclass

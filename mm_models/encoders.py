@@ -1,4 +1,7 @@
-"""Per-modality encoders: a modality-specific embedder, then the shared block.
+"""Per-modality encoders, chosen by model.<modality>.arch from ENCODERS: the
+transformer (a modality-specific embedder, then the shared block), the ViT
+with a convolutional stem, CNNs and RNNs (mm_models.convnets), and Hugging
+Face backbones (mm_models.hf).
 
 Every encoder returns a dict:
     tokens  B×N×D  token-level outputs (CLS excluded)
@@ -8,11 +11,14 @@ Every encoder returns a dict:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from mm_models.block import Transformer
 from mm_models.config import EncoderConfig, ModelConfig
+from mm_models.convnets import CNNEncoder, ConvStem, RNNEncoder
 
 
 class PatchEmbed(nn.Module):
@@ -81,18 +87,67 @@ def _grid(n: int, patch: int, what: str) -> int:
     return n // patch
 
 
-def image_encoder(cfg: ModelConfig) -> Encoder:
-    p = cfg.image.patch_size
-    n = _grid(cfg.image_size, p, "image_size") ** 2
-    return Encoder(PatchEmbed(3, p, cfg.image.width), n, cfg.image, embed_dim=cfg.embed_dim, dropout=cfg.dropout)
+def _patch_tokens(cfg: ModelConfig, modality: str) -> int:
+    enc = getattr(cfg, modality)
+    if modality == "image":
+        return _grid(cfg.image_size, enc.patch_size, "image_size") ** 2
+    return _grid(cfg.n_mels, enc.patch_size, "n_mels") * _grid(cfg.audio_frames, enc.patch_size, "audio_frames")
 
 
-def audio_encoder(cfg: ModelConfig) -> Encoder:
-    p = cfg.audio.patch_size
-    n = _grid(cfg.n_mels, p, "n_mels") * _grid(cfg.audio_frames, p, "audio_frames")
-    return Encoder(SpectrogramPatchEmbed(p, cfg.audio.width), n, cfg.audio, embed_dim=cfg.embed_dim, dropout=cfg.dropout)
+def _vit(cfg: ModelConfig, modality: str, *, conv_stem: bool) -> Encoder:
+    enc = getattr(cfg, modality)
+    channels = 3 if modality == "image" else 1
+    if conv_stem:
+        embedder: nn.Module = ConvStem(channels, enc.patch_size, enc.width, what=f"model.{modality}")
+    else:
+        embedder = PatchEmbed(3, enc.patch_size, enc.width) if modality == "image" else \
+            SpectrogramPatchEmbed(enc.patch_size, enc.width)
+    return Encoder(embedder, _patch_tokens(cfg, modality), enc, embed_dim=cfg.embed_dim, dropout=cfg.dropout)
 
 
-def text_encoder(cfg: ModelConfig) -> Encoder:
-    embed = nn.Embedding(cfg.vocab_size, cfg.text.width)
-    return Encoder(embed, cfg.max_text_len, cfg.text, embed_dim=cfg.embed_dim, dropout=cfg.dropout)
+def _transformer(cfg: ModelConfig, modality: str) -> Encoder:
+    if modality == "text":
+        embed = nn.Embedding(cfg.vocab_size, cfg.text.width)
+        return Encoder(embed, cfg.max_text_len, cfg.text, embed_dim=cfg.embed_dim, dropout=cfg.dropout)
+    return _vit(cfg, modality, conv_stem=False)
+
+
+def _cnn(cfg: ModelConfig, modality: str) -> nn.Module:
+    return CNNEncoder(3 if modality == "image" else 1, getattr(cfg, modality), embed_dim=cfg.embed_dim,
+                      what=f"model.{modality}")
+
+
+def _rnn(cfg: ModelConfig, modality: str) -> nn.Module:
+    return RNNEncoder(cfg.text, vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim, dropout=cfg.dropout)
+
+
+def _hf(cfg: ModelConfig, modality: str) -> nn.Module:
+    from mm_models.hf import HFEncoder  # imports transformers, only when chosen
+
+    return HFEncoder(modality, cfg)
+
+
+# model.<modality>.arch -> (builder, the modalities it encodes). One entry per encoder family.
+ENCODERS: dict[str, tuple[Callable[[ModelConfig, str], nn.Module], tuple[str, ...]]] = {
+    "transformer": (_transformer, ("image", "audio", "text")),
+    "conv_transformer": (lambda cfg, m: _vit(cfg, m, conv_stem=True), ("image", "audio")),
+    "cnn": (_cnn, ("image", "audio")),
+    "rnn": (_rnn, ("text",)),
+    "hf": (_hf, ("image", "audio", "text")),
+}
+ALIASES = {"vit": "transformer", "vit_conv": "conv_transformer"}
+
+
+def arch_name(cfg: ModelConfig, modality: str) -> str:
+    """The canonical arch of a modality's encoder; an unknown or unsuitable one names the choices."""
+    arch = getattr(cfg, modality).arch
+    arch = ALIASES.get(arch, arch)
+    choices = sorted(a for a, (_, modalities) in ENCODERS.items() if modality in modalities)
+    if arch not in choices:
+        raise ValueError(f"model.{modality}.arch={getattr(cfg, modality).arch!r}; choose one of {choices}")
+    return arch
+
+
+def build_encoder(cfg: ModelConfig, modality: str) -> nn.Module:
+    """The encoder model.<modality>.arch names."""
+    return ENCODERS[arch_name(cfg, modality)][0](cfg, modality)

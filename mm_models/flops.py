@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 from mm_models.config import EncoderConfig, FusionConfig, ModelConfig, ObjectiveConfig
+from mm_models.encoders import arch_name, build_encoder
 from mm_models.model import PretrainModel
+from mm_models.objectives import MODALITIES
 
 
 def parameter_count(model_cfg: ModelConfig) -> int:
@@ -21,13 +23,50 @@ def parameter_count(model_cfg: ModelConfig) -> int:
 
 
 def sequence_lengths(model_cfg: ModelConfig) -> dict[str, int]:
-    """Tokens each encoder's transformer sees per sample, CLS included."""
+    """Tokens each encoder sees per sample: the transformer's, CLS included;
+    a CNN's feature-map positions; an RNN's (or hf text model's) text positions."""
     pi, pa = model_cfg.image.patch_size, model_cfg.audio.patch_size
+    cls = {m: int(arch_name(model_cfg, m) in ("transformer", "conv_transformer")) for m in MODALITIES}
     return {
-        "image": (model_cfg.image_size // pi) ** 2 + 1,
-        "audio": (model_cfg.n_mels // pa) * (model_cfg.audio_frames // pa) + 1,
-        "text": model_cfg.max_text_len + 1,
+        "image": (model_cfg.image_size // pi) ** 2 + cls["image"],
+        "audio": (model_cfg.n_mels // pa) * (model_cfg.audio_frames // pa) + cls["audio"],
+        "text": model_cfg.max_text_len + cls["text"],
     }
+
+
+def _encoder_inputs(model_cfg: ModelConfig, modality: str) -> tuple[torch.Tensor, ...]:
+    """One sample of a modality's input, no padding, on the current default device."""
+    if modality == "image":
+        return (torch.zeros(1, 3, model_cfg.image_size, model_cfg.image_size),)
+    if modality == "audio":
+        return (torch.zeros(1, model_cfg.n_mels, model_cfg.audio_frames),)
+    n = model_cfg.max_text_len
+    return torch.ones(1, n, dtype=torch.long), torch.zeros(1, n, dtype=torch.bool)
+
+
+def counted_encoder_flops(model_cfg: ModelConfig, modality: str) -> float:
+    """Training FLOPs of one sample through one encoder, counted by torch's
+    FlopCounterMode: 3 × the forward pass (forward, plus the gradients of
+    activations and weights). For the encoders with no closed formula here:
+    CNNs, the convolutional stem, RNNs and Hugging Face backbones.
+
+    Counted on the meta device (no memory, no compute) where the encoder
+    allows it; an RNN (packing reads lengths) or a backbone whose code reads
+    tensor values is counted on one real sample on the CPU instead."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device), torch.no_grad():
+                encoder = build_encoder(model_cfg, modality)
+                args = _encoder_inputs(model_cfg, modality)
+                with FlopCounterMode(display=False) as counter:
+                    encoder(*args)
+            return 3.0 * counter.get_total_flops()
+        except (RuntimeError, NotImplementedError):
+            if device == "cpu":
+                raise
+    raise AssertionError("unreachable")
 
 
 def _block_matmul_params(enc: EncoderConfig) -> int:
@@ -61,11 +100,15 @@ def flops_per_sample(model_cfg: ModelConfig) -> float:
     batch and is negligible next to the encoders). Text padding is counted as
     tokens, since the encoder computes them. Fusion modules are not counted
     (this is the late-fusion model, `fusion=none`).
+    Encoders other than the transformer are counted by counted_encoder_flops.
     """
     seq = sequence_lengths(model_cfg)
     patch_in = {"image": 3, "audio": 1}
     total = 0
     for name in ("image", "audio", "text"):
+        if arch_name(model_cfg, name) != "transformer":
+            total += counted_encoder_flops(model_cfg, name)
+            continue
         enc: EncoderConfig = getattr(model_cfg, name)
         t = seq[name]
         total += 6 * enc.depth * _block_matmul_params(enc) * t

@@ -58,18 +58,26 @@ def configs_from_dict(config: dict) -> tuple[ModelConfig, FusionConfig, Objectiv
 
 def read_config(path: str | Path) -> dict:
     """The config of an export: FILE.json beside FILE.safetensors, else the
-    copy in the safetensors metadata."""
+    copy in the safetensors metadata. Paths of bundled Hugging Face backbone
+    configs and tokenizers (hf/<modality>/, relative to the export) come back absolute."""
     path = Path(path)
     beside = path.with_suffix(".json")
     if beside.is_file():
-        return json.loads(beside.read_text())
-    from safetensors import safe_open
+        config = json.loads(beside.read_text())
+    else:
+        from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "config" not in meta:
-        raise FileNotFoundError(f"{beside} is missing and {path} carries no config in its metadata")
-    return json.loads(meta["config"])
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "config" not in meta:
+            raise FileNotFoundError(f"{beside} is missing and {path} carries no config in its metadata")
+        config = json.loads(meta["config"])
+    sections = [*(config.get("model", {}).get(m, {}) for m in ("image", "audio", "text"))]
+    for section, key in [*((s, "pretrained") for s in sections), (config.get("data", {}), "tokenizer")]:
+        value = section.get(key) if isinstance(section, dict) else None
+        if value and str(value).startswith("hf/") and (path.parent / value).is_dir():
+            section[key] = str(path.parent / value)
+    return config
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> PretrainModel:

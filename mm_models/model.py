@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from mm_models.config import FusionConfig, ModelConfig, ObjectiveConfig
-from mm_models.encoders import audio_encoder, image_encoder, text_encoder
+from mm_models.convnets import init_recurrent
+from mm_models.encoders import build_encoder
 from mm_models.fusion import build_fusion
 from mm_models.fused_objectives import MaskedTextLoss, MatchingLoss
 from mm_models.objectives import MODALITIES, Gather, build_contrastive_loss
@@ -20,15 +21,33 @@ def init_module(module: nn.Module) -> None:
     module's own `reset_own_parameters()` sets (class tokens, positions,
     temperatures). Module by module, so a partitioned (ZeRO-3) model can be
     initialised while gathering one module at a time."""
+    _init_own(module)
+    # A pretrained backbone's module (mm_models.hf): the checkpoint's tensors
+    # replace the initial values (those it lacks keep them).
+    source = getattr(module, "pretrained_weights", None)
+    if source is not None:
+        source[0].load_into(module, source[1])
+
+
+def _init_own(module: nn.Module) -> None:
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        import os
+        if os.environ.get("MM_INIT_EXP") == "fanin":
+            fan_in = module.weight[0].numel() if not hasattr(module.weight, "ds_shape") else int(torch.tensor(module.weight.ds_shape[1:]).prod())
+            nn.init.trunc_normal_(module.weight, std=fan_in ** -0.5, a=-2 * fan_in ** -0.5, b=2 * fan_in ** -0.5)
+        else:
+            nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.RNNBase):
+        init_recurrent(module)
     reset = getattr(module, "reset_own_parameters", None)
     if reset is not None:
         reset()
@@ -38,6 +57,15 @@ def init_weights(root: nn.Module) -> None:
     """The one explicit initialisation: init_module over every module under root."""
     for module in root.modules():
         init_module(module)
+    finish_init(root)
+
+
+def finish_init(root: nn.Module) -> None:
+    """After init_module has run on every module: pretrained backbones report what their checkpoint lacked."""
+    for module in root.modules():
+        done = getattr(module, "finish_loading", None)
+        if done is not None:
+            done()
 
 
 class MultimodalModel(nn.Module):
@@ -52,12 +80,23 @@ class MultimodalModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoders = nn.ModuleDict(
-            {"image": image_encoder(cfg), "audio": audio_encoder(cfg), "text": text_encoder(cfg)}
-        )
+        self.encoders = nn.ModuleDict({m: build_encoder(cfg, m) for m in ("image", "audio", "text")})
+        self.frozen = [m for m in self.encoders if getattr(cfg, m).freeze]
+        for m in self.frozen:
+            # Locked tower: everything but the projection into the shared space.
+            for name, p in self.encoders[m].named_parameters():
+                if not name.startswith("proj."):
+                    p.requires_grad_(False)
+            self.encoders[m].eval()  # and so it stays: see train()
 
     def init_weights(self) -> None:
         init_weights(self)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.frozen:
+            self.encoders[m].eval()  # no dropout, no norm statistics updates in a locked tower
+        return self
 
     def forward(self, batch: dict) -> dict[str, dict[str, torch.Tensor]]:
         return {

@@ -165,5 +165,23 @@ def validate(cfg: Config) -> None:
                 "collective_timeout"):
         if getattr(cfg.trainer, key) < 1:
             raise ValueError(f"trainer.{key} must be at least 1, got {getattr(cfg.trainer, key)}")
+    from mm_models.encoders import arch_name
+
+    for modality in ("image", "audio", "text"):
+        arch = arch_name(cfg.model, modality)  # an unknown arch names the choices
+        pretrained = getattr(cfg.model, modality).pretrained
+        if arch == "hf" and not pretrained:
+            raise ValueError(f"model.{modality}.arch=hf needs model.{modality}.pretrained=DIR "
+                             "(a local save_pretrained directory)")
+        if arch == "hf" and not Path(pretrained, "config.json").is_file():
+            raise ValueError(f"model.{modality}.pretrained={pretrained}: no config.json there "
+                             "(expected a directory written by save_pretrained)")
+    if arch_name(cfg.model, "text") == "hf":
+        if not Path(cfg.data.tokenizer).is_dir():
+            raise ValueError(f"model.text.arch=hf reads its own token ids, but data.tokenizer={cfg.data.tokenizer!r}; "
+                             f"set data.tokenizer={cfg.model.text.pretrained} (the backbone's tokenizer)")
+        if cfg.objective.masked_text_weight > 0:
+            raise ValueError("objective.masked_text_weight > 0 needs our own text tokenizer (its MASK id); "
+                             "it is not available with model.text.arch=hf")
     if cfg.trainer.global_batch_size < 0:
         raise ValueError(f"trainer.global_batch_size must be 0 (derived) or positive, got {cfg.trainer.global_batch_size}")

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from mm_models.model import init_module
+from mm_models.model import finish_init, init_module
 from train.config import DeepSpeedConfig, OptimizerConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,10 @@ def build_model(build, *, ds_config: dict):
     import deepspeed
 
     deepspeed.init_distributed()  # adopts the existing process group; zero.Init sizes partitions by it
+    # zero.Init patches torch.Tensor.__new__ while active; torch._dynamo, when
+    # first imported then (transformers imports it), refuses the patched
+    # signature. Imported here, before, it is left alone.
+    import torch._dynamo  # noqa: F401
     # The dtype comes from the config (passing one explicitly is ignored on CPU).
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = build()
@@ -142,6 +146,9 @@ def build_model(build, *, ds_config: dict):
             # rank 0's values are the ones kept.
             with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
                 init_module(module)
+        else:
+            init_module(module)  # buffers only: they are not partitioned
+    finish_init(model)
     return model
 
 

@@ -90,6 +90,33 @@ def consolidate(step_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
+# What an export keeps of a Hugging Face backbone's directory: enough to
+# rebuild the module and its inputs (the weights are in the export itself).
+HF_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "vocab.txt")
+
+
+def bundle_pretrained_configs(config: dict, out_dir: Path) -> None:
+    """Copies each hf backbone's config (and tokenizer) into out_dir/hf/<modality>/
+    and points the exported config there, relative to the export, so the
+    export loads on a machine without the original directory."""
+    import shutil
+
+    data = config.get("data", {})
+    for modality in ("image", "audio", "text"):
+        enc = config.get("model", {}).get(modality, {})
+        if enc.get("arch") != "hf" or not enc.get("pretrained"):
+            continue
+        src, rel = Path(enc["pretrained"]), f"hf/{modality}"
+        (out_dir / rel).mkdir(parents=True, exist_ok=True)
+        for name in HF_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, out_dir / rel / name)
+        if data.get("tokenizer") == enc["pretrained"]:
+            data["tokenizer"] = rel
+        enc["pretrained"] = rel
+
+
 def export(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path, int]:
     """Writes out (.safetensors) and its .json; returns both paths and the parameter count."""
     from safetensors.torch import save_file
@@ -100,9 +127,10 @@ def export(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path, int]:
     if out.suffix != ".safetensors":
         raise CheckpointError(f"out={out} should end in .safetensors")
     state = consolidate(step_dir)
-    config = {k: meta["config"][k] for k in EXPORTED_SECTIONS if k in meta["config"]}
+    config = {k: json.loads(json.dumps(meta["config"][k])) for k in EXPORTED_SECTIONS if k in meta["config"]}
     config.update(step=meta.get("step"), checkpoint=str(step_dir.resolve()))
     out.parent.mkdir(parents=True, exist_ok=True)
+    bundle_pretrained_configs(config, out.parent)
     save_file(state, str(out), metadata={"config": json.dumps(config, sort_keys=True), "format": "pt"})
     config_path = out.with_suffix(".json")
     config_path.write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")

@@ -130,7 +130,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     loader = build_loader(
         cfg.data, split="train", batch_size=t_cfg.micro_batch_size, rank=info.rank, world_size=info.world_size
     )
-    if loader.tokenizer.vocab_size > cfg.model.vocab_size:
+    if cfg.model.text.arch != "hf" and loader.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"data.tokenizer={cfg.data.tokenizer!r} has {loader.tokenizer.vocab_size} tokens but "
             f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={loader.tokenizer.vocab_size}"

@@ -1,0 +1,213 @@
+"""Hugging Face backbones (model.<modality>.arch=hf): tiny models built and
+saved locally with save_pretrained, loaded through our config, with outputs
+equal to the library's own forward; locked towers; the backbone's tokenizer
+in the data pipeline; export and load without the original directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mm_models import EncoderConfig, FusionConfig, ModelConfig, ObjectiveConfig, PretrainModel  # noqa: E402
+from mm_models.hf import HFError  # noqa: E402
+
+WORDS = "a the small large big tiny little red green blue yellow circle square triangle star picture of is and there"
+
+
+def _save_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS.split()])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    transformers.BertTokenizerFast(tokenizer_object=tok).save_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    # Saved as task models, so the weight names carry a prefix ("resnet.", "bert.") to be matched.
+    transformers.ResNetForImageClassification(transformers.ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=3,
+    )).save_pretrained(str(root / "resnet"))
+    transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8,
+    ), add_pooling_layer=False).save_pretrained(str(root / "vit"))
+    (root / "vit" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    transformers.ASTModel(transformers.ASTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_mel_bins=16,
+        max_length=32, patch_size=8, frequency_stride=8, time_stride=8,
+    )).save_pretrained(str(root / "ast"))
+    vocab = len(WORDS.split()) + 5
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32,
+    )).save_pretrained(str(root / "bert"))
+    _save_tokenizer(root / "bert")
+    transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2,
+    )).save_pretrained(str(root / "wav2vec2"))
+    return {p.name: p for p in root.iterdir()}
+
+
+def model_config(backbones, *, image="resnet", freeze=False) -> ModelConfig:
+    return ModelConfig(
+        embed_dim=16,
+        image=EncoderConfig(arch="hf", pretrained=str(backbones[image]), width=32, freeze=freeze),
+        audio=EncoderConfig(arch="hf", pretrained=str(backbones["ast"]), width=24, freeze=freeze),
+        text=EncoderConfig(arch="hf", pretrained=str(backbones["bert"]), width=32, freeze=freeze),
+        image_size=32, n_mels=16, audio_frames=32, max_text_len=16,
+    )
+
+
+def batch(b: int = 3) -> dict:
+    g = torch.Generator().manual_seed(0)
+    pad = torch.zeros(b, 16, dtype=torch.bool)
+    pad[:, 9:] = True
+    return {
+        "image": torch.rand(b, 3, 32, 32, generator=g) * 2 - 1,
+        "audio": torch.randn(b, 16, 32, generator=g),
+        "text": torch.randint(5, 20, (b, 16), generator=g).masked_fill(pad, 0),
+        "text_pad": pad,
+        **{f"{m}_mask": torch.ones(b, dtype=torch.bool) for m in ("image", "audio", "text")},
+    }
+
+
+@pytest.mark.parametrize("image", ["resnet", "vit"])
+def test_outputs_equal_the_library_forward(backbones, image):
+    cfg = model_config(backbones, image=image)
+    torch.manual_seed(1)
+    model = PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
+    model.init_weights()
+    model.eval()
+    x = batch()
+    with torch.no_grad():
+        ours = model.model(x)
+        lib_image = transformers.AutoModel.from_pretrained(str(backbones[image])).eval()
+        if image == "resnet":
+            ref = lib_image(pixel_values=x["image"]).last_hidden_state.flatten(2).transpose(1, 2)
+        else:
+            mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+            pixels = ((x["image"] + 1) / 2 - mean[:, None, None]) / std[:, None, None]
+            ref = lib_image(pixel_values=pixels).last_hidden_state
+        torch.testing.assert_close(ours["image"]["tokens"], ref)
+        ref = transformers.ASTModel.from_pretrained(str(backbones["ast"])).eval()(
+            input_values=x["audio"].transpose(1, 2))
+        torch.testing.assert_close(model.model.encoders["audio"].resize.weight.shape, torch.Size([24, 32]))
+        torch.testing.assert_close(ours["audio"]["pooled"], model.model.encoders["audio"].resize(ref.pooler_output))
+        ref = transformers.BertModel.from_pretrained(str(backbones["bert"])).eval()(
+            input_ids=x["text"], attention_mask=(~x["text_pad"]).long())
+        torch.testing.assert_close(ours["text"]["tokens"], ref.last_hidden_state)
+        torch.testing.assert_close(ours["text"]["pooled"], ref.pooler_output)
+
+
+def test_init_weights_never_overwrites_pretrained_weights(backbones):
+    cfg = model_config(backbones)
+    model = PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
+    model.init_weights()
+    lib = transformers.BertModel.from_pretrained(str(backbones["bert"]))
+    ours = model.model.encoders["text"].backbone.state_dict()
+    for name, value in lib.state_dict().items():
+        torch.testing.assert_close(ours[name], value, msg=name)
+
+
+def test_locked_towers_train_only_their_projections(backbones):
+    cfg = model_config(backbones, freeze=True)
+    model = PretrainModel(cfg, FusionConfig(name="concat", width=32), ObjectiveConfig(matching_weight=1.0))
+    model.init_weights()
+    model.train()
+    for m, enc in model.model.encoders.items():
+        assert not enc.training
+        trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+        assert trainable <= {"proj.weight", "resize.weight", "resize.bias"} and "proj.weight" in trainable, m
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(batch())["loss"].backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert not any(".backbone." in n for n in changed)
+    assert any(n.startswith("fusion.") for n in changed) and "model.encoders.text.proj.weight" in changed
+
+
+def test_geometry_mismatch_and_waveform_models_are_refused(backbones):
+    cfg = model_config(backbones)
+    cfg.n_mels = 32
+    with pytest.raises(HFError, match=r"data\.n_mels=32.*set data\.n_mels=16"):
+        PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
+    cfg = model_config(backbones, image="vit")
+    cfg.image_size = 64
+    with pytest.raises(HFError, match=r"set data\.image_size=32"):
+        PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
+    cfg = model_config(backbones)
+    cfg.audio.pretrained = str(backbones["wav2vec2"])
+    with pytest.raises(HFError, match="raw waveforms"):
+        PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
+
+
+def test_the_backbone_tokenizer_feeds_the_text_tower(backbones):
+    from data_pipeline.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(str(backbones["bert"]))
+    lib = transformers.AutoTokenizer.from_pretrained(str(backbones["bert"]))
+    ids = ours.encode("a small red circle", max_len=16)
+    assert ids.tolist() == lib("a small red circle")["input_ids"]
+    assert ours.pad_id == lib.pad_token_id and ours.vocab_size == len(lib)
+    cut = ours.encode("a small red circle and a big blue star", max_len=6)
+    assert len(cut) == 6 and cut[-1] == lib.sep_token_id
+
+
+def test_mm_models_imports_no_transformers():
+    code = "import sys, mm_models, mm_models.encoders, mm_models.flops; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_export_loads_without_the_original_directory(backbones, tmp_path):
+    """An export bundles each backbone's config and tokenizer: it loads after the directories are gone."""
+    from mm_models import load
+    from train.export import bundle_pretrained_configs
+    from safetensors.torch import save_file
+
+    copies = {}
+    for name in ("resnet", "ast", "bert"):
+        copies[name] = tmp_path / "src" / name
+        shutil.copytree(backbones[name], copies[name])
+    cfg = model_config(copies)
+    torch.manual_seed(0)
+    model = PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
+    model.init_weights()
+    model.eval()
+    import dataclasses
+
+    config = {"model": dataclasses.asdict(cfg), "fusion": dataclasses.asdict(FusionConfig()),
+              "objective": dataclasses.asdict(ObjectiveConfig()), "data": {"tokenizer": str(copies["bert"])}}
+    out = tmp_path / "export" / "model.safetensors"
+    out.parent.mkdir()
+    bundle_pretrained_configs(config, out.parent)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    out.with_suffix(".json").write_text(json.dumps(config))
+    shutil.rmtree(tmp_path / "src")
+    loaded = load(out)
+    x = batch()
+    with torch.no_grad():
+        for m, e in loaded.embed(x).items():
+            torch.testing.assert_close(e, model.embed(x)[m], atol=1e-5, rtol=1e-5)
+    from mm_models.io import read_config
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(read_config(out)["data"]["tokenizer"])
+    assert tok.encode("a red star", max_len=16).tolist()[0] == tok.bos_id
