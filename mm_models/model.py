@@ -3,6 +3,8 @@ training engine wraps. Architecture only: no optimizer, no distributed code."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -17,7 +19,7 @@ from mm_models.objectives import MODALITIES, Gather, build_contrastive_loss
 @torch.no_grad()
 def init_module(module: nn.Module) -> None:
     """Initialises the parameters `module` owns itself (not its children's):
-    truncated-normal matrices, zero biases, unit norms, and whatever the
+    LeCun-normal matrices (std 1/sqrt(fan_in), truncated at 2 std), zero biases, unit norms, and whatever the
     module's own `reset_own_parameters()` sets (class tokens, positions,
     temperatures). Module by module, so a partitioned (ZeRO-3) model can be
     initialised while gathering one module at a time."""
@@ -31,12 +33,13 @@ def init_module(module: nn.Module) -> None:
 
 def _init_own(module: nn.Module) -> None:
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        import os
-        if os.environ.get("MM_INIT_EXP") == "fanin":
-            fan_in = module.weight[0].numel() if not hasattr(module.weight, "ds_shape") else int(torch.tensor(module.weight.ds_shape[1:]).prod())
-            nn.init.trunc_normal_(module.weight, std=fan_in ** -0.5, a=-2 * fan_in ** -0.5, b=2 * fan_in ** -0.5)
-        else:
-            nn.init.trunc_normal_(module.weight, std=0.02)
+        # LeCun normal: std 1/sqrt(fan_in), so a layer keeps its input's scale
+        # at any width. A fixed std of 0.02 (GPT-2's, sized for width 768) is
+        # 5x too small at width 96: attention starts uniform and audio-text
+        # learning lagged a plain PyTorch model's (benchmarks/README.md).
+        shape = getattr(module.weight, "ds_shape", module.weight.shape)  # full shape under ZeRO-3
+        std = math.prod(shape[1:]) ** -0.5
+        nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):

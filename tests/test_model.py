@@ -177,3 +177,24 @@ def test_activation_checkpointing_changes_memory_not_results():
     torch.testing.assert_close(l1, l2, rtol=0, atol=0)
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("width", [32, 96, 384])
+def test_init_keeps_the_scale_at_every_width(width):
+    """Matrices start at std 1/sqrt(fan_in) (truncated at 2 std: 0.88 of it),
+    whatever the width. A fixed 0.02 was 5x too small at width 96 and made
+    audio-text learning lag a plain PyTorch model (benchmarks/README.md)."""
+    enc = EncoderConfig(width=width, depth=1, heads=4)
+    cfg = ModelConfig(embed_dim=64, image=enc, audio=enc, text=enc, image_size=32, n_mels=32, audio_frames=32,
+                      max_text_len=16)
+    torch.manual_seed(0)
+    model = PretrainModel(cfg, FusionConfig(name="attention", width=width), ObjectiveConfig())
+    model.init_weights()
+    checked = 0
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and module.weight.numel() > 1000:
+            w = module.weight
+            ratio = w.std().item() * w[0].numel() ** 0.5
+            assert 0.8 < ratio < 0.95, f"{name}: std {w.std().item():.4f}, fan-in {w[0].numel()}"
+            checked += 1
+    assert checked > 10
