@@ -64,7 +64,13 @@ class PretrainedWeights:
 
     def __init__(self, directory: Path, backbone_class: type):
         self.directory = directory
-        self.backbone_class = backbone_class
+        # A Whisper encoder is loaded as the encoder of a WhisperModel (its
+        # weights carry the "encoder." prefix the encoder class alone ignores).
+        self.load_class, self.part = (backbone_class, None)
+        if backbone_class.__name__ == "WhisperEncoder":
+            from transformers import WhisperModel
+
+            self.load_class, self.part = WhisperModel, "encoder"
         self.missing: list[str] = []
         self._state: dict[str, torch.Tensor] | None = None
 
@@ -75,7 +81,9 @@ class PretrainedWeights:
             transformers.logging.set_verbosity_error()  # a task head's unused weights are expected
             transformers.logging.disable_progress_bar()
             try:
-                model = self.backbone_class.from_pretrained(str(self.directory), local_files_only=True)
+                model = self.load_class.from_pretrained(str(self.directory), local_files_only=True)
+                if self.part:
+                    model = getattr(model, self.part)
             finally:
                 transformers.logging.set_verbosity(verbosity)
                 transformers.logging.enable_progress_bar()

@@ -211,3 +211,39 @@ def test_export_loads_without_the_original_directory(backbones, tmp_path):
 
     tok = load_tokenizer(read_config(out)["data"]["tokenizer"])
     assert tok.encode("a red star", max_len=16).tolist()[0] == tok.bos_id
+
+
+def test_clip_vision_tower_and_whisper_encoder(tmp_path):
+    """A CLIP vision tower taken from a full CLIP save, and a Whisper encoder
+    taken from a full Whisper save, equal the library's forward."""
+    torch.manual_seed(0)
+    transformers.CLIPModel(transformers.CLIPConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=99, max_position_embeddings=16, pad_token_id=1, bos_token_id=2, eos_token_id=3),
+        projection_dim=16,
+    )).save_pretrained(str(tmp_path / "clip"))
+    transformers.WhisperModel(transformers.WhisperConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16, vocab_size=99,
+        pad_token_id=1, bos_token_id=2, eos_token_id=3, decoder_start_token_id=2,
+    )).save_pretrained(str(tmp_path / "whisper"))
+    cfg = ModelConfig(
+        embed_dim=16, image=EncoderConfig(arch="hf", pretrained=str(tmp_path / "clip"), width=32),
+        audio=EncoderConfig(arch="hf", pretrained=str(tmp_path / "whisper"), width=32),
+        text=EncoderConfig(width=32, depth=1, heads=2), image_size=32, n_mels=16, audio_frames=32, max_text_len=16,
+    )
+    model = PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
+    model.init_weights()
+    model.eval()
+    x = batch()
+    with torch.no_grad():
+        ours = model.model(x)
+        clip = transformers.CLIPVisionModel.from_pretrained(str(tmp_path / "clip")).eval()
+        torch.testing.assert_close(ours["image"]["pooled"], clip(pixel_values=x["image"]).pooler_output)
+        whisper = transformers.WhisperModel.from_pretrained(str(tmp_path / "whisper")).eval().encoder
+        torch.testing.assert_close(ours["audio"]["tokens"], whisper(input_features=x["audio"]).last_hidden_state)
+    cfg.audio_frames = 48
+    with pytest.raises(HFError, match=r"set data\.audio_frames=32"):
+        PretrainModel(cfg, FusionConfig(), ObjectiveConfig())

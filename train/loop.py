@@ -74,6 +74,14 @@ def train_step(engine, batches, *, accum: int, device, dtype) -> tuple[dict[str,
     return sums, data_wait
 
 
+def encoder_summary(model_cfg) -> str:
+    """'image cnn, audio transformer, text rnn (locked)' for the start-up banner."""
+    from mm_models.encoders import arch_name
+
+    return ", ".join(f"{m} {arch_name(model_cfg, m)}" + (" (locked)" if getattr(model_cfg, m).freeze else "")
+                     for m in ("image", "audio", "text"))
+
+
 def perf_metrics(*, samples_per_s: float, flops_per_sample: float, tokens_per_sample: int,
                  peak_flops: float, world_size: int) -> dict[str, float]:
     """Throughput, model FLOP/s, MFU (if the device peak is known) and memory."""
@@ -150,8 +158,8 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     n_params = parameter_total(model)
     if info.is_main:
         log.info(
-            "model %s: %.2fM parameters | ZeRO-%d%s, %s | global batch %d = %d micro × %d accum × %d ranks",
-            cfg.model.name, n_params / 1e6, cfg.deepspeed.stage,
+            "model %s (%s): %.2fM parameters | ZeRO-%d%s, %s | global batch %d = %d micro × %d accum × %d ranks",
+            cfg.model.name, encoder_summary(cfg.model), n_params / 1e6, cfg.deepspeed.stage,
             " + CPU offload" if offloads_optimizer(ds_config) else "", precision,
             ds_config["train_batch_size"], t_cfg.micro_batch_size, accum, info.world_size,
         )
