@@ -104,3 +104,23 @@ def load_tokenizer(spec: str) -> Tokenizer:
     from data_pipeline.bpe import BPETokenizer  # lazy: only BPE needs `tokenizers`
 
     return BPETokenizer.from_file(spec)
+
+
+def tokenizer_for(export: str) -> Tokenizer:
+    """The tokenizer an exported model (`python -m train.export`) was trained
+    with, from the copy bundled beside it: byte, a trained BPE or a
+    pretrained text backbone's. Captions must be encoded with it:
+
+        model = mm_models.load("export/model.safetensors")
+        tokenizer = tokenizer_for("export/model.safetensors")
+    """
+    import json
+    import os
+
+    config_path = os.path.splitext(export)[0] + ".json"
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} is missing: the export's config names its tokenizer")
+    spec = json.loads(open(config_path, encoding="utf-8").read()).get("data", {}).get("tokenizer", "byte")
+    if spec != "byte" and not os.path.isabs(spec):
+        spec = os.path.join(os.path.dirname(os.path.abspath(export)), spec)
+    return load_tokenizer(spec)

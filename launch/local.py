@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = torchrun_args(nproc, overrides, max_restarts=args.max_restarts)
     env = {k: os.environ.get(k, v) for k, v in restart_env(args.max_restarts).items()}
     if args.dry_run:
-        print(" ".join([*(f"{k}={v}" for k, v in env.items()), "torchrun", *cmd]))
+        # Shell-quoted, so the line can be pasted back as it is.
+        print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(["torchrun", *cmd])]))
         return 0
     os.environ.update(env)
     from torch.distributed.run import main as torchrun

@@ -98,6 +98,12 @@ def _vit(cfg: ModelConfig, modality: str, *, conv_stem: bool) -> Encoder:
     enc = getattr(cfg, modality)
     channels = 3 if modality == "image" else 1
     if conv_stem:
+        sizes = {"image_size": cfg.image_size} if modality == "image" else {"n_mels": cfg.n_mels,
+                                                                            "audio_frames": cfg.audio_frames}
+        for key, n in sizes.items():
+            if n % enc.patch_size:
+                raise ValueError(f"model.{modality}.arch=conv_transformer needs data.{key} ({n}) to be a multiple "
+                                 f"of model.{modality}.patch_size ({enc.patch_size})")
         embedder: nn.Module = ConvStem(channels, enc.patch_size, enc.width, what=f"model.{modality}")
     else:
         embedder = PatchEmbed(3, enc.patch_size, enc.width) if modality == "image" else \

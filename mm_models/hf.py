@@ -81,13 +81,17 @@ class PretrainedWeights:
             transformers.logging.set_verbosity_error()  # a task head's unused weights are expected
             transformers.logging.disable_progress_bar()
             try:
-                model = self.load_class.from_pretrained(str(self.directory), local_files_only=True)
-                if self.part:
-                    model = getattr(model, self.part)
+                model, info = self.load_class.from_pretrained(str(self.directory), local_files_only=True,
+                                                               output_loading_info=True)
             finally:
                 transformers.logging.set_verbosity(verbosity)
                 transformers.logging.enable_progress_bar()
-            self._state = model.state_dict(keep_vars=False)
+            # The library fills what the checkpoint lacks with random values: leave those out, so they
+            # keep our own init and are reported (finish_loading).
+            absent = {k.removeprefix(f"{self.part}.") for k in info.get("missing_keys", ())}
+            if self.part:
+                model = getattr(model, self.part)
+            self._state = {k: v for k, v in model.state_dict().items() if k not in absent}
         return self._state.get(name)
 
     def release(self) -> None:
@@ -206,6 +210,18 @@ class HFEncoder(nn.Module):
                      or config.hidden_sizes[-1])
         width = getattr(cfg, modality).width
         self.resize = nn.Identity() if hidden == width else nn.Linear(hidden, width)
+        # A learned pooler (BERT's or ViT's dense + tanh over [CLS]) is a task
+        # head that base-model checkpoints often lack: pool from the tokens
+        # instead, and keep it out of training.
+        self.learned_pooler = any(n.startswith("pooler.") for n, _ in self.backbone.named_parameters())
+        for n, p in self.backbone.named_parameters():
+            if n.startswith("pooler."):
+                p.requires_grad_(False)
+        if getattr(cfg, modality).activation_checkpointing:
+            if not getattr(self.backbone, "supports_gradient_checkpointing", False):
+                raise HFError(f"model.{modality}.activation_checkpointing: the {self.kind} backbone does not "
+                              "support gradient checkpointing")
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.proj = nn.Linear(width, cfg.embed_dim, bias=False)
         mean, std = _image_normalisation(directory)
         self.register_buffer("pixel_mean", mean, persistent=False)
@@ -235,17 +251,20 @@ class HFEncoder(nn.Module):
                 out = self.backbone(input_values=x.transpose(1, 2))
         else:
             keep = ~pad if pad is not None else torch.ones_like(x, dtype=torch.bool)
+            keep[:, 0] |= ~keep.any(dim=1)  # an absent caption: one attendable position, never an empty row
             out = self.backbone(input_ids=x, attention_mask=keep.long())
         h = out.last_hidden_state
         if h.dim() == 4:  # a CNN's feature map B×C×h×w
             tokens = h.flatten(2).transpose(1, 2)
         else:
             tokens = h
-        pooled = getattr(out, "pooler_output", None)
+        pooled = None if self.learned_pooler else getattr(out, "pooler_output", None)
         if pooled is None:
             if self.modality == "text" and pad is not None:
                 keep = (~pad).unsqueeze(-1).to(tokens.dtype)
                 pooled = (tokens * keep).sum(1) / keep.sum(1).clamp(min=1)
+            elif self.learned_pooler:
+                pooled = tokens[:, 0]  # the [CLS] token the pooler would have read
             else:
                 pooled = tokens.mean(dim=1)
         pooled = pooled.flatten(1)

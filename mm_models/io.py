@@ -58,8 +58,8 @@ def configs_from_dict(config: dict) -> tuple[ModelConfig, FusionConfig, Objectiv
 
 def read_config(path: str | Path) -> dict:
     """The config of an export: FILE.json beside FILE.safetensors, else the
-    copy in the safetensors metadata. Paths of bundled Hugging Face backbone
-    configs and tokenizers (hf/<modality>/, relative to the export) come back absolute."""
+    copy in the safetensors metadata. Paths of the files bundled with the
+    export (its tokenizer, Hugging Face backbone configs) come back absolute."""
     path = Path(path)
     beside = path.with_suffix(".json")
     if beside.is_file():
@@ -72,10 +72,11 @@ def read_config(path: str | Path) -> dict:
         if "config" not in meta:
             raise FileNotFoundError(f"{beside} is missing and {path} carries no config in its metadata")
         config = json.loads(meta["config"])
+    # Files bundled with the export (train.export.bundle_pretrained_configs), relative to it.
     sections = [*(config.get("model", {}).get(m, {}) for m in ("image", "audio", "text"))]
     for section, key in [*((s, "pretrained") for s in sections), (config.get("data", {}), "tokenizer")]:
         value = section.get(key) if isinstance(section, dict) else None
-        if value and str(value).startswith("hf/") and (path.parent / value).is_dir():
+        if value and value != "byte" and not Path(value).is_absolute() and (path.parent / value).exists():
             section[key] = str(path.parent / value)
     return config
 

@@ -86,9 +86,10 @@ class MultimodalModel(nn.Module):
         self.encoders = nn.ModuleDict({m: build_encoder(cfg, m) for m in ("image", "audio", "text")})
         self.frozen = [m for m in self.encoders if getattr(cfg, m).freeze]
         for m in self.frozen:
-            # Locked tower: everything but the projection into the shared space.
+            # Locked tower: everything but the projection into the shared
+            # space (and an hf backbone's width adapter, new like it).
             for name, p in self.encoders[m].named_parameters():
-                if not name.startswith("proj."):
+                if not name.startswith(("proj.", "resize.")):
                     p.requires_grad_(False)
             self.encoders[m].eval()  # and so it stays: see train()
 

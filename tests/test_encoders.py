@@ -112,6 +112,23 @@ def test_unknown_or_unsuitable_arch_names_the_choices():
                       FusionConfig(), ObjectiveConfig())
 
 
+def test_conv_stem_refuses_sizes_the_patch_does_not_divide():
+    cfg = config("conv_transformer", "cnn", "rnn")
+    cfg.image_size = 36
+    with pytest.raises(ValueError, match=r"data\.image_size \(36\) to be a multiple of model\.image\.patch_size"):
+        PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
+
+
+def test_a_locked_tower_counts_its_forward_only():
+    for archs in ARCHS:
+        cfg = config(*archs)
+        trained = flops_per_sample(cfg)
+        for m in ("image", "audio"):
+            getattr(cfg, m).freeze = True
+        locked = flops_per_sample(cfg)
+        assert 0 < locked < trained
+
+
 def test_frozen_tower_keeps_its_weights_and_eval_mode():
     cfg = config("cnn", "cnn", "rnn")
     cfg.image.freeze = True

@@ -81,7 +81,7 @@ def run(tmp_path_factory):
         stdout, stderr = proc.communicate()
         pytest.fail(f"ZeRO-3 run did not finish in {TIMEOUT_S} s (hang?):\n{stdout[-3000:]}\n{stderr[-5000:]}")
     assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
-    return {"shards": shards, "run_dir": run_dir, "stdout": stdout}
+    return {"shards": shards, "run_dir": run_dir, "stdout": stdout, "stderr": stderr}
 
 
 def test_one_rank_never_sees_audio(run):
@@ -108,6 +108,10 @@ def test_every_step_ran_with_a_finite_loss(run):
     assert result["step"] == STEPS
     assert result["heldout"]["image_text"]["n"] == 2 * PER_SHARD
     assert result["heldout"]["image_audio"]["n"] == PER_SHARD
+
+
+def test_zero3_prints_no_deprecation_flood(run):
+    assert "FutureWarning" not in run["stderr"], run["stderr"][-3000:]
 
 
 def test_zero3_checkpoint_is_complete(run):

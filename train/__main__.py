@@ -13,13 +13,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from train.config import Config, register_configs, validate
+from train.config import Config, check_override_keys, register_configs, validate
 from train.distributed import DistInfo, init_distributed, shared_run_stamp
 from train.signals import STOPPED_FILE
 
 register_configs()
-# DeepSpeed's gathers go through a torch API deprecated in 2.13; nothing for users to act on.
-warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
+# DeepSpeed's gathers and reduce-scatters go through torch APIs deprecated
+# in 2.13; nothing for users to act on.
+for _api in ("all_gather_into_tensor", "reduce_scatter_tensor"):  # ZeRO-3 calls both every step
+    warnings.filterwarnings("ignore", message=rf".*{_api}.*deprecated", category=FutureWarning)
 _INFO = DistInfo()
 
 
@@ -47,6 +49,13 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     global _INFO
+    try:
+        # Before Hydra: it would accept "+trainer.max_step=10" and leave it unused.
+        check_override_keys([a for a in sys.argv[1:] if not a.startswith("-")])
+    except ValueError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     _INFO = init_distributed()
     # All ranks must agree on the output directory before Hydra creates it.
     os.environ["MM_RUN_STAMP"] = shared_run_stamp()

@@ -6,6 +6,7 @@ key or a wrong type fails at start with the key's name.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -130,6 +131,70 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
 
 
+# Hydra config groups: an override "model=small" picks a file, it is not a key.
+GROUPS = ("model", "fusion", "objective", "optimizer", "data", "deepspeed", "logger", "experiment")
+
+
+def schema_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every dotted key the structured config defines ("trainer.max_steps", ...)."""
+    import dataclasses
+
+    cls = cls or Config
+    keys = []
+    hints = __import__("typing").get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if dataclasses.is_dataclass(hints.get(f.name)):
+            keys += schema_keys(hints[f.name], f"{key}.")
+    return keys
+
+
+def closest_key(key: str, known: set[str]) -> str | None:
+    """The key a typo most likely meant: a sibling the typed name starts or
+    ends (max_step -> max_steps, patch -> patch_size), else the closest by
+    spelling, among siblings first."""
+    import difflib
+
+    parent, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+    for name, full in sorted(siblings.items()):
+        if name.startswith(leaf) or leaf.startswith(name):
+            return full
+    close = difflib.get_close_matches(leaf, sorted(siblings), n=1, cutoff=0.6)
+    if close:
+        return siblings[close[0]]
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """Refuses an override of a key the schema does not define, with or
+    without Hydra's '+' (which would otherwise add it unused to the saved
+    config), naming the closest key: "did you mean trainer.max_steps?"."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hydra.errors import HydraException
+
+    known = set(schema_keys())
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return  # malformed: Hydra reports it with its own message
+    for override in parsed:
+        key = override.key_or_group
+        if key.startswith("hydra.") or key == "hydra" or (key in GROUPS and "." not in key):
+            continue
+        if override.is_delete() or key in known:
+            continue
+        if any(key.startswith(k + ".") for k in known if k in ("data.sources", "data.prompts", "data.require",
+                                                              "logger.tags")):
+            continue
+        guess = closest_key(key, known)
+        hint = f"; did you mean {guess}?" if guess else " (see conf/ and train/config.py for the keys)"
+        raise ValueError(f"unknown config key {key!r} in override {override.input_line!r}{hint}")
+
+
 def compose(overrides: list[str], *, hydra_keys: bool = False):
     """The training config `python -m train OVERRIDES` would run with, as a
     DictConfig, composed outside a Hydra app (launchers, benchmarks, tests).
@@ -137,9 +202,20 @@ def compose(overrides: list[str], *, hydra_keys: bool = False):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    check_override_keys(overrides)
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra_keys)
+
+
+def _tokenizer_vocab(directory: str) -> int | None:
+    """Token count of a save_pretrained tokenizer directory (tokenizer.json)."""
+    path = Path(directory, "tokenizer.json")
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
 
 
 def validate(cfg: Config) -> None:
@@ -176,12 +252,19 @@ def validate(cfg: Config) -> None:
         if arch == "hf" and not Path(pretrained, "config.json").is_file():
             raise ValueError(f"model.{modality}.pretrained={pretrained}: no config.json there "
                              "(expected a directory written by save_pretrained)")
+    pretrained_tokenizer = Path(cfg.data.tokenizer).is_dir()
     if arch_name(cfg.model, "text") == "hf":
-        if not Path(cfg.data.tokenizer).is_dir():
+        if not pretrained_tokenizer:
             raise ValueError(f"model.text.arch=hf reads its own token ids, but data.tokenizer={cfg.data.tokenizer!r}; "
                              f"set data.tokenizer={cfg.model.text.pretrained} (the backbone's tokenizer)")
-        if cfg.objective.masked_text_weight > 0:
-            raise ValueError("objective.masked_text_weight > 0 needs our own text tokenizer (its MASK id); "
-                             "it is not available with model.text.arch=hf")
+        backbone_vocab = json.loads(Path(cfg.model.text.pretrained, "config.json").read_text()).get("vocab_size")
+        tokenizer_vocab = _tokenizer_vocab(cfg.data.tokenizer)
+        if backbone_vocab and tokenizer_vocab and tokenizer_vocab > backbone_vocab:
+            raise ValueError(f"data.tokenizer={cfg.data.tokenizer} has {tokenizer_vocab} tokens, the text backbone "
+                             f"model.text.pretrained={cfg.model.text.pretrained} only {backbone_vocab}: "
+                             "use the backbone's own tokenizer")
+    if pretrained_tokenizer and cfg.objective.masked_text_weight > 0:
+        raise ValueError("objective.masked_text_weight > 0 needs our own text tokenizer (its MASK and first "
+                         f"text ids); data.tokenizer={cfg.data.tokenizer} is a pretrained model's")
     if cfg.trainer.global_batch_size < 0:
         raise ValueError(f"trainer.global_batch_size must be 0 (derived) or positive, got {cfg.trainer.global_batch_size}")

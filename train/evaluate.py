@@ -172,10 +172,30 @@ def load_for_eval(checkpoint: str) -> tuple[torch.nn.Module, dict]:
     return model.eval(), config
 
 
+USAGE = """usage: python -m train.evaluate checkpoint=PATH [data.KEY=VALUE ...] [batch_size=N] [device=cpu]
+
+Held-out retrieval and zero-shot metrics of a checkpoint, in one process: a
+table on stderr, then the JSON line a training run prints at its end.
+
+  checkpoint=PATH   a step directory, checkpoints/ or run directory, or an
+                    exported .safetensors file
+  data.KEY=VALUE    overrides of the data config saved with the run
+                    (data.heldout=SHARDS evaluates other shards)
+  batch_size=N      evaluation batch (default: the run's trainer.eval_batch_size)
+  device=DEVICE     cpu (default) or cuda
+
+example: python -m train.evaluate checkpoint=outputs/2026-11-30/10-00-00 data.heldout=data/demo/heldout
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Held-out retrieval of a checkpoint, in one process; the last stdout
     line is the same JSON object a training run prints at its end."""
     import sys
+
+    if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv)):
+        print(USAGE, end="")
+        return 0
 
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException

@@ -97,12 +97,16 @@ HF_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokeni
 
 
 def bundle_pretrained_configs(config: dict, out_dir: Path) -> None:
-    """Copies each hf backbone's config (and tokenizer) into out_dir/hf/<modality>/
-    and points the exported config there, relative to the export, so the
-    export loads on a machine without the original directory."""
+    """Makes an export self-contained: copies each hf backbone's config (and
+    tokenizer) into out_dir/hf/<modality>/, and a trained tokenizer JSON
+    (data.tokenizer=FILE) to out_dir/tokenizer.json, and points the exported
+    config there, relative to the export. mm_models.io.read_config resolves
+    them, so the export loads, with its tokenizer, on a machine without the
+    original files."""
     import shutil
 
     data = config.get("data", {})
+    tokenizer = data.get("tokenizer")
     for modality in ("image", "audio", "text"):
         enc = config.get("model", {}).get(modality, {})
         if enc.get("arch") != "hf" or not enc.get("pretrained"):
@@ -112,15 +116,29 @@ def bundle_pretrained_configs(config: dict, out_dir: Path) -> None:
         for name in HF_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, out_dir / rel / name)
-        if data.get("tokenizer") == enc["pretrained"]:
+        if tokenizer and tokenizer != "byte" and Path(tokenizer).resolve() == src.resolve():
             data["tokenizer"] = rel
         enc["pretrained"] = rel
+    if tokenizer and tokenizer != "byte" and Path(tokenizer).is_file():
+        shutil.copyfile(tokenizer, out_dir / "tokenizer.json")
+        data["tokenizer"] = "tokenizer.json"
+
+
+def write_weights(state: dict[str, torch.Tensor], out: Path, *, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, then the mode any file the user writes gets
+    (safetensors creates its files 0600)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    save_file(state, str(out), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)
 
 
 def export(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path, int]:
     """Writes out (.safetensors) and its .json; returns both paths and the parameter count."""
-    from safetensors.torch import save_file
-
     step_dir = resolve_step_dir(checkpoint)
     meta = read_meta(step_dir)
     out = Path(out)
@@ -131,15 +149,32 @@ def export(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path, int]:
     config.update(step=meta.get("step"), checkpoint=str(step_dir.resolve()))
     out.parent.mkdir(parents=True, exist_ok=True)
     bundle_pretrained_configs(config, out.parent)
-    save_file(state, str(out), metadata={"config": json.dumps(config, sort_keys=True), "format": "pt"})
+    write_weights(state, out, metadata={"config": json.dumps(config, sort_keys=True), "format": "pt"})
     config_path = out.with_suffix(".json")
     config_path.write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
     return out, config_path, sum(t.numel() for t in state.values())
 
 
+USAGE = """usage: python -m train.export checkpoint=DIR out=FILE.safetensors
+
+Consolidates a training checkpoint (any ZeRO stage) into one safetensors
+file and its .json config; load it with mm_models.load(FILE).
+
+  checkpoint=DIR   a step directory (OUT/checkpoints/step_000500), a
+                   checkpoints/ directory or a run directory (its latest step)
+  out=FILE         where to write FILE.safetensors (and FILE.json)
+
+example: python -m train.export checkpoint=outputs/2026-11-30/10-00-00 out=model.safetensors
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE, end="")
+        return 0
     try:
-        args = parse_overrides(sys.argv[1:] if argv is None else argv, allowed=("checkpoint", "out"))
+        args = parse_overrides(argv, allowed=("checkpoint", "out"))
         missing = [k for k in ("checkpoint", "out") if not args.get(k)]
         if missing:
             raise CheckpointError(f"missing {' and '.join(f'{k}=' for k in missing)}; "

@@ -21,7 +21,7 @@ from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.config import Config
 from train.distributed import DistInfo, all_reduce_mean, barrier, feature_gather, sum_counters
 from train.engine import (
-    build_deepspeed_config, build_engine, build_model, compute_dtype, offloads_optimizer, parameter_total,
+    build_deepspeed_config, build_engine, build_model, compute_dtype, parameter_total,
 )
 from train.evaluate import eval_metrics, evaluate_heldout, results_table
 from train import watchdog
@@ -72,6 +72,29 @@ def train_step(engine, batches, *, accum: int, device, dtype) -> tuple[dict[str,
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
     return sums, data_wait
+
+
+def checked_loader(data, split: str, *, batch_size: int, info: DistInfo, tokenizer=None):
+    """build_loader, with an error that names the config key at fault."""
+    try:
+        return build_loader(data, split=split, batch_size=batch_size, rank=info.rank, world_size=info.world_size,
+                            tokenizer=tokenizer)
+    except (ValueError, OSError) as e:
+        key = "data.heldout" if split == "heldout" else ("data.sources" if data.sources else "data.train")
+        value = data.heldout if split == "heldout" else (data.train if not data.sources else "...")
+        if tokenizer is None and data.tokenizer != "byte" and "tokenizer" in str(e).lower():
+            key, value = "data.tokenizer", data.tokenizer
+        raise ValueError(f"{key}={value!r}: {e}") from None
+
+
+def zero_summary(ds_config: dict) -> str:
+    """'ZeRO-3, optimizer states and parameters offloaded to cpu' for the start-up banner."""
+    zero = ds_config["zero_optimization"]
+    offloaded = [what for key, what in (("offload_optimizer", "optimizer states"), ("offload_param", "parameters"))
+                 if key in zero]
+    devices = sorted({zero[key]["device"] for key in ("offload_optimizer", "offload_param") if key in zero})
+    return f"ZeRO-{zero['stage']}" + (f", {' and '.join(offloaded)} offloaded to {'/'.join(devices)}"
+                                       if offloaded else "")
 
 
 def encoder_summary(model_cfg) -> str:
@@ -134,10 +157,10 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     set_threads(t_cfg.threads, info)
     seed_everything(t_cfg.seed, deterministic=t_cfg.deterministic)
 
-    # Data first: a bad shard pattern or tokenizer fails before any engine starts.
-    loader = build_loader(
-        cfg.data, split="train", batch_size=t_cfg.micro_batch_size, rank=info.rank, world_size=info.world_size
-    )
+    # Data first: a bad shard pattern or tokenizer fails before any engine
+    # starts, the held-out set's too (not only when the first evaluation needs it).
+    loader = checked_loader(cfg.data, "train", batch_size=t_cfg.micro_batch_size, info=info)
+    checked_loader(cfg.data, "heldout", batch_size=t_cfg.eval_batch_size, info=info, tokenizer=loader.tokenizer)
     if cfg.model.text.arch != "hf" and loader.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"data.tokenizer={cfg.data.tokenizer!r} has {loader.tokenizer.vocab_size} tokens but "
@@ -158,9 +181,8 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     n_params = parameter_total(model)
     if info.is_main:
         log.info(
-            "model %s (%s): %.2fM parameters | ZeRO-%d%s, %s | global batch %d = %d micro × %d accum × %d ranks",
-            cfg.model.name, encoder_summary(cfg.model), n_params / 1e6, cfg.deepspeed.stage,
-            " + CPU offload" if offloads_optimizer(ds_config) else "", precision,
+            "model %s (%s): %.2fM parameters | %s, %s | global batch %d = %d micro × %d accum × %d ranks",
+            cfg.model.name, encoder_summary(cfg.model), n_params / 1e6, zero_summary(ds_config), precision,
             ds_config["train_batch_size"], t_cfg.micro_batch_size, accum, info.world_size,
         )
     resumed: dict = {}  # the checkpoint's meta.json, if resuming
@@ -201,18 +223,23 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
                 log.warning("retrieval table at step %d skipped: %s: %s", step, type(e).__name__, e)
         return results
 
-    def checkpoint(step: int) -> Path:
+    def checkpoint(step: int, *, log: bool = True) -> Path:
+        """Saves; with log, records it in W&B (as "best" if this step's evaluation improved the metric)."""
         watchdog.mark("checkpoint", step=step)
-        is_best = last_eval.get("step") == step and best.improved(last_eval["metrics"])
+        is_best = log and last_eval.get("step") == step and best.improved(last_eval["metrics"])
         meta = {"wandb_run_id": tracker.run.id if tracker.run else None, "config": resolved,
                 "best_metric_value": best.value}
         path = save_checkpoint(
             engine, run_dir=run_dir, step=step, meta=meta, loader_state=loader.state_dict(), rank=info.rank,
             keep_last=t_cfg.keep_last,
         )
+        if log:
+            log_checkpoint(path, step, is_best=is_best)
+        return path
+
+    def log_checkpoint(path: Path, step: int, *, is_best: bool) -> None:
         tracker.log_checkpoint(path, step=step, aliases=["latest", f"step_{step}"] + (["best"] if is_best else []),
                                metadata={best.name: last_eval["metrics"].get(best.name)} if is_best else None)
-        return path
 
     window = LogWindow(global_batch=ds_config["train_batch_size"], flops_per_sample=flops_per_sample(cfg.model),
                        tokens_per_sample=sum(sequence_lengths(cfg.model).values()),
@@ -258,8 +285,10 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
             return {"step": step, "checkpoint": str(ckpt), "stopped": True}
     stop.restore()
 
+    # Saved before the final evaluation: a failure there never loses the training.
+    ckpt = checkpoint(t_cfg.max_steps, log=False)
     results = evaluate(t_cfg.max_steps)
-    ckpt = checkpoint(t_cfg.max_steps)
+    log_checkpoint(ckpt, t_cfg.max_steps, is_best=best.improved(last_eval["metrics"]))
     tracker.summary({f"final/{k}": v for k, v in eval_metrics(results, "heldout").items()})
     tracker.summary({"checkpoint": str(ckpt)})
     if t_cfg.export and info.is_main:
