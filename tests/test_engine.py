@@ -57,6 +57,22 @@ def test_fp16_without_cuda_is_a_clear_error():
         resolve_precision("fp16")
 
 
+@pytest.mark.parametrize("flags,fast", [
+    ("fpu sse avx avx2 fma", False),                                           # AVX2 only: bf16 is emulated
+    ("avx2 avx512f avx512bw avx512vl avx512_vnni", False),                     # AVX512 without BF16
+    ("avx2 avx512f avx512bw avx512_bf16", True),                              # Cooper Lake, Zen 4
+    ("avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", True),            # Sapphire Rapids
+])
+def test_auto_precision_reads_the_cpu_flags(tmp_path, flags, fast):
+    """torch reports every AVX512 CPU as "AVX512": the flags decide bf16."""
+    from train.engine import cpu_flags, cpu_has_fast_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert cpu_has_fast_bf16(cpu_flags(str(cpuinfo))) is fast
+    assert cpu_flags(str(tmp_path / "missing")) == set()
+
+
 def test_no_weight_decay_on_norms_biases_embeddings_and_temperature():
     model = mm_models.PretrainModel(*_tiny_configs())
     decay, no_decay = param_groups(model, 0.1)

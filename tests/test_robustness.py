@@ -67,6 +67,14 @@ def test_prune_keeps_the_newest_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000006", "step_000008"]
 
 
+def test_prune_orders_steps_by_number_past_a_million(tmp_path):
+    """step_1000000 sorts before step_999999 as a string: the newest must survive."""
+    for step in (999_998, 999_999, 1_000_000):
+        (tmp_path / f"step_{step:06d}").mkdir()
+    _prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1000000", "step_999999"]
+
+
 def test_sigkill_while_saving_leaves_the_previous_checkpoint_to_resume(demo_shards, tmp_path):
     """A process killed mid-save (model=small: a save takes long enough to
     land in) leaves a step directory without `latest` pointing at it; resume

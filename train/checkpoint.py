@@ -42,7 +42,9 @@ def _prune(root: Path, keep_last: int) -> None:
     """Deletes all but the newest keep_last step directories (0 keeps all)."""
     if keep_last <= 0:
         return
-    steps = sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name))
+    # By step number: as strings, step_1000000 would sort before step_999999 and be deleted.
+    steps = sorted((p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name)),
+                   key=lambda p: int(p.name.removeprefix("step_")))
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
