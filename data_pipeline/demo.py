@@ -113,6 +113,21 @@ def synth_audio(shape: str, color: str, size: str, rng: np.random.Generator) -> 
     return wav.astype(np.float32)
 
 
+def sample_row(i: int, *, split: str, classes: list, files: Path, rng: np.random.Generator):
+    """What every synthetic corpus draws first for sample i: its class and
+    whether it lacks a modality (drop < 0.05: no image; 0.05-0.10: no audio),
+    and its image file. Returns (manifest row, (shape, colour, size), drop)."""
+    label = int(rng.integers(len(classes)))
+    shape, color, size = classes[label]
+    key = f"{split}_{i:06d}"
+    drop = rng.random()
+    row = {"key": key, "label": label, "class": class_name(shape, color, size)}
+    if drop >= 0.05:
+        (files / f"{key}.jpg").write_bytes(draw_image(shape, color, size, rng))
+        row["image"] = f"{split}/{key}.jpg"
+    return row, (shape, color, size), drop
+
+
 def write_raw(out: Path, *, split: str, n: int, seed: int) -> Path:
     """Writes n samples' files under out/split and returns the JSONL manifest."""
     rng = np.random.default_rng(seed)
@@ -121,14 +136,8 @@ def write_raw(out: Path, *, split: str, n: int, seed: int) -> Path:
     manifest = out / f"{split}.jsonl"
     with open(manifest, "w", encoding="utf-8") as f:
         for i in tqdm(range(n), desc=f"demo {split}", unit="sample"):
-            label = int(rng.integers(len(CLASSES)))
-            shape, color, size = CLASSES[label]
-            key = f"{split}_{i:06d}"
-            drop = rng.random()
-            row = {"key": key, "label": label, "class": class_name(shape, color, size)}
-            if drop >= 0.05:
-                (files / f"{key}.jpg").write_bytes(draw_image(shape, color, size, rng))
-                row["image"] = f"{split}/{key}.jpg"
+            row, (shape, color, size), drop = sample_row(i, split=split, classes=CLASSES, files=files, rng=rng)
+            key = row["key"]
             if not 0.05 <= drop < 0.10:
                 buf = io.BytesIO()
                 soundfile.write(buf, synth_audio(shape, color, size, rng), SAMPLE_RATE, format="FLAC")

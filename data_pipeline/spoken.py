@@ -27,7 +27,7 @@ import soundfile
 import soxr
 from tqdm import tqdm
 
-from data_pipeline.demo import COLORS, SIZE_WORDS, TEMPLATES, class_name, draw_image
+from data_pipeline.demo import COLORS, SIZE_WORDS, TEMPLATES, sample_row
 
 SHAPES = ("circle", "square", "triangle", "star")
 SPOKEN_COLORS = ("red", "green", "blue", "yellow")
@@ -89,14 +89,8 @@ def write_raw(out: Path, *, split: str, n: int, seed: int, threads: int = 2) -> 
     files.mkdir(parents=True, exist_ok=True)
     rows, jobs = [], []
     for i in range(n):
-        label = int(rng.integers(len(CLASSES)))
-        shape, color, size = CLASSES[label]
-        key = f"{split}_{i:06d}"
-        drop = rng.random()
-        row = {"key": key, "label": label, "class": class_name(shape, color, size)}
-        if drop >= 0.05:
-            (files / f"{key}.jpg").write_bytes(draw_image(shape, color, size, rng))
-            row["image"] = f"{split}/{key}.jpg"
+        row, (shape, color, size), drop = sample_row(i, split=split, classes=CLASSES, files=files, rng=rng)
+        key = row["key"]
         words = dict(size=SIZE_WORDS[size][int(rng.integers(3))], color=color, shape=shape)
         row["text"] = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(**words)
         if not 0.05 <= drop < 0.10:
