@@ -82,7 +82,7 @@ def run_ours(root: Path, *, steps: int, extra: list[str], out: Path) -> dict[str
     if proc.returncode != 0:
         sys.exit(f"learning_efficiency: our training failed (exit {proc.returncode}); see {out}")
     final = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {m: round(final["zero_shot"][m]["top1"], 4) for m in ("image", "audio")}
+    return zero_shot(final)
 
 
 # -- the reference: plain PyTorch, nothing from mm_models or train's engine ---------------------

@@ -1,6 +1,6 @@
 """Shard writing, streaming, decoding and collation of image-text-audio samples.
 
-The batch contract (see ARCHITECTURE.md) produced by :func:`build_loader`::
+The batch contract produced by :func:`build_loader` (the README's "What the loader yields")::
 
     image      B×3×H×W float   image_mask B bool
     audio      B×M×T   float   audio_mask B bool   (log-mel, M mel bins, T frames)

@@ -1,6 +1,6 @@
 """The loader the trainer iterates: shards -> (rank, worker) streams ->
-decoded, collated batches in the batch dict of ARCHITECTURE.md, with a
-state_dict() that resumes at exactly the next batch."""
+decoded, collated batches (the dict collate() builds, listed in this
+package's docstring), with a state_dict() that resumes at exactly the next batch."""
 
 from __future__ import annotations
 

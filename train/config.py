@@ -209,13 +209,14 @@ def compose(overrides: list[str], *, hydra_keys: bool = False):
 
 
 def _tokenizer_vocab(directory: str) -> int | None:
-    """Token count of a save_pretrained tokenizer directory (tokenizer.json)."""
-    path = Path(directory, "tokenizer.json")
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
+    """Token count of a save_pretrained tokenizer directory, as the loader
+    will read it; None where it has no tokenizer.json (the loader names that)."""
+    from data_pipeline.tokenizer import load_tokenizer
 
-    return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    try:
+        return load_tokenizer(directory).vocab_size
+    except FileNotFoundError:
+        return None
 
 
 def validate(cfg: Config) -> None:
