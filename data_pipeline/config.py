@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+import os
+from typing import Any, List
 
 MODES = ("epoch", "resampled")
 
@@ -29,7 +30,10 @@ class DataConfig:
     # the same number of batches on every rank. resampled: an endless mix of
     # the sources, drawn by weight.
     mode: str = "epoch"
-    num_workers: int = 2
+    # DataLoader worker processes per rank. "auto": the CPUs this process may
+    # use, shared among the ranks on this node, one left for the trainer
+    # itself (at least 1, at most 8); see worker_count.
+    num_workers: Any = "auto"
     # Samples are shuffled in blocks of this many (plus a seeded shard order).
     shuffle_buffer: int = 1000
     seed: int = 0
@@ -70,3 +74,19 @@ class DataConfig:
     def audio_samples(self) -> int:
         """Samples per clip: exactly enough for audio_frames frames."""
         return self.audio_frames * self.hop_length
+
+
+def worker_count(value: Any, *, local_ranks: int | None = None) -> int:
+    """data.num_workers as a number: an integer >= 0 as given, or "auto"."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if local_ranks is None:
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        return max(1, min(8, cpus // max(1, local_ranks) - 1))
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0 or isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"data.num_workers must be an integer >= 0 or 'auto', got {value!r}")
+    return n

@@ -121,7 +121,10 @@ def sample_row(i: int, *, split: str, classes: list, files: Path, rng: np.random
     shape, color, size = classes[label]
     key = f"{split}_{i:06d}"
     drop = rng.random()
-    row = {"key": key, "label": label, "class": class_name(shape, color, size)}
+    # Coarser labels for fine-tuning examples: one attribute (data.label_key=color
+    # with task.classes), or all three as a multi-label set ("tags").
+    row = {"key": key, "label": label, "class": class_name(shape, color, size), "shape": shape, "color": color,
+           "size": size, "tags": [shape, color, size]}
     if drop >= 0.05:
         (files / f"{key}.jpg").write_bytes(draw_image(shape, color, size, rng))
         row["image"] = f"{split}/{key}.jpg"

@@ -13,8 +13,9 @@ from typing import Iterator
 
 import torch
 
-from data_pipeline.config import MODES, DataConfig
+from data_pipeline.config import MODES, DataConfig, worker_count
 from data_pipeline.decode import mel_filterbank
+from data_pipeline.labels import LabelSpec
 from data_pipeline.plan import batches_per_rank, consumed_by_worker, epoch_plan
 from data_pipeline.sources import expand_shards, shard_sizes
 from data_pipeline.stream import BatchDataset, BatchStream, Source
@@ -25,7 +26,8 @@ STATE_VERSION = 1
 MODALITIES = ("image", "audio", "text")
 
 
-def collate(samples: list[dict | None], *, cfg: DataConfig, pad_id: int = ByteTokenizer.pad_id) -> dict:
+def collate(samples: list[dict | None], *, cfg: DataConfig, pad_id: int = ByteTokenizer.pad_id,
+            multi_label_classes: int = 0) -> dict:
     """Stacks decoded samples. An absent modality is zeros with mask False; a
     None sample is a padding row (key "", every mask False). "label" is -1
     and "class_name" "" where a sample has no class label."""
@@ -39,12 +41,17 @@ def collate(samples: list[dict | None], *, cfg: DataConfig, pad_id: int = ByteTo
         "text_mask": torch.zeros(b, dtype=torch.bool),
         "text_pad": torch.ones(b, cfg.max_text_len, dtype=torch.bool),
         "label": torch.tensor([s.get("label", -1) if s is not None else -1 for s in samples], dtype=torch.long),
+        # with multi_label_classes=C (a multi-label classifier's loader): "label_multi", B×C multi-hot
         "class_name": [s.get("class_name", "") if s is not None else "" for s in samples],
         "__key__": [s["__key__"] if s is not None else "" for s in samples],
     }
+    if multi_label_classes:
+        batch["label_multi"] = torch.zeros(b, multi_label_classes)
     for i, s in enumerate(samples):
         if s is None:
             continue
+        if multi_label_classes and "label_multi" in s:
+            batch["label_multi"][i] = s["label_multi"]
         if s["image"] is not None:
             batch["image"][i] = s["image"]
             batch["image_mask"][i] = True
@@ -91,6 +98,7 @@ class StreamLoader:
 
     def __init__(
         self, cfg: DataConfig, *, split: str, batch_size: int, rank: int = 0, world_size: int = 1, tokenizer=None,
+        labels: LabelSpec | None = None,
     ):
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
@@ -108,7 +116,8 @@ class StreamLoader:
         self.sources = _sources(cfg, split)
         # Built before workers fork, so they inherit it instead of each importing librosa.
         mel_filterbank(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
-        self.num_workers = cfg.num_workers
+        self.num_workers = worker_count(cfg.num_workers)
+        self.labels = labels  # a classifier's: samples without a usable label are counted skips
         self.epoch, self.batches = 0, 0
         self.skipped: Counter = Counter()
 
@@ -123,9 +132,11 @@ class StreamLoader:
     def _dataloader(self) -> torch.utils.data.DataLoader:
         stream = BatchStream(
             sources=self.sources, cfg=self.cfg, tokenizer=self.tokenizer,
-            collate=partial(collate, cfg=self.cfg, pad_id=self.tokenizer.pad_id), batch_size=self.batch_size,
+            collate=partial(collate, cfg=self.cfg, pad_id=self.tokenizer.pad_id,
+                            multi_label_classes=self.labels.num_classes if self.labels and self.labels.multi_label else 0),
+            batch_size=self.batch_size,
             rank=self.rank, world_size=self.world_size, mode=self.mode, epoch=self.epoch,
-            start_batch=self.batches, shuffle=self.train,
+            start_batch=self.batches, shuffle=self.train, labels=self.labels,
         )
         workers = self.num_workers
         return torch.utils.data.DataLoader(
@@ -203,5 +214,7 @@ class StreamLoader:
 
 def build_loader(
     cfg: DataConfig, *, split: str, batch_size: int, rank: int = 0, world_size: int = 1, tokenizer=None,
+    labels: LabelSpec | None = None,
 ) -> StreamLoader:
-    return StreamLoader(cfg, split=split, batch_size=batch_size, rank=rank, world_size=world_size, tokenizer=tokenizer)
+    return StreamLoader(cfg, split=split, batch_size=batch_size, rank=rank, world_size=world_size, tokenizer=tokenizer,
+                        labels=labels)

@@ -19,6 +19,7 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.decode import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, decode_audio, decode_image, first_present
+from data_pipeline.labels import LabelError, LabelSpec
 from data_pipeline.plan import consumed_by_worker, epoch_plan
 from data_pipeline.sources import Skip, read_shard
 
@@ -43,11 +44,12 @@ class BadSample(Exception):
         self.reason, self.detail = reason, detail
 
 
-def decode_sample(sample: dict, *, cfg: DataConfig, tokenizer) -> dict:
+def decode_sample(sample: dict, *, cfg: DataConfig, tokenizer, labels: LabelSpec | None = None) -> dict:
     """Raw tar members -> tensors; an absent modality becomes None.
 
-    Raises BadSample for data that is present but unusable, or for a sample
-    that lacks a modality listed in cfg.require.
+    Raises BadSample for data that is present but unusable, for a sample
+    that lacks a modality listed in cfg.require, and (with `labels`, a
+    classifier's) for one whose label is missing or invalid.
     """
     image = first_present(sample, IMAGE_EXTS)
     audio = first_present(sample, AUDIO_EXTS)
@@ -76,7 +78,22 @@ def decode_sample(sample: dict, *, cfg: DataConfig, tokenizer) -> dict:
     for m in cfg.require:
         if out.get(m) is None:
             raise BadSample(f"missing_{m}")
-    out["label"], out["class_name"] = read_label(sample.get("json"), cfg)
+    if labels is None:
+        out["label"], out["class_name"] = read_label(sample.get("json"), cfg)
+        return out
+    try:
+        value = labels.read(sample.get("json"), label_key=cfg.label_key, class_key=cfg.class_key)
+    except LabelError as e:
+        raise BadSample(e.reason, e.detail) from None
+    if labels.multi_label:
+        out["label"], out["class_name"] = 0, ",".join(labels.name(i) for i in value)
+        out["label_multi"] = torch.zeros(labels.num_classes)
+        out["label_multi"][value] = 1.0
+    else:
+        # The name the .json gives its class (for reports), else the configured one.
+        out["label"], out["class_name"] = value, labels.name(value)
+        if not labels.classes:
+            out["class_name"] = read_label(sample.get("json"), cfg)[1] or out["class_name"]
     return out
 
 
@@ -130,8 +147,10 @@ class BatchStream:
     def __init__(
         self, *, sources: list[Source], cfg: DataConfig, tokenizer, collate: Callable, batch_size: int,
         rank: int, world_size: int, mode: str, epoch: int, start_batch: int, shuffle: bool,
+        labels: LabelSpec | None = None,
     ):
         self.sources, self.cfg, self.tokenizer, self.collate = sources, cfg, tokenizer, collate
+        self.labels = labels
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.mode, self.epoch, self.start_batch, self.shuffle = mode, epoch, start_batch, shuffle
 
@@ -209,7 +228,7 @@ class BatchStream:
                 self._error(item.shard, item.reason, item.detail, event=(item.shard, item.reason))
                 continue
             try:
-                decoded.append(decode_sample(item, cfg=self.cfg, tokenizer=self.tokenizer))
+                decoded.append(decode_sample(item, cfg=self.cfg, tokenizer=self.tokenizer, labels=self.labels))
                 self._consecutive, self._last_event = 0, None
             except BadSample as e:
                 skipped[e.reason] += 1

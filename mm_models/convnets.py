@@ -57,18 +57,24 @@ class ResidualNorm(nn.GroupNorm):
 
 
 class ResidualBlock(nn.Module):
-    """conv-norm-ReLU-conv-norm plus a shortcut (1×1 conv where the shape changes), then ReLU."""
+    """[2×2 max-pool] conv-norm-ReLU-conv-norm plus a shortcut (1×1 conv
+    where the width changes), then ReLU. A block that halves the grid
+    max-pools first rather than striding its convolution: the strongest
+    response in each 2×2 window survives, so a small shape's edges are not
+    skipped over (demo image zero-shot 0.97 against 0.88 with stride 2)."""
 
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, *, halve: bool):
         super().__init__()
-        self.conv1, self.norm1 = Conv(cin, cout, 3, stride), nn.GroupNorm(_groups(cout), cout)
+        self.down = nn.MaxPool2d(2) if halve else nn.Identity()
+        self.conv1, self.norm1 = Conv(cin, cout, 3), nn.GroupNorm(_groups(cout), cout)
         self.conv2, self.norm2 = Conv(cout, cout, 3), ResidualNorm(_groups(cout), cout)
         self.shortcut = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(Conv(cin, cout, 1, stride), nn.GroupNorm(_groups(cout), cout))
+        if cin != cout:
+            self.shortcut = nn.Sequential(Conv(cin, cout, 1), nn.GroupNorm(_groups(cout), cout))
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(x)
         h = self.act(self.norm1(self.conv1(x)))
         return self.act(self.norm2(self.conv2(h)) + self.shortcut(x))
 
@@ -80,11 +86,16 @@ def _as_image(x: torch.Tensor) -> torch.Tensor:
 
 class CNNEncoder(nn.Module):
     """ResNet-style: a 3×3 stem, then `depth` residual blocks whose widths
-    double up to `width`, globally max-pooled. Stride-2 layers bring the input to the same grid a
-    ViT with `patch_size` would cut (input / patch_size), so fusions see the
-    same number of tokens. GroupNorm rather than BatchNorm: no running
-    statistics to keep in step across ranks, and absent (all-zero) samples
-    do not shift the statistics of the present ones."""
+    double up to `width`, globally max-pooled. The grid is halved down to
+    the one a ViT with `patch_size` would cut (input / patch_size), so
+    fusions see the same number of tokens: by the first blocks (2×2
+    max-pool each), and where there are more halvings than blocks, by the
+    stem first (a stride-2 convolution, then max-pooling, as ResNet's stem
+    does for large images). On small inputs the stem therefore keeps the
+    full resolution (demo, 32 px: image zero-shot 0.97 against 0.83 with
+    a stride-2 stem and strided blocks). GroupNorm rather than BatchNorm: no
+    running statistics to keep in step across ranks, and absent (all-zero)
+    samples do not shift the statistics of the present ones."""
 
     def __init__(self, in_chans: int, cfg: EncoderConfig, *, embed_dim: int, what: str):
         super().__init__()
@@ -93,14 +104,15 @@ class CNNEncoder(nn.Module):
         halvings = _halvings(cfg.patch_size, what)
         widths = [max(16, cfg.width >> (cfg.depth - 1 - i)) for i in range(cfg.depth)]
         widths[-1] = cfg.width
-        strides = [2 if i < halvings else 1 for i in range(cfg.depth + 1)]
-        self.stem = nn.Sequential(Conv(in_chans, widths[0], 3, strides[0]), nn.GroupNorm(_groups(widths[0]), widths[0]),
-                                  nn.ReLU())
+        in_stem = max(0, halvings - cfg.depth)  # halvings the blocks cannot do
+        stem: list[nn.Module] = [Conv(in_chans, widths[0], 3, 2 if in_stem else 1),
+                                 nn.GroupNorm(_groups(widths[0]), widths[0]), nn.ReLU()]
+        if in_stem > 1:
+            stem.append(nn.MaxPool2d(2 ** (in_stem - 1)))
+        self.stem = nn.Sequential(*stem)
         self.stages = nn.ModuleList(
-            ResidualBlock(widths[max(0, i - 1)], widths[i], strides[i + 1]) for i in range(cfg.depth)
+            ResidualBlock(widths[max(0, i - 1)], widths[i], halve=i < halvings - in_stem) for i in range(cfg.depth)
         )
-        rest = max(0, halvings - cfg.depth - 1)  # halvings the layers did not do: one average pool
-        self.pool = nn.AvgPool2d(2**rest) if rest else nn.Identity()
         self.norm = nn.LayerNorm(cfg.width)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         self.checkpointing = cfg.activation_checkpointing
@@ -112,9 +124,9 @@ class CNNEncoder(nn.Module):
                 h = checkpoint(stage, h, use_reentrant=False)
             else:
                 h = stage(h)
-        tokens = self.pool(h).flatten(2).transpose(1, 2)  # B×N×W
+        tokens = h.flatten(2).transpose(1, 2)  # B×N×W
         # Global max, not mean: a small object on a background is a peak the
-        # mean dilutes (demo, image zero-shot top-1: 0.83 against 0.56).
+        # mean dilutes (demo, first design: image zero-shot top-1 0.83 against 0.56).
         pooled = self.norm(tokens.amax(dim=1))
         return {"tokens": tokens, "pooled": pooled, "embed": self.proj(pooled)}
 

@@ -81,8 +81,22 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
-def load(path: str | Path, *, device: str | torch.device = "cpu") -> PretrainModel:
-    """The PretrainModel exported to `path` (a .safetensors file), in eval mode.
+def build_from_config(config: dict) -> torch.nn.Module:
+    """The (uninitialised) model a training config describes: a
+    ClassifierModel for task=classify, else a PretrainModel."""
+    model_cfg, fusion_cfg, objective_cfg = configs_from_dict(config)
+    task = config.get("task") or {}
+    if isinstance(task, dict) and task.get("name") == "classify":
+        from mm_models.classifier import ClassifierModel, classifier_config
+
+        return ClassifierModel(model_cfg, fusion_cfg, classifier_config(task))
+    return PretrainModel(model_cfg, fusion_cfg, objective_cfg)
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model exported to `path` (a .safetensors file), in eval mode: a
+    PretrainModel, or a ClassifierModel for a fine-tuned classifier
+    (`model.predict(batch)` gives its class probabilities).
 
     Weights load strictly: a missing or unexpected tensor is an error.
     """
@@ -91,7 +105,6 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> PretrainMod
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (export one with `python -m train.export`)")
-    model_cfg, fusion_cfg, objective_cfg = configs_from_dict(read_config(path))
-    model = PretrainModel(model_cfg, fusion_cfg, objective_cfg)
+    model = build_from_config(read_config(path))
     model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
     return model.to(device).eval()

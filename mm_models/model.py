@@ -143,9 +143,22 @@ class PretrainModel(nn.Module):
     def init_weights(self) -> None:
         init_weights(self)
 
-    def embed(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Shared-space embeddings per modality, B×E each (unnormalised)."""
+    def encode(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Shared-space embeddings per modality, B×E each (unnormalised), one
+        row per sample whether or not it has the modality: the caller masks
+        with the batch's `<modality>_mask` (training and evaluation do)."""
         return {m: f["embed"] for m, f in self.model(batch).items()}
+
+    def embed(self, batch: dict) -> dict[str, torch.Tensor | None]:
+        """Shared-space embeddings per modality (unnormalised), with absence
+        impossible to miss: a modality no sample of the batch has maps to
+        None, and in a B×E tensor the rows of samples that lack it are NaN
+        (so any similarity computed from them is NaN, never a number)."""
+        out: dict[str, torch.Tensor | None] = {}
+        for m, e in self.encode(batch).items():
+            present = batch[f"{m}_mask"].to(e.device)
+            out[m] = None if not bool(present.any()) else e.masked_fill(~present[:, None], float("nan"))
+        return out
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         cfg = self.objective_cfg

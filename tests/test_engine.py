@@ -166,6 +166,18 @@ def test_zero3_is_built_partitioned_and_exports_the_live_model(demo_shards, tmp_
     data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), config["data"]))
     batch = next(iter(build_loader(data, split="heldout", batch_size=16)))
     with torch.no_grad():
-        got = loaded.embed(batch)
+        got = loaded.encode(batch)
     for m in ("image", "audio", "text"):
         torch.testing.assert_close(got[m], live[m], atol=1e-5, rtol=0)
+
+
+def test_the_first_use_build_of_deepspeeds_comm_op_is_detected(tmp_path, monkeypatch):
+    """start_deepspeed_comm announces the one-off compile only when torch's
+    extension cache lacks the op."""
+    from train.engine import _extension_built
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not _extension_built("deepspeed_shm_comm")
+    (tmp_path / "deepspeed_shm_comm").mkdir(exist_ok=True)
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert _extension_built("deepspeed_shm_comm")

@@ -79,7 +79,7 @@ def test_export_then_load_gives_the_consolidated_model(trained, tmp_path):
 
     batch = _heldout_batch(meta["config"])
     with torch.no_grad():
-        got, want = loaded.embed(batch), reference.embed(batch)
+        got, want = loaded.encode(batch), reference.encode(batch)
     for m in ("image", "audio", "text"):
         torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=0)
 

@@ -81,6 +81,22 @@ def test_every_entry_point_answers_help(module):
     assert "python -m " + module in proc.stdout or module == "train"
 
 
+def test_console_scripts_match_the_modules():
+    """pyproject's console scripts (mm-train, ...) name real entry points; each answers --help."""
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {target.split(":")[0].removesuffix(".__main__") for target in scripts.values()} == set(ENTRY_POINTS)
+    bin_dir = Path(python()).parent
+    for name in scripts:
+        if not (bin_dir / name).exists():
+            pytest.fail(f"{name} is not installed next to {python()}: reinstall the project (make install)")
+        proc = subprocess.run([str(bin_dir / name), "--help"], cwd=REPO, env=clean_env(), capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+
+
 def test_launch_local_dry_run_can_be_pasted_back():
     overrides = ["data.train='shards/train-{000000..000003}.tar'", "logger.tags=[a,b]", "trainer.max_steps=5"]
     proc = subprocess.run([python(), "-m", "launch.local", "--nproc", "2", "--dry-run", "--", *overrides],
@@ -167,3 +183,53 @@ def test_a_bpe_export_carries_its_tokenizer(tmp_path):
         expected = model.embed(text_batch(trained_ids))["text"]
         got = load(out).embed(text_batch(tokenizer.encode(caption, max_len=24)))["text"]
     torch.testing.assert_close(got, expected)
+
+
+def _readme_snippet() -> str:
+    """The README's inference snippet (the python block that calls model.embed)."""
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    [snippet] = [b for b in blocks if "model.embed(batch)" in b]
+    return snippet
+
+
+@pytest.mark.parametrize("with_audio", [True, False])
+def test_the_readme_inference_snippet_runs_and_skips_an_absent_modality(tmp_path, with_audio):
+    """The README's snippet, run as written against an export: it prints a
+    similarity for each modality the sample has, and none for one it lacks."""
+    import dataclasses
+
+    import numpy as np
+    import soundfile
+    import torch
+    from PIL import Image
+
+    from data_pipeline import DataConfig
+    from mm_models import EncoderConfig, FusionConfig, ModelConfig, ObjectiveConfig, PretrainModel
+    from train.export import write_weights
+
+    data = DataConfig(image_size=16, n_mels=16, audio_frames=16, max_text_len=24)
+    enc = EncoderConfig(width=32, depth=1, heads=2)
+    cfg = ModelConfig(embed_dim=16, image=enc, audio=enc, text=enc, image_size=16, n_mels=16, audio_frames=16,
+                      max_text_len=24)
+    torch.manual_seed(0)
+    model = PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
+    model.init_weights()
+    write_weights({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors",
+                  metadata={"format": "pt"})
+    config = {"model": dataclasses.asdict(cfg), "fusion": dataclasses.asdict(FusionConfig()),
+              "objective": dataclasses.asdict(ObjectiveConfig()), "data": dataclasses.asdict(data)}
+    (tmp_path / "model.json").write_text(json.dumps(config))
+    Image.fromarray(np.full((20, 24, 3), 200, dtype=np.uint8)).save(tmp_path / "cat.jpg")
+    soundfile.write(tmp_path / "meow.flac", np.sin(np.arange(8000) / 5.0).astype(np.float32), 16000)
+    snippet = _readme_snippet()
+    if not with_audio:
+        snippet = snippet.replace('decode_audio(Path("meow.flac").read_bytes(), data)', "None")
+        assert '"audio": None' in snippet
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=clean_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = dict(line.split() for line in result.stdout.strip().splitlines())
+    assert set(printed) == ({"image-text", "audio-text"} if with_audio else {"image-text"})
+    assert all(-1.0 <= float(v) <= 1.0 for v in printed.values())

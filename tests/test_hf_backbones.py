@@ -238,8 +238,8 @@ def test_export_loads_without_the_original_directory(backbones, tmp_path):
     loaded = load(out)
     x = batch()
     with torch.no_grad():
-        for m, e in loaded.embed(x).items():
-            torch.testing.assert_close(e, model.embed(x)[m], atol=1e-5, rtol=1e-5)
+        for m, e in loaded.encode(x).items():
+            torch.testing.assert_close(e, model.encode(x)[m], atol=1e-5, rtol=1e-5)
     from mm_models.io import read_config
     from data_pipeline.tokenizer import load_tokenizer
 

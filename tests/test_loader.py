@@ -106,3 +106,22 @@ def test_brace_and_directory_patterns(demo_shards):
     d = demo_shards["train"]
     assert expand_shards(str(d)) == expand_shards(str(d / "shard-{000000..000003}.tar"))
     assert len(expand_shards(f"{d}::{demo_shards['heldout']}")) == 5
+
+
+@pytest.mark.parametrize("cpus,ranks,want", [(2, 2, 1), (2, 1, 1), (8, 1, 7), (32, 8, 3), (64, 1, 8), (1, 4, 1)])
+def test_auto_workers_share_the_cpus_among_local_ranks(monkeypatch, cpus, ranks, want):
+    from data_pipeline.config import worker_count
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert worker_count("auto", local_ranks=ranks) == want
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    assert worker_count("auto") == want
+
+
+def test_worker_count_takes_numbers_and_refuses_the_rest():
+    from data_pipeline.config import worker_count
+
+    assert worker_count(0) == 0 and worker_count(3) == 3 and worker_count("2") == 2
+    for bad in (-1, "many", 1.5, None):
+        with pytest.raises(ValueError, match="data.num_workers"):
+            worker_count(bad)

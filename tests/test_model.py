@@ -198,3 +198,19 @@ def test_init_keeps_the_scale_at_every_width(width):
             assert 0.8 < ratio < 0.95, f"{name}: std {w.std().item():.4f}, fan-in {w[0].numel()}"
             checked += 1
     assert checked > 10
+
+
+def test_embed_makes_an_absent_modality_impossible_to_miss():
+    model = build().eval()
+    b = batch(4)
+    b["audio_mask"][1] = False  # sample 1 has no audio
+    b["image_mask"][:] = False  # no sample has an image
+    with torch.no_grad():
+        emb, raw = model.embed(b), model.encode(b)
+    assert emb["image"] is None
+    assert torch.isnan(emb["audio"][1]).all()
+    present = torch.tensor([0, 2, 3])
+    torch.testing.assert_close(emb["audio"][present], raw["audio"][present])
+    torch.testing.assert_close(emb["text"], raw["text"])
+    # A similarity against the absent row is NaN, never a plausible number.
+    assert torch.isnan(emb["audio"][1] @ emb["text"][0])

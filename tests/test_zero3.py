@@ -114,6 +114,14 @@ def test_zero3_prints_no_deprecation_flood(run):
     assert "FutureWarning" not in run["stderr"], run["stderr"][-3000:]
 
 
+def test_start_up_prints_no_deepspeed_noise(run):
+    """No accelerator fall-back warning, compiler probe or per-rank "built
+    successfully" line: the log starts with what the user needs."""
+    out = run["stdout"] + run["stderr"]
+    for noise in ("Setting accelerator to CPU", "built successfully", "compilers.C.base", "-laio"):
+        assert noise not in out, (noise, out[:3000])
+
+
 def test_zero3_checkpoint_is_complete(run):
     ckpts = run["run_dir"] / "checkpoints"
     tag = (ckpts / "latest").read_text().strip()

@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from train.config import Config, check_override_keys, register_configs, validate
+from train.config import CONF_DIR, Config, check_override_keys, register_configs, validate
 from train.distributed import DistInfo, init_distributed, shared_run_stamp
 from train.signals import STOPPED_FILE
 
@@ -25,8 +25,12 @@ for _api in ("all_gather_into_tensor", "reduce_scatter_tensor"):  # ZeRO-3 calls
 _INFO = DistInfo()
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+# An absolute path: the same under `python -m train` and the mm-train console script.
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
+    from train.engine import quiet_deepspeed_startup
+
+    quiet_deepspeed_startup()  # before anything imports DeepSpeed
     from train.loop import final_json, train  # heavy imports after config errors surface
     from train.watchdog import stall_watchdog
 

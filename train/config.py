@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -106,12 +106,48 @@ class LoggerConfig:
     # Each checkpoint is logged as a W&B artifact of type "model" (a reference
     # to its directory) with the aliases "latest" and, when the eval metric
     # best_metric improves on every earlier checkpoint's, "best".
-    best_metric: str = "eval/image_text/R@1"
+    # auto: eval/image_text/R@1 (pretrain), eval/macro_f1 (classify).
+    best_metric: str = "auto"
     best_mode: str = "max"  # max or min
     # Rows of the held-out retrieval table logged at each evaluation (0: none).
     table_rows: int = 8
     # The end-of-run export: uploaded with the run (true) or a reference to the file.
     upload_export: bool = True
+
+
+@dataclass
+class TaskConfig:
+    # pretrain: contrastive (+ fused) pretraining on image-audio-text tuples.
+    # classify: a fused classifier trained on the labels in each sample's
+    # .json (data.label_key, or a class name under data.class_key).
+    name: str = "pretrain"
+    # classify: where the encoders start: an exported model.safetensors, a
+    # training checkpoint (run directory, checkpoints/ or a step directory), or
+    # none (random initialisation, for comparison). The model config comes
+    # with the weights.
+    init: str = "none"
+    modalities: List[str] = field(default_factory=lambda: ["image", "audio", "text"])
+    # The classes: num_classes, or the names in index order (then a label may
+    # also be a class name); with both, their lengths must agree.
+    num_classes: int = 0
+    classes: List[str] = field(default_factory=list)
+    # A list of labels per sample, a sigmoid per class, binary cross-entropy.
+    multi_label: bool = False
+    head: str = "linear"  # linear, or mlp (head_hidden sizes, GELU, head_dropout)
+    head_hidden: List[int] = field(default_factory=lambda: [256])
+    head_dropout: float = 0.1
+    # none: full fine-tuning; encoders: a linear probe (only fusion and head train).
+    freeze: str = "none"
+    # Full fine-tuning: each encoder layer gets lr × lr_decay^(layers above it)
+    # (1.0: one learning rate everywhere; 0.65-0.75 is usual for ViTs).
+    lr_decay: float = 1.0
+    # none; auto: inversely proportional to each class's frequency in the
+    # training shards (multi-label: negatives/positives), read once at start;
+    # or a list with one weight per class.
+    class_weights: Any = "none"
+    label_smoothing: float = 0.0
+    # Multi-label: a class is predicted where its probability exceeds this.
+    threshold: float = 0.5
 
 
 @dataclass
@@ -123,6 +159,7 @@ class Config:
     data: DataConfig = MISSING
     deepspeed: DeepSpeedConfig = MISSING
     logger: LoggerConfig = MISSING
+    task: TaskConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
@@ -132,7 +169,7 @@ def register_configs() -> None:
 
 
 # Hydra config groups: an override "model=small" picks a file, it is not a key.
-GROUPS = ("model", "fusion", "objective", "optimizer", "data", "deepspeed", "logger", "experiment")
+GROUPS = ("model", "fusion", "objective", "optimizer", "data", "deepspeed", "logger", "task", "experiment")
 
 
 def schema_keys(cls=None, prefix: str = "") -> list[str]:
@@ -267,5 +304,8 @@ def validate(cfg: Config) -> None:
     if pretrained_tokenizer and cfg.objective.masked_text_weight > 0:
         raise ValueError("objective.masked_text_weight > 0 needs our own text tokenizer (its MASK and first "
                          f"text ids); data.tokenizer={cfg.data.tokenizer} is a pretrained model's")
+    from data_pipeline.config import worker_count
+
+    worker_count(cfg.data.num_workers)  # "auto" or an integer >= 0, else an error naming the key
     if cfg.trainer.global_batch_size < 0:
         raise ValueError(f"trainer.global_batch_size must be 0 (derived) or positive, got {cfg.trainer.global_batch_size}")

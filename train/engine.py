@@ -3,8 +3,12 @@ deepspeed.initialize."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
+import os
+import sys
 
 import torch
 from torch import nn
@@ -13,6 +17,49 @@ from mm_models.model import finish_init, init_module
 from train.config import DeepSpeedConfig, OptimizerConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
+
+
+def quiet_deepspeed_startup() -> None:
+    """Before DeepSpeed is first imported: where there is no GPU, name the
+    CPU accelerator (else every rank warns that it "fell back" to CPU), and
+    keep setuptools' compiler probes (DeepSpeed checks for libaio on import)
+    out of the run's log."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    for name in ("compilers.C.base", "distutils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _extension_built(name: str) -> bool:
+    """Whether torch's extension cache already holds a JIT-built op."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return os.path.isfile(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so"))
+    except Exception:  # a private torch helper: when it moves, just say nothing
+        return True
+
+
+def start_deepspeed_comm(*, is_main: bool) -> None:
+    """DeepSpeed's communication layer, started once before the model is
+    built. On CPU it JIT-compiles a shared-memory op on first use (about a
+    minute, silently): say so once instead of pausing without a word, and
+    drop the "built successfully" line each rank prints."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False) \
+            and not _extension_built(builder.name) and is_main:
+        log.info("building DeepSpeed's CPU communication op (first use only; about a minute) ...")
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            deepspeed.init_distributed()  # adopts our process group
+    finally:
+        rest = [line for line in captured.getvalue().splitlines() if "built successfully" not in line]
+        if rest:
+            print("\n".join(rest), file=sys.stdout, flush=True)
 
 
 # CPU flags (as /proc/cpuinfo names them) of native bf16 matrix instructions.
@@ -181,26 +228,30 @@ def parameter_total(model: nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, *, lr: float | None = None,
+                 lr_scales: dict[str, float] | None = None) -> list[dict]:
     """Decay matrices only: norms, biases, embeddings, positions and the
-    temperature get no weight decay."""
-    decay, no_decay = [], []
+    temperature get no weight decay. With lr_scales (parameter name ->
+    multiplier of lr; layer-wise decay), one group per distinct multiplier."""
     no_decay_modules = (nn.LayerNorm, nn.Embedding)
-    for module in model.modules():
+    groups: dict[tuple[bool, float], list] = {}
+    for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
             # ds_shape: the full shape of a parameter ZeRO-3 has partitioned.
             ndim = len(getattr(p, "ds_shape", p.shape))
-            if isinstance(module, no_decay_modules) or ndim < 2 or name in ("cls", "pos"):
-                no_decay.append(p)
-            else:
-                decay.append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+            decay = not (isinstance(module, no_decay_modules) or ndim < 2 or name in ("cls", "pos"))
+            full = f"{module_name}.{name}" if module_name else name
+            scale = (lr_scales or {}).get(full, 1.0)
+            groups.setdefault((decay, scale), []).append(p)
+    out = []
+    for (decay, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if lr_scales is not None and lr is not None:
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -211,11 +262,12 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_engine(model: nn.Module, *, ds_config: dict, optimizer: OptimizerConfig, total_steps: int):
+def build_engine(model: nn.Module, *, ds_config: dict, optimizer: OptimizerConfig, total_steps: int,
+                 lr_scales: dict[str, float] | None = None):
     """Wraps the model in a DeepSpeed engine with AdamW and warmup-cosine."""
     import deepspeed
 
-    opt = build_optimizer(model, optimizer, cpu_offload=offloads_optimizer(ds_config))
+    opt = build_optimizer(model, optimizer, cpu_offload=offloads_optimizer(ds_config), lr_scales=lr_scales)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=build_schedule(opt, optimizer, total_steps), config=ds_config
     )
@@ -226,7 +278,8 @@ def build_engine(model: nn.Module, *, ds_config: dict, optimizer: OptimizerConfi
     return engine
 
 
-def build_optimizer(model: nn.Module, optimizer: OptimizerConfig, *, cpu_offload: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optimizer: OptimizerConfig, *, cpu_offload: bool = False,
+                    lr_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
     """AdamW over param_groups.
 
     Normally torch AdamW with the fused kernel: one pass over each tensor
@@ -235,7 +288,7 @@ def build_optimizer(model: nn.Module, optimizer: OptimizerConfig, *, cpu_offload
     runs on CPU copies of the parameters: DeepSpeed's vectorised CPU AdamW
     (compiled on first use) in decoupled-decay mode.
     """
-    groups = param_groups(model, optimizer.weight_decay)
+    groups = param_groups(model, optimizer.weight_decay, lr=optimizer.lr, lr_scales=lr_scales)
     kw = dict(lr=optimizer.lr, betas=(optimizer.beta1, optimizer.beta2), eps=optimizer.eps)
     if cpu_offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam

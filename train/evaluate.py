@@ -43,7 +43,7 @@ def embed_split(model, loader, *, device: torch.device, dtype: torch.dtype) -> d
         for batch in loader:
             real = torch.tensor([k != "" for k in batch["__key__"]])
             batch = to_device(batch, device=device, dtype=dtype)
-            out = module.embed(batch)
+            out = module.encode(batch)
             for m in MODALITIES:
                 embeds[m].append(out[m].float().cpu()[real])
                 masks[m].append(batch[f"{m}_mask"].cpu()[real])
@@ -78,7 +78,7 @@ def class_embeddings(model, names: list[str], *, data: DataConfig, tokenizer, ba
         for i in range(0, len(samples), batch_size):
             batch = to_device(collate(samples[i : i + batch_size], cfg=data, pad_id=tokenizer.pad_id),
                               device=device, dtype=dtype)
-            chunks.append(F.normalize(module.embed(batch)["text"].float().cpu(), dim=-1))
+            chunks.append(F.normalize(module.encode(batch)["text"].float().cpu(), dim=-1))
     per_prompt = torch.cat(chunks).view(len(names), len(data.prompts), -1)
     return F.normalize(per_prompt.mean(dim=1), dim=-1)
 
@@ -150,13 +150,13 @@ def results_table(results: dict) -> str:
 # -- `python -m train.evaluate checkpoint=PATH [data.KEY=VALUE ...] [batch_size=N]` --------------
 
 def load_for_eval(checkpoint: str) -> tuple[torch.nn.Module, dict]:
-    """A plain fp32 PretrainModel on CPU and the training config it was saved
+    """A plain fp32 model (PretrainModel or ClassifierModel) on CPU and the training config it was saved
     with (model, fusion, objective, data, and the step), from a checkpoint
     directory (consolidated as `train.export` does) or an exported .safetensors."""
     from pathlib import Path
 
-    from mm_models import PretrainModel, load
-    from mm_models.io import configs_from_dict, read_config
+    from mm_models import load
+    from mm_models.io import build_from_config, read_config
     from train.export import CheckpointError, consolidate, read_meta, resolve_step_dir
 
     path = Path(checkpoint)
@@ -167,15 +167,16 @@ def load_for_eval(checkpoint: str) -> tuple[torch.nn.Module, dict]:
     step_dir = resolve_step_dir(path)
     meta = read_meta(step_dir)
     config = {**meta["config"], "step": meta.get("step")}
-    model = PretrainModel(*configs_from_dict(config))
+    model = build_from_config(config)
     model.load_state_dict(consolidate(step_dir), strict=True)
     return model.eval(), config
 
 
 USAGE = """usage: python -m train.evaluate checkpoint=PATH [data.KEY=VALUE ...] [batch_size=N] [device=cpu]
 
-Held-out retrieval and zero-shot metrics of a checkpoint, in one process: a
-table on stderr, then the JSON line a training run prints at its end.
+Held-out retrieval and zero-shot metrics of a checkpoint (for a fine-tuned
+classifier: accuracy, macro-F1, per-class metrics), in one process: a table
+on stderr, then the JSON line a training run prints at its end.
 
   checkpoint=PATH   a step directory, checkpoints/ or run directory, or an
                     exported .safetensors file
@@ -223,9 +224,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device(options.get("device", "cpu"))
     model.to(device)
-    results = {"step": config.get("step"), "heldout": evaluate_heldout(
-        model, data=data, batch_size=batch_size, device=device, dtype=torch.float32)}
-    print(results_table(results["heldout"]), file=sys.stderr)
+    task = config.get("task") or {}
+    if task.get("name") == "classify":
+        from train.classify import classification_metrics, classify_table, label_spec, predict_split
+        from train.config import TaskConfig
+
+        task_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), task))
+        spec = label_spec(task_cfg)
+        loader = build_loader(data, split="heldout", batch_size=batch_size, labels=spec)
+        try:
+            heldout = classification_metrics(predict_split(model, loader, device=device, dtype=torch.float32), spec,
+                                             threshold=task_cfg.threshold)
+        except ValueError as e:
+            print(f"train.evaluate: error: {e}", file=sys.stderr)
+            return 2
+        results = {"step": config.get("step"), "task": "classify", "heldout": heldout}
+        print(classify_table(heldout), file=sys.stderr)
+    else:
+        results = {"step": config.get("step"), "heldout": evaluate_heldout(
+            model, data=data, batch_size=batch_size, device=device, dtype=torch.float32)}
+        print(results_table(results["heldout"]), file=sys.stderr)
     print(final_json(results), flush=True)
     return 0
 

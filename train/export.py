@@ -23,8 +23,8 @@ import torch
 from train.checkpoint import complete_checkpoint
 
 # What an export keeps of the training config: enough to rebuild the model
-# (model, fusion, objective) and to decode its inputs (data).
-EXPORTED_SECTIONS = ("model", "fusion", "objective", "data")
+# (model, fusion, objective; task for a classifier) and to decode its inputs (data).
+EXPORTED_SECTIONS = ("model", "fusion", "objective", "task", "data")
 
 
 class CheckpointError(Exception):

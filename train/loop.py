@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,13 +16,15 @@ import torch
 
 from data_pipeline import build_loader
 from mm_models import PretrainModel
+from mm_models.classifier import ClassifierModel, attach_weights, classifier_config
+from train import classify as classify_mod
 from mm_models.flops import flops_per_sample, sequence_lengths
 from train.batch import to_device
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.config import Config
 from train.distributed import DistInfo, all_reduce_mean, barrier, feature_gather, sum_counters
 from train.engine import (
-    build_deepspeed_config, build_engine, build_model, compute_dtype, parameter_total,
+    build_deepspeed_config, build_engine, build_model, start_deepspeed_comm, compute_dtype, parameter_total,
 )
 from train.evaluate import eval_metrics, evaluate_heldout, results_table
 from train import watchdog
@@ -74,11 +77,11 @@ def train_step(engine, batches, *, accum: int, device, dtype) -> tuple[dict[str,
     return sums, data_wait
 
 
-def checked_loader(data, split: str, *, batch_size: int, info: DistInfo, tokenizer=None):
+def checked_loader(data, split: str, *, batch_size: int, info: DistInfo, tokenizer=None, labels=None):
     """build_loader, with an error that names the config key at fault."""
     try:
         return build_loader(data, split=split, batch_size=batch_size, rank=info.rank, world_size=info.world_size,
-                            tokenizer=tokenizer)
+                            tokenizer=tokenizer, labels=labels)
     except (ValueError, OSError) as e:
         key = "data.heldout" if split == "heldout" else ("data.sources" if data.sources else "data.train")
         value = data.heldout if split == "heldout" else (data.train if not data.sources else "...")
@@ -157,10 +160,22 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     set_threads(t_cfg.threads, info)
     seed_everything(t_cfg.seed, deterministic=t_cfg.deterministic)
 
+    classify = cfg.task.name == "classify"
+    spec, init_state, pretrained = None, None, None
+    if classify:
+        classify_mod.check_task(cfg.task)
+        classify_mod.data_for_classify(cfg.data)
+        spec = classify_mod.label_spec(cfg.task)
+        if cfg.task.init not in ("", "none"):
+            init_state, pretrained = classify_mod.read_init(cfg.task.init)
+            classify_mod.adopt_pretrained_config(cfg, pretrained, init=cfg.task.init)
+            resolved["model"] = dataclasses.asdict(cfg.model)  # what checkpoints and the export rebuild
+
     # Data first: a bad shard pattern or tokenizer fails before any engine
     # starts, the held-out set's too (not only when the first evaluation needs it).
-    loader = checked_loader(cfg.data, "train", batch_size=t_cfg.micro_batch_size, info=info)
-    checked_loader(cfg.data, "heldout", batch_size=t_cfg.eval_batch_size, info=info, tokenizer=loader.tokenizer)
+    loader = checked_loader(cfg.data, "train", batch_size=t_cfg.micro_batch_size, info=info, labels=spec)
+    checked_loader(cfg.data, "heldout", batch_size=t_cfg.eval_batch_size, info=info, tokenizer=loader.tokenizer,
+                   labels=spec)
     if cfg.model.text.arch != "hf" and loader.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"data.tokenizer={cfg.data.tokenizer!r} has {loader.tokenizer.vocab_size} tokens but "
@@ -171,10 +186,33 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
         ds=cfg.deepspeed, trainer=t_cfg, optimizer=cfg.optimizer, world_size=info.world_size
     )
     accum = ds_config["gradient_accumulation_steps"]
-    model = build_model(
-        lambda: PretrainModel(cfg.model, cfg.fusion, cfg.objective, gather=feature_gather(info)), ds_config=ds_config
-    )
-    engine = build_engine(model, ds_config=ds_config, optimizer=cfg.optimizer, total_steps=t_cfg.max_steps)
+    start_deepspeed_comm(is_main=info.is_main)
+    lr_scales = None
+    if classify:
+        class_weights = classify_mod.resolve_class_weights(cfg.task, loader, spec, is_main=info.is_main)
+        classifier = classifier_config(dataclasses.asdict(cfg.task), class_weights=class_weights)
+
+        def make_model():
+            model = ClassifierModel(cfg.model, cfg.fusion, classifier)
+            if init_state is not None:
+                attach_weights(model, *classify_mod.init_weights_from(init_state, pretrained, fusion=cfg.fusion,
+                                                                       init=cfg.task.init))
+            return model
+
+        model = build_model(make_model, ds_config=ds_config)
+        if cfg.task.freeze == "none" and cfg.task.lr_decay < 1.0:
+            lr_scales = classify_mod.lr_scales(model, cfg.task.lr_decay)
+        if init_state is not None and info.is_main:
+            source = next(m.pretrained_weights[0] for m in model.modules() if hasattr(m, "pretrained_weights"))
+            log.info("initialised %d tensors from task.init=%s%s", len(source.loaded), cfg.task.init,
+                     f" ({len(source.missing)} kept fresh: {source.missing[:5]}...)" if source.missing else "")
+        init_state = None  # the model holds its copy now
+    else:
+        model = build_model(
+            lambda: PretrainModel(cfg.model, cfg.fusion, cfg.objective, gather=feature_gather(info)), ds_config=ds_config
+        )
+    engine = build_engine(model, ds_config=ds_config, optimizer=cfg.optimizer, total_steps=t_cfg.max_steps,
+                          lr_scales=lr_scales)
     device = engine.device
     dtype = compute_dtype(ds_config)
     precision = str(dtype).removeprefix("torch.")
@@ -185,6 +223,11 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
             cfg.model.name, encoder_summary(cfg.model), n_params / 1e6, zero_summary(ds_config), precision,
             ds_config["train_batch_size"], t_cfg.micro_batch_size, accum, info.world_size,
         )
+        if classify:
+            log.info("task classify: %d classes%s over %s, fusion %s, head %s, %s", spec.num_classes,
+                     " (multi-label)" if spec.multi_label else "", "+".join(cfg.task.modalities), cfg.fusion.name,
+                     cfg.task.head, "linear probe (encoders frozen)" if cfg.task.freeze == "encoders" else
+                     f"full fine-tuning (lr_decay {cfg.task.lr_decay})")
     resumed: dict = {}  # the checkpoint's meta.json, if resuming
     resume_from = find_checkpoint(t_cfg.resume, run_dir=run_dir)
     if resume_from is not None:
@@ -201,11 +244,29 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     batches = watchdog.watch_batches(batches)
     tracker.summary({"params": n_params, "precision": precision})
 
-    best = BestMetric(cfg.logger.best_metric, cfg.logger.best_mode, value=resumed.get("best_metric_value"))
+    best_metric = cfg.logger.best_metric
+    if best_metric == "auto":
+        best_metric = "eval/macro_f1" if classify else "eval/image_text/R@1"
+    best = BestMetric(best_metric, cfg.logger.best_mode, value=resumed.get("best_metric_value"))
     last_eval: dict = {}
 
     def evaluate(step: int) -> dict:
         watchdog.mark("evaluation", step=step)
+        if classify:
+            heldout = build_loader(cfg.data, split="heldout", batch_size=t_cfg.eval_batch_size, labels=spec)
+            split = classify_mod.predict_split(engine, heldout, device=device, dtype=dtype)
+            results = classify_mod.classification_metrics(split, spec, threshold=cfg.task.threshold)
+            last_eval.clear()
+            last_eval.update(step=step, metrics=classify_mod.flat_metrics(results, "eval"))
+            tracker.log(last_eval["metrics"], step=step)
+            if tracker.run is not None:
+                try:
+                    classify_mod.log_to_wandb(tracker, results, step=step)
+                except Exception as e:  # noqa: BLE001 - reported, then training goes on
+                    log.warning("W&B classification plots at step %d skipped: %s: %s", step, type(e).__name__, e)
+            if info.is_main and step != t_cfg.max_steps:
+                log.info("held-out classification at step %d:\n%s", step, classify_mod.classify_table(results))
+            return results
         results = evaluate_heldout(
             engine, data=cfg.data, batch_size=t_cfg.eval_batch_size, device=device, dtype=dtype, keep_split=True
         )
@@ -289,7 +350,8 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     ckpt = checkpoint(t_cfg.max_steps, log=False)
     results = evaluate(t_cfg.max_steps)
     log_checkpoint(ckpt, t_cfg.max_steps, is_best=best.improved(last_eval["metrics"]))
-    tracker.summary({f"final/{k}": v for k, v in eval_metrics(results, "heldout").items()})
+    final_metrics = (classify_mod.flat_metrics(results, "heldout") if classify else eval_metrics(results, "heldout"))
+    tracker.summary({f"final/{k}": v for k, v in final_metrics.items()})
     tracker.summary({"checkpoint": str(ckpt)})
     if t_cfg.export and info.is_main:
         # The checkpoint is saved; an export that fails (disk full, say) is
@@ -310,7 +372,13 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
         log.info("checkpoint: %s", ckpt)
         if wandb_dir:
             log.info("W&B run: %s  (inspect: wandb leet inspect --summary %s)", wandb_dir, wandb_dir)
-        log.info("held-out retrieval after %d steps:\n%s", t_cfg.max_steps, results_table(results))
+        if classify:
+            log.info("held-out classification after %d steps:\n%s", t_cfg.max_steps,
+                     classify_mod.classify_table(results))
+        else:
+            log.info("held-out retrieval after %d steps:\n%s", t_cfg.max_steps, results_table(results))
+    if classify:
+        return {"step": t_cfg.max_steps, "checkpoint": str(ckpt), "task": "classify", "heldout": results}
     return {"step": t_cfg.max_steps, "checkpoint": str(ckpt), "heldout": results}
 
 
@@ -324,6 +392,9 @@ def final_json(results: dict) -> str:
             "chance": {k: round(v, 5) for k, v in r["chance"].items()}}
 
     heldout = results["heldout"]
+    if results.get("task") == "classify":
+        return json.dumps({"step": results["step"], "task": "classify",
+                           "heldout": classify_mod.final_summary(heldout)}, sort_keys=True)
     out = {"step": results["step"], "heldout": {p: rounded(r, "R@") for p, r in heldout["retrieval"].items()}}
     if heldout["zero_shot"]:
         out["zero_shot"] = {m: rounded(r, "top") for m, r in heldout["zero_shot"].items()}

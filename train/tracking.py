@@ -72,8 +72,12 @@ class Tracker:
             self.run.log(metrics, step=step)
 
     def log_table(self, name: str, table, *, step: int) -> None:
+        self.log_media({name: table}, step=step)
+
+    def log_media(self, values: dict, *, step: int) -> None:
+        """W&B tables and plots (not written to metrics.jsonl)."""
         if self.run is not None:
-            self.run.log({name: table}, step=step)
+            self.run.log(values, step=step)
 
     def log_checkpoint(self, path: Path, *, step: int, aliases: list[str], metadata: dict | None = None) -> None:
         """A W&B artifact of type model that references the checkpoint directory."""

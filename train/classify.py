@@ -1,0 +1,321 @@
+"""task=classify: fine-tuning a fused classifier on the pretrained encoders,
+and its evaluation (accuracy, macro-F1, per-class precision/recall/F1, the
+confusion matrix, ROC-AUC for binary and multi-label tasks; computed with
+scikit-learn)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.config import DataConfig
+from data_pipeline.labels import LabelError, LabelSpec
+from mm_models.classifier import ClassifierConfig, StateDictWeights, classifier_config
+from mm_models.io import from_dict
+from mm_models.config import FusionConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+FREEZE = ("none", "encoders")
+# Data settings the pretrained encoders were built for: fine-tuning data must decode the same way.
+GEOMETRY = ("image_size", "n_mels", "audio_frames", "max_text_len", "sample_rate", "n_fft", "hop_length")
+
+
+def label_spec(task) -> LabelSpec:
+    try:
+        return LabelSpec(num_classes=task.num_classes, classes=tuple(task.classes), multi_label=task.multi_label)
+    except ValueError as e:
+        raise ValueError(f"task: {e}") from None
+
+
+def check_task(task) -> None:
+    """The classify settings, checked at start; each error names the key."""
+    if task.freeze not in FREEZE:
+        raise ValueError(f"task.freeze={task.freeze!r}; choose one of {FREEZE}")
+    if not 0.0 < task.lr_decay <= 1.0:
+        raise ValueError(f"task.lr_decay={task.lr_decay} must be in (0, 1]")
+    if not 0.0 < task.threshold < 1.0:
+        raise ValueError(f"task.threshold={task.threshold} must be in (0, 1)")
+    weights = task.class_weights
+    if not (isinstance(weights, str) and weights in ("none", "auto")) and not isinstance(weights, (list, tuple)):
+        raise ValueError(f"task.class_weights={weights!r}; choose none, auto or a list of one weight per class")
+    spec = label_spec(task)
+    classifier_config(dataclasses.asdict(task) if dataclasses.is_dataclass(task) else dict(task),
+                      class_weights=list(weights) if isinstance(weights, (list, tuple)) else ()).check()
+    if task.init not in ("", "none"):
+        read_init(task.init, peek=True)
+    del spec
+
+
+# -- where the encoders start ------------------------------------------------------------------
+
+def read_init(init: str, *, peek: bool = False) -> tuple[dict | None, dict]:
+    """(state dict, training config) of task.init: an exported .safetensors
+    (safe to read from anyone) or a checkpoint directory of ours. With peek,
+    only the config (a start-up check; no weights are read)."""
+    from mm_models.io import read_config
+    from train.export import CheckpointError, consolidate, read_meta, resolve_step_dir
+
+    path = Path(init)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise ValueError(f"task.init={init}: no such file")
+        config = read_config(path)
+        if peek:
+            return None, config
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu"), config
+    if not path.is_dir():
+        raise ValueError(f"task.init={init}: neither an exported .safetensors file nor a checkpoint directory "
+                         "(or set task.init=none to start from random weights)")
+    try:
+        step_dir = resolve_step_dir(path)
+        config = read_meta(step_dir)["config"]
+    except CheckpointError as e:
+        raise ValueError(f"task.init={init}: {e}") from None
+    return (None if peek else consolidate(step_dir)), config
+
+
+def adopt_pretrained_config(cfg, pretrained: dict, *, init: str) -> None:
+    """The model config of task.init replaces cfg.model (the weights need
+    it); the data must decode as the pretraining data did, and the text
+    must use the same tokenizer."""
+    model = from_dict(ModelConfig, pretrained["model"], where=f"{init}: model")
+    data = pretrained.get("data", {})
+    wrong = [f"data.{k}={getattr(cfg.data, k)} (pretrained with {data[k]})" for k in GEOMETRY
+             if k in data and data[k] != getattr(cfg.data, k)]
+    if wrong:
+        raise ValueError(f"task.init={init} was pretrained on other input geometry: " + ", ".join(wrong)
+                         + "; set these to the pretrained values")
+    theirs, ours = str(data.get("tokenizer", "byte")), cfg.data.tokenizer
+    if (theirs == "byte") != (ours == "byte"):
+        raise ValueError(f"task.init={init} was pretrained with data.tokenizer={theirs!r}, this run uses {ours!r}: "
+                         "captions would map to other tokens; use the pretraining tokenizer")
+    cfg.model = model
+
+
+def init_weights_from(state: dict, pretrained: dict, *, fusion: FusionConfig, init: str) -> tuple[StateDictWeights, tuple]:
+    """The source of initial values, and the module prefixes it covers: the
+    encoders always, the fusion too when it is the pretrained one (same
+    strategy and sizes)."""
+    source = StateDictWeights(state, origin=f"task.init={init}")
+    prefixes: tuple[str, ...] = ("model.",)
+    theirs = pretrained.get("fusion", {})
+    if fusion.name != "none" and {k: theirs.get(k) for k in dataclasses.asdict(fusion)} == dataclasses.asdict(fusion):
+        prefixes += ("fusion.",)
+    return source, prefixes
+
+
+# -- class weights -----------------------------------------------------------------------------
+
+def count_labels(loader, spec: LabelSpec) -> tuple[np.ndarray, int, Counter]:
+    """Per-class counts over every training shard (labels only: the .json
+    members are parsed, nothing is decoded). Returns (counts, labelled samples, skips by reason)."""
+    from data_pipeline.sources import Skip, read_shard
+
+    counts = np.zeros(spec.num_classes, dtype=np.int64)
+    labelled, skipped = 0, Counter()
+    for source in loader.sources:
+        for url, size in zip(source.urls, source.sizes):
+            for item in read_shard(url, size=size):
+                if isinstance(item, Skip):
+                    skipped[item.reason] += 1
+                    continue
+                try:
+                    value = spec.read(item.get("json"), label_key=loader.cfg.label_key, class_key=loader.cfg.class_key)
+                except LabelError as e:
+                    skipped[e.reason] += 1
+                    continue
+                for c in (value if spec.multi_label else [value]):
+                    counts[c] += 1
+                labelled += 1
+    return counts, labelled, skipped
+
+
+def auto_class_weights(counts: np.ndarray, labelled: int, *, multi_label: bool) -> list[float]:
+    """Single-label: n / (C × count_c) (scikit-learn's "balanced"); multi-label:
+    negatives / positives per class. A class never seen gets weight 1."""
+    counts = counts.astype(np.float64)
+    if multi_label:
+        w = np.where(counts > 0, (labelled - counts) / np.maximum(counts, 1), 1.0)
+    else:
+        w = np.where(counts > 0, labelled / (len(counts) * np.maximum(counts, 1)), 1.0)
+    return [float(x) for x in w]
+
+
+def resolve_class_weights(task, loader, spec: LabelSpec, *, is_main: bool) -> list[float]:
+    weights = task.class_weights
+    if isinstance(weights, str) and weights == "none":
+        return []
+    if isinstance(weights, str) and weights == "auto":
+        counts, labelled, skipped = count_labels(loader, spec)
+        if labelled == 0:
+            raise ValueError(f"task.class_weights=auto: no training sample has a usable label "
+                             f"(skipped: {dict(skipped)}); check data.label_key={loader.cfg.label_key!r}")
+        out = auto_class_weights(counts, labelled, multi_label=spec.multi_label)
+        if is_main:
+            log.info("class weights (auto, from %d labelled training samples): %s", labelled,
+                     ", ".join(f"{spec.name(i)} {w:.2f}" for i, w in enumerate(out)))
+        return out
+    return [float(w) for w in weights]
+
+
+# -- layer-wise learning-rate decay ------------------------------------------------------------
+
+_BLOCK = __import__("re").compile(r"\.(?:blocks|stages|layers|layer|h)\.(\d+)\.|_l(\d+)(?:_reverse)?$")
+
+
+def lr_scales(model: torch.nn.Module, decay: float) -> dict[str, float]:
+    """Parameter name -> learning-rate multiplier (BEiT's scheme). Fusion,
+    head and an encoder's parts above its blocks (final norm, projection): 1.
+    In an encoder of L blocks, block i (0 = nearest the input) gets
+    decay^(L-i), and what comes before the blocks (stem, embeddings,
+    positions) decay^(L+1). Blocks are found by name (blocks.N, stages.N,
+    layer.N, an RNN's _lN); before and above by registration order."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    out = {n: 1.0 for n in names}
+    if decay >= 1.0:
+        return out
+    encoders: dict[str, list[str]] = {}
+    for n in names:
+        if n.startswith("model.encoders."):
+            encoders.setdefault(n.split(".")[2], []).append(n)
+    for params in encoders.values():
+        blocks = []
+        for n in params:
+            m = _BLOCK.search(n)
+            blocks.append(int(m.group(1) or m.group(2)) if m else None)
+        found = [i for i, b in enumerate(blocks) if b is not None]
+        if not found:
+            continue  # no blocks to tell apart: one rate for the encoder
+        depth = max(b for b in blocks if b is not None) + 1
+        for i, (n, b) in enumerate(zip(params, blocks)):
+            if b is not None:
+                out[n] = decay ** (depth - b)
+            elif i < found[0]:
+                out[n] = decay ** (depth + 1)
+    return out
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict_split(model, loader, *, device: torch.device, dtype: torch.dtype) -> dict:
+    """Probabilities and labels over a loader's samples (padding rows dropped):
+    {"probs": N×C, "labels": N (or N×C multi-hot), "valid": N (has one of the
+    task's modalities), "keys": [N], "skipped": Counter}."""
+    from train.batch import to_device
+    from train.evaluate import eval_mode
+
+    probs, labels, valid, keys, names = [], [], [], [], {}
+    with eval_mode(model) as module:
+        for batch in loader:
+            real = torch.tensor([k != "" for k in batch["__key__"]])
+            if "label_multi" not in batch:
+                for label, name in zip(batch["label"].tolist(), batch["class_name"]):
+                    if label >= 0 and name:
+                        names.setdefault(label, name)
+            target = batch["label_multi"] if "label_multi" in batch else batch["label"]
+            out = module.predict(to_device(batch, device=device, dtype=dtype))
+            probs.append(out["probs"].float().cpu()[real])
+            valid.append(out["valid"].cpu()[real])
+            labels.append(target[real])
+            keys += [k for k in batch["__key__"] if k]
+    return {"probs": torch.cat(probs), "labels": torch.cat(labels), "valid": torch.cat(valid), "keys": keys,
+            "skipped": Counter(loader.skipped), "names": names}
+
+
+def classification_metrics(split: dict, spec: LabelSpec, *, threshold: float = 0.5) -> dict:
+    """Scikit-learn's metrics over the samples that have a task modality."""
+    from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
+                                 roc_auc_score)
+
+    keep = split["valid"].numpy().astype(bool)
+    probs, y = split["probs"].numpy()[keep], split["labels"].numpy()[keep]
+    n, classes = int(keep.sum()), list(range(spec.num_classes))
+    seen = split.get("names", {})  # the names the samples' .json give, where task.classes does not
+    names = [spec.classes[c] if spec.classes else seen.get(c, str(c)) for c in classes]
+    out: dict = {"n": n, "classes": spec.num_classes, "names": names,
+                 "no_modality": int((~keep).sum()), "skipped": dict(split["skipped"])}
+    if n == 0:
+        raise ValueError("no held-out sample has a label and one of task.modalities: nothing to evaluate "
+                         f"(skipped: {dict(split['skipped'])})")
+    if spec.multi_label:
+        y = y.astype(int)
+        pred = (probs > threshold).astype(int)
+        out["accuracy"] = float(accuracy_score(y, pred))  # exact match of the label set
+        out["macro_f1"] = float(f1_score(y, pred, average="macro", zero_division=0))
+        both = [c for c in classes if 0 < y[:, c].sum() < n]
+        if both:
+            out["roc_auc"] = float(roc_auc_score(y[:, both], probs[:, both], average="macro"))
+        p, r, f, support = precision_recall_fscore_support(y, pred, average=None, labels=classes, zero_division=0)
+        out["majority"] = float(accuracy_score(y, np.tile((y.mean(0) > 0.5).astype(int), (n, 1))))
+    else:
+        pred = probs.argmax(axis=1)
+        out["accuracy"] = float(accuracy_score(y, pred))
+        out["macro_f1"] = float(f1_score(y, pred, average="macro", zero_division=0))
+        if spec.num_classes == 2 and len(set(y.tolist())) == 2:
+            out["roc_auc"] = float(roc_auc_score(y, probs[:, 1]))
+        p, r, f, support = precision_recall_fscore_support(y, pred, average=None, labels=classes, zero_division=0)
+        out["confusion"] = confusion_matrix(y, pred, labels=classes).tolist()
+        out["y_true"], out["y_pred"] = y.tolist(), pred.tolist()  # for W&B's confusion-matrix plot
+        out["majority"] = float(np.bincount(y, minlength=spec.num_classes).max() / n)
+    out["per_class"] = [{"class": names[c], "support": int(support[c]), "precision": float(p[c]),
+                         "recall": float(r[c]), "f1": float(f[c])} for c in classes]
+    return out
+
+
+def flat_metrics(results: dict, prefix: str) -> dict[str, float]:
+    out = {f"{prefix}/{k}": results[k] for k in ("accuracy", "macro_f1", "roc_auc", "majority") if k in results}
+    out.update({f"{prefix}/f1/{row['class']}": row["f1"] for row in results["per_class"]})
+    return out
+
+
+def classify_table(results: dict, *, max_rows: int = 20) -> str:
+    """The console summary: overall metrics, then per class (the worst F1 first when there are many)."""
+    auc = f"  ROC-AUC {results['roc_auc']:.3f}" if "roc_auc" in results else ""
+    lines = [f"n {results['n']}  classes {results['classes']}  accuracy {results['accuracy']:.3f}  "
+             f"macro-F1 {results['macro_f1']:.3f}{auc}  (majority class {results['majority']:.3f})"]
+    rows = results["per_class"]
+    if len(rows) > max_rows:
+        rows = sorted(rows, key=lambda r: r["f1"])[:max_rows]
+        lines.append(f"the {max_rows} classes with the lowest F1 (all {results['classes']} in metrics.jsonl and W&B):")
+    width = max(12, *(len(r["class"]) for r in rows))
+    lines.append(f"{'class':<{width}} {'support':>7} {'precision':>9} {'recall':>7} {'f1':>7}")
+    for r in rows:
+        lines.append(f"{r['class']:<{width}} {r['support']:>7} {r['precision']:>9.3f} {r['recall']:>7.3f} {r['f1']:>7.3f}")
+    return "\n".join(lines)
+
+
+def log_to_wandb(tracker, results: dict, *, step: int) -> None:
+    """The confusion matrix as a W&B plot and the per-class metrics as a table (rank 0, W&B on)."""
+    if tracker.run is None:
+        return
+    import wandb
+
+    table = wandb.Table(columns=["class", "support", "precision", "recall", "f1"],
+                        data=[[r["class"], r["support"], r["precision"], r["recall"], r["f1"]]
+                              for r in results["per_class"]])
+    logged = {"eval/per_class": table}
+    if "y_true" in results:
+        logged["eval/confusion_matrix"] = wandb.plot.confusion_matrix(
+            y_true=results["y_true"], preds=results["y_pred"], class_names=results["names"],
+            title=f"held-out confusion matrix, step {step}")
+    tracker.log_media(logged, step=step)
+
+
+def final_summary(results: dict) -> dict:
+    keep = ("n", "classes", "accuracy", "macro_f1", "roc_auc", "majority", "no_modality")
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items() if k in keep}
+
+
+def data_for_classify(data: DataConfig) -> None:
+    """A classifier needs labels: an empty data.label_key cannot work."""
+    if not data.label_key and not data.class_key:
+        raise ValueError("task=classify reads labels from each sample's .json: set data.label_key (or data.class_key)")
