@@ -1,4 +1,6 @@
-# make demo: set up .venv, write the demo corpus, train on 2 processes, print results.
+# make demo: set up .venv, write the demo corpus, pretrain on 2 processes, then
+# fine-tune a classifier on 10 labels per class from the pretrained model and
+# from scratch, print results.
 # make test: set up .venv, run the test suite.
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -8,11 +10,14 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_EXTRA  ?=
 NPROC      ?= 2
 DEMO_DIR   ?= data/demo
+# Where the demo's three runs go (a new directory per `make demo`).
+DEMO_RUN   ?= outputs/demo-$(shell date +%Y%m%d-%H%M%S)
+LABELS_PER_CLASS ?= 10
 PYTEST_ARGS ?=
 
 PY := $(VENV)/bin/python
 
-.PHONY: install demo demo-data test clean
+.PHONY: install demo demo-run demo-data test clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,13 +32,26 @@ $(DEMO_DIR)/.done: $(VENV)/.installed data_pipeline/demo.py
 	$(PY) -m data_pipeline demo $(DEMO_DIR)/raw
 	$(PY) -m data_pipeline write $(DEMO_DIR)/raw/train.jsonl $(DEMO_DIR)/train --max-samples 500
 	$(PY) -m data_pipeline write $(DEMO_DIR)/raw/heldout.jsonl $(DEMO_DIR)/heldout --max-samples 250
+	$(PY) -m data_pipeline write $(DEMO_DIR)/raw/train.jsonl $(DEMO_DIR)/labelled --max-samples 500 \
+		--per-class $(LABELS_PER_CLASS) --label-key label
 	touch $@
 
 demo-data: $(DEMO_DIR)/.done
 
 demo: $(DEMO_DIR)/.done
+	$(MAKE) --no-print-directory demo-run RUN=$(DEMO_RUN)
+
+# One directory for the three runs: RUN is fixed once by `demo` above.
+demo-run:
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m train experiment=demo \
-		data.train=$(DEMO_DIR)/train data.heldout=$(DEMO_DIR)/heldout
+		data.train=$(DEMO_DIR)/train data.heldout=$(DEMO_DIR)/heldout hydra.run.dir=$(RUN)/pretrain
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m train experiment=demo_finetune \
+		task.init=$(RUN)/pretrain/export/model.safetensors data.train=$(DEMO_DIR)/labelled \
+		data.heldout=$(DEMO_DIR)/heldout hydra.run.dir=$(RUN)/finetune_pretrained
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m train experiment=demo_finetune \
+		task.init=none data.train=$(DEMO_DIR)/labelled data.heldout=$(DEMO_DIR)/heldout \
+		hydra.run.dir=$(RUN)/finetune_scratch
+	$(PY) -m train.demo_report $(RUN) --labels-per-class $(LABELS_PER_CLASS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -16,6 +16,23 @@ def _size(text: str) -> int:
     return int(text)
 
 
+def first_per_class(samples: list, *, key: str, n: int) -> list:
+    """The first n samples of each value of the label column `key` (a
+    labelled subset for fine-tuning); samples without it are left out."""
+    import json
+
+    seen: dict[str, int] = {}
+    out = []
+    for sample in samples:
+        if key not in sample.meta:
+            continue
+        value = json.dumps(sample.meta[key], sort_keys=True)
+        if seen.get(value, 0) < n:
+            seen[value] = seen.get(value, 0) + 1
+            out.append(sample)
+    return out
+
+
 def cmd_write(args: argparse.Namespace) -> int:
     from data_pipeline.manifest import read_input
     from data_pipeline.writer import REJECTS_NAME, EncodeOptions, check_limits, default_workers, write_dataset
@@ -34,6 +51,11 @@ def cmd_write(args: argparse.Namespace) -> int:
     if not samples:
         print(f"error: {args.input} holds no samples", file=sys.stderr)
         return 2
+    if args.per_class:
+        samples = first_per_class(samples, key=args.label_key, n=args.per_class)
+        if not samples:
+            print(f"error: no sample of {args.input} has a {args.label_key!r} column", file=sys.stderr)
+            return 2
     report = write_dataset(
         samples,
         args.out,
@@ -92,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--image-max-side", type=int, metavar="N", help="re-encode images as JPEG, the long side at most N pixels (never upscaled)")
     w.add_argument("--jpeg-quality", type=int, metavar="Q", help="re-encode images as JPEG of quality Q (default 90 when re-encoding)")
     w.add_argument("--audio-rate", type=int, metavar="HZ", help="re-encode audio as mono FLAC resampled to HZ")
+    w.add_argument("--per-class", type=int, metavar="N", help="keep only the first N samples of each value of "
+                   "the --label-key column (a small labelled subset for fine-tuning)")
+    w.add_argument("--label-key", default="label", help="the label column for --per-class (default: label)")
     w.set_defaults(func=cmd_write)
 
     d = sub.add_parser("demo", help="synthesise the demo corpus as raw files + JSONL manifests")

@@ -43,6 +43,9 @@ class DataConfig:
     require: List[str] = field(default_factory=list)
     # The run stops, naming the shard, after this many bad samples in a row.
     max_consecutive_errors: int = 100
+    # Untrusted shards: a tar member larger than this is never read into
+    # memory; its sample is a counted skip (data/skipped/oversized_member).
+    max_member_bytes: int = 256 << 20
     # "byte" (no training needed) or the path of a tokenizer JSON.
     tokenizer: str = "byte"
 

@@ -41,9 +41,17 @@ def decode_image(data: bytes, *, size: int) -> torch.Tensor:
     return x
 
 
-def load_audio(data: bytes, *, sample_rate: int) -> np.ndarray:
-    """Decodes any soundfile format to mono float32 at `sample_rate`."""
-    wav, sr = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+def load_audio(data: bytes, *, sample_rate: int, max_samples: int | None = None) -> np.ndarray:
+    """Decodes any soundfile format to mono float32 at `sample_rate`. With
+    max_samples, only the start that yields them is decoded (an hour-long
+    file costs what its first seconds do)."""
+    with soundfile.SoundFile(io.BytesIO(data)) as f:
+        sr = f.samplerate
+        frames = -1
+        if max_samples is not None:
+            # The source frames behind max_samples output samples, plus a margin for the resampler's filter.
+            frames = int(np.ceil(max_samples * sr / sample_rate)) + (64 if sr != sample_rate else 0)
+        wav = f.read(frames=frames, dtype="float32", always_2d=True)
     wav = wav.mean(axis=1)
     if sr != sample_rate:
         wav = soxr.resample(wav, sr, sample_rate, quality="HQ").astype(np.float32)
@@ -84,7 +92,7 @@ def log_mel(wav: np.ndarray, cfg: DataConfig) -> torch.Tensor:
 
 
 def decode_audio(data: bytes, cfg: DataConfig) -> torch.Tensor:
-    return log_mel(load_audio(data, sample_rate=cfg.sample_rate), cfg)
+    return log_mel(load_audio(data, sample_rate=cfg.sample_rate, max_samples=cfg.audio_samples), cfg)
 
 
 def first_present(sample: dict, exts: tuple[str, ...]):

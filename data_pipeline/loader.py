@@ -4,9 +4,13 @@ package's docstring), with a state_dict() that resumes at exactly the next batch
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import multiprocessing
 import json
 import logging
+import signal
+import urllib.parse
 from collections import Counter
 from functools import partial
 from typing import Iterator
@@ -66,13 +70,27 @@ def collate(samples: list[dict | None], *, cfg: DataConfig, pad_id: int = ByteTo
     return batch
 
 
-def _sources(cfg: DataConfig, split: str) -> list[Source]:
+def _specs(cfg: DataConfig, split: str) -> list[tuple[str, float]]:
     if split == "heldout":
-        specs = [(cfg.heldout, 1.0)]
-    elif cfg.sources:
-        specs = [(s.url, s.weight) for s in cfg.sources]
-    else:
-        specs = [(cfg.train, 1.0)]
+        return [(cfg.heldout, 1.0)]
+    if cfg.sources:
+        return [(s.url, s.weight) for s in cfg.sources]
+    return [(cfg.train, 1.0)]
+
+
+def shard_size_table(cfg: DataConfig, split: str) -> dict[str, int]:
+    """{shard URL: samples} for every shard of a split: what one rank reads
+    (index.json, or a scan) and hands to the others (build_loader's sizes=)."""
+    table: dict[str, int] = {}
+    for spec, _ in _specs(cfg, split):
+        if spec.strip():
+            urls = expand_shards(spec, allow_pipe=cfg.allow_pipe)
+            table.update(zip(urls, shard_sizes(urls)))
+    return table
+
+
+def _sources(cfg: DataConfig, split: str, known: dict[str, int] | None = None) -> list[Source]:
+    specs = _specs(cfg, split)
     out = []
     for spec, weight in specs:
         if not spec.strip():
@@ -81,11 +99,43 @@ def _sources(cfg: DataConfig, split: str) -> list[Source]:
         if weight <= 0:
             raise ValueError(f"data source {spec!r} has weight {weight}; weights must be positive")
         urls = expand_shards(spec, allow_pipe=cfg.allow_pipe)
-        sizes = shard_sizes(urls)
+        sizes = [known[u] for u in urls] if known and all(u in known for u in urls) else shard_sizes(urls)
         if sum(sizes) == 0:
             raise ValueError(f"data source {spec!r} holds no readable samples")
         out.append(Source(urls=urls, sizes=sizes, weight=weight))
     return out
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A data worker ignores SIGTERM, SIGINT and SIGUSR1: a cluster (or Ctrl-C)
+    signals the whole process group, and the trainer must still have its
+    workers while it finishes the step and checkpoints; it ends them itself
+    (normally through the DataLoader; at exit with _kill_data_workers)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_data_workers() -> None:
+    """At exit, before multiprocessing's own handler: it would SIGTERM the
+    daemonic workers (which ignore it) and then wait for them for ever, so a
+    rank that fails would never exit and its peers would wait on it. Killed
+    here instead (registered after multiprocessing's, so it runs first)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_data_workers)
+
+
+def _without_credentials(url: str) -> str:
+    """A shard URL as written into checkpoints: user:password@ and the query
+    string (where signed URLs carry their signature) removed."""
+    if not url.startswith(("http://", "https://")):
+        return url
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=host, query="").geturl()
 
 
 class StreamLoader:
@@ -98,7 +148,7 @@ class StreamLoader:
 
     def __init__(
         self, cfg: DataConfig, *, split: str, batch_size: int, rank: int = 0, world_size: int = 1, tokenizer=None,
-        labels: LabelSpec | None = None,
+        labels: LabelSpec | None = None, sizes: dict[str, int] | None = None,
     ):
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
@@ -113,7 +163,7 @@ class StreamLoader:
         self.rank, self.world_size = (rank, world_size) if self.train else (0, 1)
         self.mode = cfg.mode if self.train else "epoch"
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
-        self.sources = _sources(cfg, split)
+        self.sources = _sources(cfg, split, sizes)
         # Built before workers fork, so they inherit it instead of each importing librosa.
         mel_filterbank(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
         self.num_workers = worker_count(cfg.num_workers)
@@ -141,7 +191,11 @@ class StreamLoader:
         workers = self.num_workers
         return torch.utils.data.DataLoader(
             BatchDataset(stream), batch_size=None, num_workers=workers,
-            prefetch_factor=4 if workers > 0 else None,
+            prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals if workers > 0 else None,
+            # Its own generator: a DataLoader draws its workers' base seed from the
+            # global torch RNG otherwise, so a resumed run (which starts a new
+            # iterator mid-epoch) would see other dropout masks than an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
     def __iter__(self) -> Iterator[dict]:
@@ -183,7 +237,7 @@ class StreamLoader:
                 left = sum(plan.real[:done])
                 for seg in plan.segments:
                     if left < seg.take:
-                        entry.update(shard=urls[seg.shard], sample_offset=seg.skip + left)
+                        entry.update(shard=_without_credentials(urls[seg.shard]), sample_offset=seg.skip + left)
                         break
                     left -= seg.take
             out.append(entry)
@@ -214,7 +268,9 @@ class StreamLoader:
 
 def build_loader(
     cfg: DataConfig, *, split: str, batch_size: int, rank: int = 0, world_size: int = 1, tokenizer=None,
-    labels: LabelSpec | None = None,
+    labels: LabelSpec | None = None, sizes: dict[str, int] | None = None,
 ) -> StreamLoader:
+    """sizes: {shard URL: samples} already known (shard_size_table on one
+    rank, shared with the others), so not every rank reads every index."""
     return StreamLoader(cfg, split=split, batch_size=batch_size, rank=rank, world_size=world_size, tokenizer=tokenizer,
-                        labels=labels)
+                        labels=labels, sizes=sizes)

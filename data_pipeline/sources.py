@@ -9,13 +9,18 @@ resumed run lines up with an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import http.client
+import io
 import json
 import logging
 import os
 import re
 import subprocess
 import tarfile
+import tempfile
+import time
 import urllib.request
 from dataclasses import dataclass
 from typing import IO, Iterator
@@ -65,19 +70,137 @@ def expand_shards(spec: str, *, allow_pipe: bool = False) -> list[str]:
                 found = sorted({m for p in braceexpand(part) for m in glob.glob(p)})
             if not found:
                 raise FileNotFoundError(f"shard pattern {part!r} matched no .tar files")
-            urls.extend(found)
+            # A file name is data, never a command: a local file called
+            # "pipe:..." must not reach open_url as a pipe: URL.
+            urls.extend(local_path(m) for m in found)
     if not urls:
         raise FileNotFoundError(f"no shards given (pattern {spec!r})")
     return urls
 
 
+def local_path(path: str) -> str:
+    """A local path that cannot be read as a URL scheme ("pipe:x" -> "./pipe:x")."""
+    return path if os.path.isabs(path) or not path.startswith(("pipe:", "http:", "https:")) else os.path.join(".", path)
+
+
+class PipeFailed(OSError):
+    """A pipe: command that exited with a non-zero status."""
+
+
+class PipeReader(io.RawIOBase):
+    """The stdout of a pipe: command. At end of output the command's exit
+    status is checked: a failing command (a download that broke, a missing
+    file) raises PipeFailed with its last stderr line instead of passing for
+    a short shard. Closed early (the reader had what it needed), it is
+    stopped and its status ignored."""
+
+    def __init__(self, command: str):
+        super().__init__()
+        self.command = command
+        self._stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self._stderr)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.proc.stdout.readinto(buffer)
+        if n == 0:
+            status = self.proc.wait()
+            if status != 0:
+                self._stderr.seek(0)
+                lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
+                raise PipeFailed(f"pipe command exited with status {status}"
+                                 + (f": {lines[-1][:300]}" if lines else ""))
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self.proc.stdout.close()
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            self._stderr.close()
+        super().close()
+
+
+class ResumingHTTPReader(io.RawIOBase):
+    """An http(s) download that survives dropped connections: on a read
+    error or an early end, it waits (exponential back-off) and asks again
+    from the byte it had reached (a Range request; a server that ignores
+    Range is read past the bytes already had). After `tries` failed attempts
+    in a row the error goes to the caller (read_shard counts the rest of the
+    shard as skipped).
+
+    Written here because urllib3's and requests' retries cover opening a
+    connection, not resuming a body half-way through it."""
+
+    def __init__(self, url: str, *, timeout: float = 60.0, tries: int = 6, backoff_s: float = 0.5):
+        super().__init__()
+        self.url, self.timeout, self.tries, self.backoff_s = url, timeout, tries, backoff_s
+        self.offset = 0
+        self.length: int | None = None
+        self.response = None
+        self._open()
+
+    def _open(self) -> None:
+        request = urllib.request.Request(self.url)
+        if self.offset:
+            request.add_header("Range", f"bytes={self.offset}-")
+        response = urllib.request.urlopen(request, timeout=self.timeout)
+        if self.offset and response.status != 206:  # Range ignored: read past what we have
+            skip = self.offset
+            while skip:
+                chunk = response.read(min(skip, 1 << 20))
+                if not chunk:
+                    raise OSError(f"{self.url}: the server sent fewer bytes than before")
+                skip -= len(chunk)
+        if self.length is None:
+            size = response.headers.get("Content-Length")
+            self.length = int(size) if size and size.isdigit() and response.status == 200 else None
+        self.response = response
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        failures = 0
+        while True:
+            try:
+                n = self.response.readinto(buffer)
+                if n == 0 and self.length is not None and self.offset < self.length:
+                    raise ConnectionError(f"connection closed at byte {self.offset} of {self.length}")
+                self.offset += n
+                return n
+            except (OSError, http.client.HTTPException) as e:
+                failures += 1
+                if failures >= self.tries:
+                    raise
+                log.warning("%s: %s; resuming at byte %d (attempt %d of %d)", self.url, e, self.offset,
+                            failures + 1, self.tries)
+                time.sleep(self.backoff_s * 2 ** (failures - 1))
+                with contextlib.suppress(Exception):
+                    self.response.close()
+                try:
+                    self._open()
+                except (OSError, http.client.HTTPException) as again:
+                    log.warning("%s: reopening failed: %s", self.url, again)
+
+    def close(self) -> None:
+        if self.response is not None:
+            with contextlib.suppress(Exception):
+                self.response.close()
+        super().close()
+
+
 def open_url(url: str, *, timeout: float = 60.0) -> IO[bytes]:
-    """A readable binary stream for a local path, http(s):// URL or pipe: command."""
+    """A readable binary stream for a local path, http(s):// URL or pipe:
+    command (expand_shards lets a pipe: URL through only where the user
+    wrote it, with data.allow_pipe=true)."""
     if url.startswith(_REMOTE):
-        return urllib.request.urlopen(url, timeout=timeout)
+        return io.BufferedReader(ResumingHTTPReader(url, timeout=timeout), buffer_size=1 << 16)
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)
-        return proc.stdout
+        return io.BufferedReader(PipeReader(url[5:]))
     return open(url, "rb")
 
 
@@ -137,8 +260,15 @@ def shard_sizes(urls: list[str]) -> list[int]:
     return sizes
 
 
-def _samples(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
-    """Groups consecutive members sharing a key into {"__key__", ext: bytes}."""
+# Largest tar member read into memory (data.max_member_bytes); a larger one
+# makes its sample a counted skip ("oversized_member") and is never read.
+DEFAULT_MAX_MEMBER_BYTES = 256 << 20
+
+
+def _samples(tar: tarfile.TarFile, url: str, *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict]:
+    """Groups consecutive members sharing a key into {"__key__", ext: bytes}.
+    A member over max_member_bytes is not read: its sample carries
+    "__oversized__" (the member's name and size) instead."""
     current: dict | None = None
     for member in tar:
         if not member.isfile():
@@ -152,14 +282,19 @@ def _samples(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
             current = None
         if current is None:
             current = {"__key__": key, "__url__": url}
+        if member.size > max_member_bytes:
+            current["__oversized__"] = f"{member.name}: {member.size} bytes > data.max_member_bytes={max_member_bytes}"
+            continue  # a stream-mode tar skips the unread data
         current[ext] = tar.extractfile(member).read()
     if current is not None:
         yield current
 
 
-def read_shard(url: str, *, size: int, skip: int = 0, take: int | None = None) -> Iterator[dict | Skip]:
+def read_shard(url: str, *, size: int, skip: int = 0, take: int | None = None,
+               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict | Skip]:
     """Yields exactly `take` items (default: size - skip), samples skip.. of the
-    shard: raw sample dicts, or Skip where the shard is short or broken.
+    shard: raw sample dicts, or Skip where the shard is short or broken or a
+    sample holds a member over max_member_bytes.
 
     Skipped leading samples are read past, not decoded.
     """
@@ -170,15 +305,17 @@ def read_shard(url: str, *, size: int, skip: int = 0, take: int | None = None) -
     position = 0
     try:
         with open_url(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for sample in _samples(tar, url):
+            for sample in _samples(tar, url, max_member_bytes=max_member_bytes):
                 if position >= skip:
-                    yield sample
+                    oversized = sample.get("__oversized__")
+                    yield Skip("oversized_member", url, oversized) if oversized else sample
                     produced += 1
                     if produced == take:
                         return
                 position += 1
     except Exception as e:
-        reason, detail = "truncated_shard", f"{type(e).__name__}: {e}"
+        reason = "pipe_failed" if isinstance(e, PipeFailed) else "truncated_shard"
+        detail = f"{type(e).__name__}: {e}"
         log.warning("shard %s broke after %d samples (%s)", url, position, detail)
     else:
         reason, detail = "short_shard", f"index promised {size} samples, found {position}"

@@ -44,6 +44,20 @@ class BadSample(Exception):
         self.reason, self.detail = reason, detail
 
 
+def decode_caption(raw: bytes, *, max_tokens: int) -> str:
+    """UTF-8 text, of which only the start that can fill max_tokens tokens
+    is decoded (at most 64 bytes a token): an unbounded caption costs no
+    more than a long one. A character cut at the end is dropped."""
+    limit = max(4096, 64 * max_tokens)
+    head = raw[:limit]
+    try:
+        return head.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        if len(raw) > limit and e.start >= len(head) - 3:
+            return head[: e.start].decode("utf-8").strip()
+        raise
+
+
 def decode_sample(sample: dict, *, cfg: DataConfig, tokenizer, labels: LabelSpec | None = None) -> dict:
     """Raw tar members -> tensors; an absent modality becomes None.
 
@@ -69,7 +83,7 @@ def decode_sample(sample: dict, *, cfg: DataConfig, tokenizer, labels: LabelSpec
             raise BadSample("bad_audio", f"{type(e).__name__}: {e}") from e
     if text is not None:
         try:
-            caption = text.decode("utf-8").strip()
+            caption = decode_caption(text, max_tokens=cfg.max_text_len)
         except UnicodeDecodeError as e:
             raise BadSample("bad_text", str(e)) from e
         if not caption:
@@ -170,7 +184,8 @@ class BatchStream:
                 if pos >= seg.take:
                     pos -= seg.take
                     continue
-                yield from read_shard(urls[seg.shard], size=sizes[seg.shard], skip=seg.skip + pos, take=seg.take - pos)
+                yield from read_shard(urls[seg.shard], size=sizes[seg.shard], skip=seg.skip + pos, take=seg.take - pos,
+                                      max_member_bytes=self.cfg.max_member_bytes)
                 pos = 0
 
         block = self.cfg.shuffle_buffer if self.shuffle else 1
@@ -191,7 +206,7 @@ class BatchStream:
             if start >= size:
                 start -= size
                 continue
-            yield from read_shard(src.urls[shard], size=size, skip=start)
+            yield from read_shard(src.urls[shard], size=size, skip=start, max_member_bytes=self.cfg.max_member_bytes)
             start = 0
 
     def _choices(self, worker: int) -> Iterator[int]:

@@ -131,6 +131,11 @@ class PretrainModel(nn.Module):
         self.fusion = build_fusion(fusion, model)
         self.contrastive = build_contrastive_loss(objective, gather)
         self.matching = self.masked_text = None
+        if fusion.name != "none" and objective.matching_weight <= 0 and objective.masked_text_weight <= 0:
+            # Its parameters would get no gradient while weight decay shrinks them.
+            raise ValueError(f"fusion={fusion.name} with an objective that never uses the fused tuple "
+                             "(objective.matching_weight and masked_text_weight are 0): use objective=matching "
+                             "(or matching_mtm with fusion=attention), or fusion=none")
         if objective.matching_weight > 0:
             if fusion.name == "none":
                 raise ValueError("objective.matching_weight > 0 needs a fused tuple: set fusion to concat, weighted_sum or attention")

@@ -43,3 +43,17 @@ def clean_env(**extra: str) -> dict[str, str]:
     env.update(WANDB_SILENT="true", PYTHONUNBUFFERED="1", **extra)
     env.pop("WANDB_API_KEY", None)
     return env
+
+
+def copy_as_stopped(straight: Path, stopped: Path, *, at: int, last: int) -> None:
+    """A copy of a finished run directory as if the run had stopped right
+    after its step-`at` checkpoint (its step-`last` checkpoint and the
+    metrics after `at` gone)."""
+    import json
+    import shutil
+
+    shutil.copytree(straight, stopped)
+    shutil.rmtree(stopped / "checkpoints" / f"step_{last:06d}")
+    (stopped / "checkpoints" / "latest").write_text(f"step_{at:06d}")
+    kept = [line for line in (stopped / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= at]
+    (stopped / "metrics.jsonl").write_text("\n".join(kept) + "\n")

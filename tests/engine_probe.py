@@ -3,8 +3,9 @@
 
     torchrun --nproc_per_node=2 tests/engine_probe.py OUT [train overrides]
 
-With PROBE_NAN_RANK=r and PROBE_NAN_STEP=s, rank r's images are NaN in its
-batch of step s (a non-finite loss on one rank only).
+With PROBE_NAN_RANK=r and PROBE_NAN_STEP=s (and PROBE_NAN_MICRO=m, default
+0), rank r's images are NaN in micro batch m of step s (a non-finite loss on
+one rank only).
 
 Writes OUT/probe.json (per-rank parameter counts, whether the partitioned
 initialisation equals the plain one, per-step losses (None: skipped), each
@@ -78,13 +79,17 @@ def main(out: Path, overrides: list[str]) -> None:
     loader = build_loader(config.data, split="train", batch_size=t_cfg.micro_batch_size,
                           rank=info.rank, world_size=info.world_size)
     nan_rank, nan_step = int(os.environ.get("PROBE_NAN_RANK", -1)), int(os.environ.get("PROBE_NAN_STEP", -1))
+    nan_micro = int(os.environ.get("PROBE_NAN_MICRO", 0))
 
-    current = {"step": 0}
+    current = {"step": 0, "micro": 0, "of_step": 0}
 
     def poisoned():
         for batch in loader:
-            if info.rank == nan_rank and current["step"] == nan_step:
+            if current["of_step"] != current["step"]:
+                current["of_step"], current["micro"] = current["step"], 0
+            if info.rank == nan_rank and current["step"] == nan_step and current["micro"] == nan_micro:
                 batch["image"] = torch.full_like(batch["image"], float("nan"))
+            current["micro"] += 1
             yield batch
 
     batches = poisoned()
@@ -113,7 +118,7 @@ def main(out: Path, overrides: list[str]) -> None:
     if info.is_main:
         torch.save(embeds, out / "live_embeddings.pt")
         report = {"local_numel": locals_, "total_numel": parameter_total(model), "init_equal": init_equal,
-                  "losses": losses, "weight_digests": digests,
+                  "losses": losses, "weight_digests": digests, "optimizer_steps": engine.global_steps,
                   "micro_batch": ds_config["train_micro_batch_size_per_gpu"]}
         (out / "probe.json").write_text(json.dumps(report) + "\n")
     dist.barrier()

@@ -235,3 +235,38 @@ def test_metrics_match_hand_computed_values():
 def test_nothing_to_evaluate_is_a_clear_error():
     with pytest.raises(ValueError, match="nothing to evaluate"):
         classification_metrics(split([[.5, .5]], [0], valid=[False]), LabelSpec(num_classes=2))
+
+
+def test_a_labelled_subset_keeps_the_first_n_per_class():
+    from data_pipeline.__main__ import first_per_class
+    from data_pipeline.manifest import RawSample
+
+    samples = [RawSample(key=f"k{i}", meta={"label": i % 3} if i != 4 else {}) for i in range(12)]
+    kept = first_per_class(samples, key="label", n=2)
+    assert [s.key for s in kept] == ["k0", "k1", "k2", "k3", "k5", "k7"]
+
+
+def test_the_demo_report_adds_the_fine_tuning_figures(tmp_path):
+    from train.demo_report import main
+
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "results.json").write_text(json.dumps({"step": 300, "heldout": {}}))
+    for name, acc in (("pretrained", 0.8), ("scratch", 0.4)):
+        (tmp_path / f"finetune_{name}").mkdir()
+        (tmp_path / f"finetune_{name}" / "results.json").write_text(json.dumps(
+            {"task": "classify", "heldout": {"accuracy": acc, "macro_f1": round(acc - 0.05, 4), "classes": 72, "n": 500}}))
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main([str(tmp_path), "--labels-per-class", "10"]) == 0
+    out = buf.getvalue().strip().splitlines()
+    last = json.loads(out[-1])
+    assert last["step"] == 300
+    assert last["finetune"] == {"labels_per_class": 10, "chance": round(1 / 72, 5),
+                                "pretrained": {"accuracy": 0.8, "macro_f1": 0.75},
+                                "scratch": {"accuracy": 0.4, "macro_f1": 0.35}}
+    assert any("+0.400" in line for line in out)
+    (tmp_path / "finetune_scratch" / "results.json").unlink()
+    assert main([str(tmp_path)]) == 2

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, clean_env, python, venv_bin
+from conftest import REPO, clean_env, copy_as_stopped, python, venv_bin
 from shardkit import flac, jpeg, write_tar
 
 pytestmark = pytest.mark.integration
@@ -160,3 +160,39 @@ def test_bad_labels_are_counted_skips_and_all_bad_is_a_clear_error(tmp_path):
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
     assert "missing_label" in err or "unknown_class" in err, err[-3000:]
+
+
+def test_a_fine_tune_resumes_exactly_and_logs_to_wandb(demo_shards, pretrained, tmp_path):
+    """Stopped after its step-3 checkpoint and resumed, a fine-tune ends as
+    the uninterrupted one; W&B (read back with wandb leet) holds the final
+    metrics, the per-class table and the confusion-matrix plot."""
+    import torch
+
+    from train.export import consolidate
+
+    args = [*colour_task(demo_shards, pretrained, "fusion=concat", "fusion.width=64"), "trainer.max_steps=6",
+            "trainer.checkpoint_every=3", "trainer.log_every=1", "trainer.deterministic=true", "logger.mode=offline"]
+    straight = tmp_path / "straight"
+    first = last_json(torchrun(tmp_path, *args, name="straight"))
+    stopped = tmp_path / "stopped"
+    copy_as_stopped(straight, stopped, at=3, last=6)
+    second_proc = torchrun(tmp_path, *args, name="stopped")
+    second = last_json(second_proc)
+    assert "resumed from" in second_proc.stdout + second_proc.stderr
+    assert first == second
+
+    def losses(run):
+        rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+    assert [losses(stopped)[s] for s in (4, 5, 6)] == [losses(straight)[s] for s in (4, 5, 6)]
+    a, b = (consolidate(run / "checkpoints" / "step_000006") for run in (straight, stopped))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    [wandb_run] = sorted((straight / "wandb").glob("offline-run-*"))
+    out = subprocess.run([venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
+                         capture_output=True, text=True, timeout=120, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)["summary"]
+    assert summary["final/heldout/accuracy"] == pytest.approx(first["heldout"]["accuracy"], abs=1e-4)
+    assert "eval/per_class" in summary and "eval/confusion_matrix_table" in summary, sorted(summary)

@@ -143,3 +143,53 @@ def test_mm_models_io_imports_torch_only():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+class _Payload:
+    """Unpickling this runs a command: what a crafted checkpoint can carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_carrying_a_malicious_pickle_runs_no_code(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, clean_env
+    from train.checkpoint import UntrustedCheckpoint, verify_checkpoint
+    from train.export import CheckpointError, consolidate
+
+    marker = tmp_path / "PWNED"
+    step = tmp_path / "run" / "checkpoints" / "step_000004"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"step": 4, "config": {}}))
+    (step.parent / "latest").write_text("step_000004")
+    torch.save({"module": {"w": torch.zeros(2)}, "extra": _Payload(marker)}, step / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": _Payload(marker)}, step / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+
+    with pytest.raises(UntrustedCheckpoint, match="trust_checkpoint"):
+        verify_checkpoint(step)
+    with pytest.raises(CheckpointError, match="could run code"):
+        consolidate(step)
+    for module in ("train.export", "train.evaluate"):
+        args = [f"checkpoint={tmp_path / 'run'}"] + (["out=x.safetensors"] if module == "train.export" else [])
+        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path,
+                              env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "trust_checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists()
+
+
+def test_a_genuine_checkpoint_passes_the_check(tmp_path):
+    from train.checkpoint import verify_checkpoint
+
+    step = tmp_path / "step_000001"
+    step.mkdir()
+    torch.save({"module": {"w": torch.ones(3)}, "ds_version": "0.19", "shapes": [torch.Size([3])]},
+               step / "mp_rank_00_model_states.pt")
+    verify_checkpoint(step)

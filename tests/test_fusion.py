@@ -9,9 +9,9 @@ from mm_models import FusionConfig, ObjectiveConfig, PretrainModel
 from mm_models.fusion import FUSIONS
 from test_model import batch, tiny
 
-# (fusion, objective overrides): every fusion with contrastive only, and with
-# each fused-tuple objective it supports.
-COMBOS = [(f, {}) for f in FUSIONS] + [
+# (fusion, objective overrides): late fusion with contrastive only, and every
+# fusion with each fused-tuple objective it supports (a fusion without one is refused).
+COMBOS = [("none", {})] + [
     (f, {"matching_weight": 1.0}) for f in FUSIONS if f != "none"
 ] + [("attention", {"matching_weight": 1.0, "masked_text_weight": 1.0}), ("none", {"contrastive": "siglip"}),
      ("concat", {"contrastive": "siglip", "matching_weight": 1.0})]
@@ -48,7 +48,7 @@ def test_outputs_are_finite_scalars_with_each_term(fusion, objective):
 
 @pytest.mark.parametrize("name", [f for f in FUSIONS if f != "none"])
 def test_fused_embedding_shape(name):
-    model = build(name, {})
+    model = build(name, {"matching_weight": 1.0})
     b = _partial_batch()
     fused = model.fusion(model.model(b), {m: b[f"{m}_mask"] for m in ("image", "audio", "text")}, b["text_pad"])
     assert fused["embed"].shape == (8, 16)
@@ -96,7 +96,7 @@ def test_missing_vectors_learn_when_a_modality_is_absent():
 
 
 def test_weighted_sum_weights_cover_present_modalities_only():
-    model = build("weighted_sum", {})
+    model = build("weighted_sum", {"matching_weight": 1.0})
     b = _partial_batch()
     masks = {m: b[f"{m}_mask"] for m in ("image", "audio", "text")}
     weights = model.fusion(model.model(b), masks, b["text_pad"])["weights"]

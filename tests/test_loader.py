@@ -125,3 +125,97 @@ def test_worker_count_takes_numbers_and_refuses_the_rest():
     for bad in (-1, "many", 1.5, None):
         with pytest.raises(ValueError, match="data.num_workers"):
             worker_count(bad)
+
+
+def _heldout_keys(cfg) -> tuple[list[str], dict]:
+    loader = build_loader(cfg, split="heldout", batch_size=16)
+    keys = [k for b in loader for k in b["__key__"] if k]
+    return keys, dict(loader.skipped)
+
+
+def test_a_file_named_like_a_pipe_url_is_read_as_a_file(demo_shards, tmp_path, monkeypatch):
+    """A shard called "pipe:touch PWNED;.tar", matched by a relative glob,
+    is data: reading it runs nothing, even with data.allow_pipe=true."""
+    import shutil
+
+    [shard] = sorted(demo_shards["heldout"].glob("*.tar"))
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shutil.copy(shard, folder / "a-000000.tar")
+    shutil.copy(shard, folder / "pipe:touch PWNED;.tar")
+    monkeypatch.chdir(folder)
+    for allow_pipe in (False, True):
+        urls = expand_shards("*.tar", allow_pipe=allow_pipe)
+        assert all(not u.startswith("pipe:") for u in urls) and len(urls) == 2
+        keys, skipped = _heldout_keys(_cfg(demo_shards, heldout="*.tar", allow_pipe=allow_pipe))
+        assert len(keys) == 128 and not skipped
+        assert not (folder / "PWNED").exists()
+
+
+def test_a_failing_pipe_command_is_a_counted_error_not_a_short_shard(demo_shards, tmp_path):
+    [shard] = sorted(demo_shards["heldout"].glob("*.tar"))
+    keys, skipped = _heldout_keys(_cfg(demo_shards, heldout=f"pipe:cat {shard}", allow_pipe=True))
+    assert len(keys) == 64 and not skipped
+    # A command that dies half-way through its shard: what it sent is read, the rest is counted as pipe_failed.
+    half = tmp_path / "half.sh"
+    half.write_text(f"head -c 300000 {shard}; echo 'connection reset' >&2; exit 3\n")
+    from data_pipeline.sources import PipeFailed, open_url, read_shard
+
+    items = list(read_shard(f"pipe:sh {half}", size=64))
+    reasons = {i.reason for i in items if not isinstance(i, dict)}
+    assert reasons == {"pipe_failed"}, reasons
+    assert any("status 3" in i.detail and "connection reset" in i.detail for i in items if not isinstance(i, dict))
+    with pytest.raises(PipeFailed, match="status 1"):
+        with open_url("pipe:cat /nonexistent/shard.tar") as f:
+            f.read()
+
+
+def test_an_oversized_member_is_a_counted_skip_never_read(tmp_path):
+    from shardkit import jpeg, write_tar
+
+    samples = [{"__key__": f"s{i}", "jpg": jpeg(i, size=32), "txt": f"caption {i}".encode()} for i in range(6)]
+    samples[2]["txt"] = b"x" * 300_000  # 300 kB of caption
+    root = tmp_path / "shards"
+    root.mkdir()
+    write_tar(root / "a-000000.tar", samples)
+    cfg = DataConfig(train=str(root), heldout=str(root), num_workers=0, image_size=32, max_member_bytes=100_000)
+    keys, skipped = _heldout_keys(cfg)
+    assert sorted(keys) == ["s0", "s1", "s3", "s4", "s5"] and skipped == {"oversized_member": 1}
+    keys, skipped = _heldout_keys(DataConfig(**{**cfg.__dict__, "max_member_bytes": 1 << 20}))
+    assert len(keys) == 6 and not skipped
+
+
+def test_only_the_audio_and_text_a_sample_uses_are_decoded(monkeypatch):
+    import io
+
+    import numpy as np
+    import soundfile
+
+    from data_pipeline.decode import decode_audio
+    from data_pipeline.stream import decode_caption
+
+    cfg = DataConfig(sample_rate=16000, n_mels=32, audio_frames=48, hop_length=320)
+    rng = np.random.default_rng(0)
+    for rate in (16000, 22050):
+        long = rng.normal(0, 0.1, rate * 60).astype(np.float32)  # a minute; the model uses 0.96 s
+        whole, head = io.BytesIO(), io.BytesIO()
+        soundfile.write(whole, long, rate, format="FLAC")
+        soundfile.write(head, long[: rate * 2], rate, format="FLAC")
+        read = soundfile.SoundFile.read
+        frames_read = []
+
+        def spy(self, frames=-1, *args, **kwargs):  # the real read, recording how much it was asked for
+            out = read(self, frames, *args, **kwargs)
+            frames_read.append(len(out))
+            return out
+
+        monkeypatch.setattr(soundfile.SoundFile, "read", spy)
+        got = decode_audio(whole.getvalue(), cfg)
+        monkeypatch.setattr(soundfile.SoundFile, "read", read)
+        assert sum(frames_read) <= rate  # about 0.96 s of a 60 s file
+        torch.testing.assert_close(got, decode_audio(head.getvalue(), cfg), atol=1e-4, rtol=0)
+    huge = ("ünïcödé " * 2_000_000).encode()  # 22 MB of caption
+    caption = decode_caption(huge, max_tokens=48)
+    assert 0 < len(caption.encode()) <= 4096
+    with pytest.raises(UnicodeDecodeError):
+        decode_caption(b"bad \xff byte", max_tokens=48)

@@ -6,7 +6,9 @@ import functools
 import io
 import http.server
 import json
+import socket
 import threading
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -240,3 +242,74 @@ def test_unindexed_truncated_shard_keeps_its_readable_samples(tmp_path):
     keys = [k for b in loader for k in b["__key__"] if k]
     survivors = [k for k in keys if k.startswith("t_")]
     assert 5 <= len(survivors) < 20 and len(keys) == len(set(keys)) == 10 + len(survivors)
+
+
+def test_a_good_sample_resets_the_count_of_errors_in_a_row(tmp_path):
+    """4 bad, 1 good, 4 bad, 1 good, ...: 16 bad samples in all but never 5
+    in a row, so max_consecutive_errors=5 never trips; 5 in a row does."""
+    samples = []
+    for j in range(20):
+        good = j % 5 == 4
+        samples.append({"__key__": f"k{j:02d}", "txt": b"c", "jpg": jpeg(j) if good else b"not a jpeg"})
+    write_tar(tmp_path / "mixed-000000.tar", samples)
+    loader = build_loader(_cfg(tmp_path, max_consecutive_errors=5), split="heldout", batch_size=4)
+    keys = [k for b in loader for k in b["__key__"] if k]
+    assert keys == ["k04", "k09", "k14", "k19"] and loader.skipped == Counter({"bad_image": 16})
+    loader = build_loader(_cfg(tmp_path, max_consecutive_errors=4), split="heldout", batch_size=4)
+    with pytest.raises(RuntimeError, match="4 bad samples in a row"):
+        list(loader)
+
+
+class _DroppingHandler(http.server.BaseHTTPRequestHandler):
+    """Serves files with Range support; the first request for each .tar sends
+    40% of it and then drops the connection."""
+
+    root: Path = Path(".")
+    dropped: set = set()
+    ranges: list = []
+
+    def do_GET(self):
+        path = self.root / self.path.lstrip("/").split("?")[0]
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start = 0
+        if self.headers.get("Range", "").startswith("bytes="):
+            start = int(self.headers["Range"][6:].split("-")[0])
+            self.ranges.append((path.name, start))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        if path.suffix == ".tar" and path.name not in self.dropped:
+            self.dropped.add(path.name)
+            self.wfile.write(data[: int(len(data) * 0.4)])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            return
+        self.wfile.write(data[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_dropped_connection_mid_shard_loses_no_sample(tmp_path):
+    text_shards(tmp_path, [25, 25, 25], with_images=True, index=True)
+    handler = type("Handler", (_DroppingHandler,), {"root": tmp_path, "dropped": set(), "ranges": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/s-{{000000..000002}}.tar"
+        remote = build_loader(_cfg(url, num_workers=0), split="heldout", batch_size=8)
+        keys = [k for b in remote for k in b["__key__"] if k]
+    finally:
+        server.shutdown()
+    local = build_loader(_cfg(tmp_path, num_workers=0), split="heldout", batch_size=8)
+    assert keys == [k for b in local for k in b["__key__"] if k] and len(keys) == 75
+    assert not remote.skipped, remote.skipped
+    assert handler.dropped == {"s-000000.tar", "s-000001.tar", "s-000002.tar"}
+    assert all(start > 0 for _, start in handler.ranges) and len(handler.ranges) == 3  # resumed, not restarted

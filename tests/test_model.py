@@ -188,7 +188,8 @@ def test_init_keeps_the_scale_at_every_width(width):
     cfg = ModelConfig(embed_dim=64, image=enc, audio=enc, text=enc, image_size=32, n_mels=32, audio_frames=32,
                       max_text_len=16)
     torch.manual_seed(0)
-    model = PretrainModel(cfg, FusionConfig(name="attention", width=width), ObjectiveConfig())
+    model = PretrainModel(cfg, FusionConfig(name="attention", width=width),
+                          ObjectiveConfig(matching_weight=1.0, masked_text_weight=1.0))
     model.init_weights()
     checked = 0
     for name, module in model.named_modules():
@@ -214,3 +215,10 @@ def test_embed_makes_an_absent_modality_impossible_to_miss():
     torch.testing.assert_close(emb["text"], raw["text"])
     # A similarity against the absent row is NaN, never a plausible number.
     assert torch.isnan(emb["audio"][1] @ emb["text"][0])
+
+
+@pytest.mark.parametrize("fusion", ["concat", "weighted_sum", "attention"])
+def test_a_fusion_no_objective_trains_is_refused(fusion):
+    with pytest.raises(ValueError, match="never uses the fused tuple"):
+        PretrainModel(tiny(), FusionConfig(name=fusion, width=32), ObjectiveConfig())
+    PretrainModel(tiny(), FusionConfig(name=fusion, width=32), ObjectiveConfig(matching_weight=1.0))

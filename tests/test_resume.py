@@ -5,13 +5,12 @@ weights, same W&B run."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
 import torch
 
-from conftest import REPO, clean_env, venv_bin
+from conftest import REPO, clean_env, copy_as_stopped, venv_bin
 from train.checkpoint import find_checkpoint
 from train.export import consolidate
 
@@ -22,7 +21,7 @@ def _train(run_dir, shards, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
         venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train",
         f"hydra.run.dir={run_dir}", "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.log_every=1",
-        "trainer.micro_batch_size=16", "trainer.eval_batch_size=32", "deepspeed.precision=fp32",
+        "trainer.eval_batch_size=32", "deepspeed.precision=fp32",
         "trainer.deterministic=true", f"data.train={shards['train']}", f"data.heldout={shards['heldout']}", "data.num_workers=2",
         "logger.mode=offline", *extra,
     ]
@@ -44,20 +43,18 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def test_resume_continues_exactly(demo_shards, tmp_path):
+@pytest.mark.parametrize("accum", [1, 2], ids=["accum1", "accum2"])
+def test_resume_continues_exactly(demo_shards, tmp_path, accum):
+    extra = [f"trainer.grad_accum_steps={accum}", f"trainer.micro_batch_size={16 // accum}"]
     straight = tmp_path / "straight"
     straight.mkdir()
-    first = _train(straight, demo_shards)
+    first = _train(straight, demo_shards, *extra)
 
     # The same run as if stopped right after its step-3 checkpoint.
     stopped = tmp_path / "stopped"
-    shutil.copytree(straight, stopped)
-    shutil.rmtree(stopped / "checkpoints" / "step_000006")
-    (stopped / "checkpoints" / "latest").write_text("step_000003")
-    kept = [l for l in (stopped / "metrics.jsonl").read_text().splitlines() if json.loads(l)["step"] <= 3]
-    (stopped / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    copy_as_stopped(straight, stopped, at=3, last=6)
 
-    second = _train(stopped, demo_shards)
+    second = _train(stopped, demo_shards, *extra)
     assert "resumed from" in second.stdout + second.stderr
 
     a, b = _losses(straight), _losses(stopped)

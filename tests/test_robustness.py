@@ -111,3 +111,165 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_to_resume(demo_shar
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {previous}" in resumed.stdout + resumed.stderr
     assert (ckpts / "latest").read_text().strip() == f"step_{int(previous.name[5:]) + 1:06d}"
+
+
+def _torchrun_cmd(run_dir, train: str, heldout: str, *extra: str) -> list[str]:
+    from conftest import venv_bin
+
+    return [venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train", f"hydra.run.dir={run_dir}",
+            "trainer.micro_batch_size=8", "trainer.log_every=1", "trainer.eval_batch_size=32",
+            "deepspeed.precision=fp32", f"data.train={train}", f"data.heldout={heldout}", "logger.mode=disabled",
+            *extra]
+
+
+def _stopped_step(run) -> int:
+    return int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_process_group_ends_in_a_checkpoint(demo_shards, tmp_path, sig):
+    """What scancel, a time limit, Kubernetes or Ctrl-C do: the signal reaches
+    torchrun, both trainers and their 2 data workers each. The workers keep
+    running, the trainers checkpoint the same step and stop; the run resumes."""
+    import os
+
+    run = tmp_path / "run"
+    cmd = _torchrun_cmd(run, str(demo_shards["train"]), str(demo_shards["heldout"]), "trainer.max_steps=400",
+                        "data.num_workers=2")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.2)
+    os.killpg(proc.pid, sig)
+    out, err = proc.communicate(timeout=300)
+    logs = out + err
+    assert "is killed by signal" not in logs, logs[-3000:]
+    assert f"received {sig.name}" in logs and "stopped by a signal" in logs, logs[-3000:]
+    stopped_at = _stopped_step(run)
+    assert 5 <= stopped_at < 400
+    assert (run / "stopped.json").exists()
+    if sig != signal.SIGTERM:
+        return  # resuming is the same for every signal: once is enough
+    finish = subprocess.run(_torchrun_cmd(run, str(demo_shards["train"]), str(demo_shards["heldout"]),
+                                          f"trainer.max_steps={stopped_at + 2}", "data.num_workers=2"),
+                            cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                            timeout=600)
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    assert "resumed from" in finish.stdout + finish.stderr
+    assert json.loads(finish.stdout.strip().splitlines()[-1])["step"] == stopped_at + 2
+
+
+def test_a_usr1_during_start_up_is_honoured_at_the_first_step(demo_shards, tmp_path):
+    """USR1 while the trainers are still counting their shards (served over
+    HTTP here, held until the signal is sent): the run checkpoints after its
+    first step and stops, so the job script requeues it."""
+    import functools
+    import http.server
+    import os
+    import threading
+
+    asked, release = threading.Semaphore(0), threading.Event()
+
+    class Held(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            asked.release()  # each trainer's first request is its shard index
+            release.wait(120)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Held, directory=str(demo_shards["root"])))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    run = tmp_path / "run"
+    url = f"'http://127.0.0.1:{server.server_port}/train/shard-{{000000..000003}}.tar'"  # quoted for Hydra
+    try:
+        proc = subprocess.Popen(_torchrun_cmd(run, url, str(demo_shards["heldout"]), "trainer.max_steps=400",
+                                              "data.num_workers=1"),
+                                cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for _ in range(2):  # both trainers are counting shards: past start-up's first lines, before any step
+            assert asked.acquire(timeout=300), "the trainers never asked for their shards"
+        for child in _trainer_pids(proc.pid):
+            os.kill(child, signal.SIGUSR1)  # torchrun itself ignores USR1 in the job script (launch.slurm)
+        release.set()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        release.set()
+        server.shutdown()
+    logs = out + err
+    assert proc.returncode == 0, logs[-3000:]
+    assert "arrived during start-up" in logs and _stopped_step(run) == 1, logs[-3000:]
+
+
+def _trainer_pids(torchrun_pid: int) -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process(torchrun_pid).children() if "train" in " ".join(p.cmdline())]
+
+
+def test_a_slow_export_on_rank_0_is_not_a_stall(demo_shards, tmp_path):
+    """After the last collective, rank 0 exports (and uploads) while the
+    others leave: an export longer than trainer.collective_timeout is work,
+    not a stall, and every rank exits 0."""
+    run = tmp_path / "run"
+    proc = subprocess.run(_torchrun_cmd(run, str(demo_shards["train"]), str(demo_shards["heldout"]),
+                                        "trainer.max_steps=2", "trainer.collective_timeout=5", "data.num_workers=0",
+                                        "trainer.fail_on_export_error=true"),
+                          cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO), MM_TEST_SLOW_EXPORT_S="15"),
+                          capture_output=True, text=True, timeout=600)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-3000:]
+    assert "fault injection: the export waits" in logs and "stalled job" not in logs
+    assert (run / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_an_export_failure_is_reported_and_fails_the_run_when_asked(demo_shards, tmp_path, strict):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "export").write_text("a file where the export directory goes")
+    proc = subprocess.run(_cmd(run, demo_shards, "trainer.max_steps=2", f"trainer.fail_on_export_error={strict}"),
+                          cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO), HYDRA_FULL_ERROR="0"),
+                          capture_output=True, text=True, timeout=600)
+    logs = proc.stdout + proc.stderr
+    assert "export failed" in logs and "python -m train.export checkpoint=" in logs
+    assert (proc.returncode != 0) == strict, logs[-3000:]
+    assert (run / "checkpoints" / "latest").exists()  # the training is kept either way
+
+
+def test_rank_0_reads_the_shard_index_once_for_every_rank(demo_shards, tmp_path):
+    """2 ranks over HTTP: each index.json is fetched once (rank 0, shared by
+    broadcast), not once per rank and again at every evaluation."""
+    import collections
+    import functools
+    import http.server
+    import threading
+
+    gets: collections.Counter = collections.Counter()
+
+    class Counting(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            gets[self.path] += 1
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Counting, directory=str(demo_shards["root"])))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        proc = subprocess.run(_torchrun_cmd(tmp_path / "run", f"'{base}/train/shard-{{000000..000003}}.tar'",
+                                            f"{base}/heldout/shard-000000.tar", "trainer.max_steps=4",
+                                            "trainer.eval_every=2", "data.num_workers=0"),
+                              cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                              timeout=600)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert gets["/train/index.json"] == 1 and gets["/heldout/index.json"] == 1, dict(gets)

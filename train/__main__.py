@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from train.config import CONF_DIR, Config, check_override_keys, register_configs, validate
 from train.distributed import DistInfo, init_distributed, shared_run_stamp
-from train.signals import STOPPED_FILE
+from train.secrets import redact, redact_files, redact_logging, redact_text
+from train.signals import STOPPED_FILE, StopRequest
 
 register_configs()
 # DeepSpeed's gathers and reduce-scatters go through torch APIs deprecated
@@ -23,6 +24,7 @@ register_configs()
 for _api in ("all_gather_into_tensor", "reduce_scatter_tensor"):  # ZeRO-3 calls both every step
     warnings.filterwarnings("ignore", message=rf".*{_api}.*deprecated", category=FutureWarning)
 _INFO = DistInfo()
+_STOP = None
 
 
 # An absolute path: the same under `python -m train` and the mm-train console script.
@@ -34,21 +36,28 @@ def _main(cfg: DictConfig) -> None:
     from train.loop import final_json, train  # heavy imports after config errors surface
     from train.watchdog import stall_watchdog
 
+    redact_logging()  # credentials in URLs never reach the console or the run's log files
+    sys.argv[:] = [redact_text(a) for a in sys.argv]  # W&B records the command line
     config: Config = OmegaConf.to_object(cfg)
     validate(config)
     if not _INFO.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    redact_files((run_dir / ".hydra").glob("*.yaml"))  # Hydra saved the config before we ran
     stopped_file = run_dir / STOPPED_FILE
     if _INFO.is_main:
         stopped_file.unlink(missing_ok=True)  # left by an earlier, stopped attempt of this run
     with stall_watchdog(timeout_s=config.trainer.collective_timeout, info=_INFO):
-        results = train(config, info=_INFO, run_dir=run_dir, resolved=OmegaConf.to_container(cfg, resolve=True))
+        # `resolved` is what gets written (W&B, checkpoints, the export): secrets redacted.
+        results = train(config, info=_INFO, run_dir=run_dir, resolved=redact(OmegaConf.to_container(cfg, resolve=True)),
+                        stop=_STOP)
     if _INFO.is_main and results.get("stopped"):
         # Checkpointed but not finished: a job script (launch.slurm) requeues on this file.
         stopped_file.write_text(json.dumps({"step": results["step"], "checkpoint": results["checkpoint"]}) + "\n")
     elif _INFO.is_main:
-        print(final_json(results), flush=True)
+        line = final_json(results)
+        (run_dir / "results.json").write_text(line + "\n")  # the same line, for scripts
+        print(line, flush=True)
 
 
 def main() -> None:
@@ -60,6 +69,9 @@ def main() -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    # Before anything slow: a stop signal from now on is remembered (train.signals).
+    global _STOP
+    _STOP = StopRequest()
     _INFO = init_distributed()
     # All ranks must agree on the output directory before Hydra creates it.
     os.environ["MM_RUN_STAMP"] = shared_run_stamp()

@@ -27,6 +27,8 @@ def rng_state() -> dict:
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state().tolist(),
+        # One state per visible GPU (dropout and sampling on the device draw from these).
+        "cuda": [t.tolist() for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
     }
 
 
@@ -36,6 +38,9 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -102,9 +107,48 @@ def find_checkpoint(resume: str, *, run_dir: Path) -> Path | None:
     return step_dir
 
 
-def load_checkpoint(engine, step_dir: Path, *, rank: int) -> tuple[dict, dict]:
+class UntrustedCheckpoint(Exception):
+    """A checkpoint file that holds more than tensors and DeepSpeed's plain state."""
+
+
+def _allowed_globals() -> list:
+    """What DeepSpeed's checkpoints pickle besides tensors and Python
+    containers (ZeRO 0-3, offload, bf16/fp16): plain-state classes, nothing
+    that runs code when unpickled."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def verify_checkpoint(step_dir: Path, *, trust: bool = False) -> None:
+    """Before DeepSpeed loads a checkpoint (it unpickles with
+    weights_only=False, which runs any code a crafted file carries): every
+    .pt file must unpickle under torch's weights_only loader with only
+    DeepSpeed's plain classes allowed. Memory-mapped, so the tensors are not
+    read. trust=True (trainer.trust_checkpoint) skips the check."""
+    if trust:
+        return
+    with torch.serialization.safe_globals(_allowed_globals()):
+        for path in sorted(Path(step_dir).glob("*.pt")):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - any refusal means: do not let DeepSpeed unpickle it
+                reason = str(e).strip().splitlines()
+                detail = next((l for l in reason if "GLOBAL" in l or "Unsupported" in l), reason[0] if reason else "")
+                raise UntrustedCheckpoint(
+                    f"{path} holds more than tensors and DeepSpeed's state ({type(e).__name__}: {detail[:300]}); "
+                    "loading it could run code. If you trust where it came from, set "
+                    "trainer.trust_checkpoint=true (train.export / train.evaluate: trust_checkpoint=true)"
+                ) from None
+
+
+def load_checkpoint(engine, step_dir: Path, *, rank: int, trust: bool = False) -> tuple[dict, dict]:
     """Collective. Restores engine state (model, optimizer, LR schedule) and
-    returns (meta, this rank's loader state)."""
+    returns (meta, this rank's loader state). The checkpoint is verified
+    first (verify_checkpoint) unless trust."""
+    verify_checkpoint(step_dir, trust=trust)
     meta = json.loads((step_dir / "meta.json").read_text())
     loader_file = step_dir / f"loader_rank{rank}.json"
     if not loader_file.is_file():

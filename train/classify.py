@@ -54,7 +54,7 @@ def check_task(task) -> None:
 
 # -- where the encoders start ------------------------------------------------------------------
 
-def read_init(init: str, *, peek: bool = False) -> tuple[dict | None, dict]:
+def read_init(init: str, *, peek: bool = False, trust: bool = False) -> tuple[dict | None, dict]:
     """(state dict, training config) of task.init: an exported .safetensors
     (safe to read from anyone) or a checkpoint directory of ours. With peek,
     only the config (a start-up check; no weights are read)."""
@@ -79,7 +79,12 @@ def read_init(init: str, *, peek: bool = False) -> tuple[dict | None, dict]:
         config = read_meta(step_dir)["config"]
     except CheckpointError as e:
         raise ValueError(f"task.init={init}: {e}") from None
-    return (None if peek else consolidate(step_dir)), config
+    if peek:
+        return None, config
+    try:
+        return consolidate(step_dir, trust=trust), config
+    except CheckpointError as e:
+        raise ValueError(f"task.init={init}: {e}") from None
 
 
 def adopt_pretrained_config(cfg, pretrained: dict, *, init: str) -> None:

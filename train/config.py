@@ -55,6 +55,13 @@ class TrainerConfig:
     log_samples: bool = False
     # At the end, write OUT/export/model.safetensors (+ .json), as train.export does.
     export: bool = True
+    # An export that fails is logged (and can be redone with train.export);
+    # with this, it fails the run (tests, pipelines that need the export).
+    fail_on_export_error: bool = False
+    # Checkpoints (trainer.resume, task.init) are verified to hold only
+    # tensors and DeepSpeed's plain state before DeepSpeed unpickles them
+    # (a crafted file could otherwise run code); true skips the check.
+    trust_checkpoint: bool = False
     # Deterministic kernels only (torch.use_deterministic_algorithms): with
     # it, a resumed or restarted run repeats the uninterrupted one bit for bit.
     deterministic: bool = False

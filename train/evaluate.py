@@ -107,11 +107,11 @@ def zero_shot_metrics(split: dict, classes: dict[int, str], class_embeds: torch.
 
 
 def evaluate_heldout(model, *, data: DataConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-                     keep_split: bool = False) -> dict:
+                     keep_split: bool = False, sizes: dict[str, int] | None = None) -> dict:
     """{"retrieval": per pair R@k (see retrieval_metrics), "zero_shot": per
     modality accuracy (empty where the held-out .json carries no labels)},
     plus "split" (embed_split's result) with keep_split."""
-    loader = build_loader(data, split="heldout", batch_size=batch_size)
+    loader = build_loader(data, split="heldout", batch_size=batch_size, sizes=sizes)
     split = embed_split(model, loader, device=device, dtype=dtype)
     results = {"retrieval": retrieval_metrics(split["embeds"], split["masks"]), "zero_shot": {}}
     if keep_split:
@@ -149,7 +149,7 @@ def results_table(results: dict) -> str:
 
 # -- `python -m train.evaluate checkpoint=PATH [data.KEY=VALUE ...] [batch_size=N]` --------------
 
-def load_for_eval(checkpoint: str) -> tuple[torch.nn.Module, dict]:
+def load_for_eval(checkpoint: str, *, trust: bool = False) -> tuple[torch.nn.Module, dict]:
     """A plain fp32 model (PretrainModel or ClassifierModel) on CPU and the training config it was saved
     with (model, fusion, objective, data, and the step), from a checkpoint
     directory (consolidated as `train.export` does) or an exported .safetensors."""
@@ -167,8 +167,12 @@ def load_for_eval(checkpoint: str) -> tuple[torch.nn.Module, dict]:
     step_dir = resolve_step_dir(path)
     meta = read_meta(step_dir)
     config = {**meta["config"], "step": meta.get("step")}
-    model = build_from_config(config)
-    model.load_state_dict(consolidate(step_dir), strict=True)
+    state = consolidate(step_dir, trust=trust)  # verified before anything is unpickled
+    try:
+        model = build_from_config(config)
+        model.load_state_dict(state, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{step_dir}: its config and weights do not make a model: {e}") from None
     return model.eval(), config
 
 
@@ -184,6 +188,7 @@ on stderr, then the JSON line a training run prints at its end.
                     (data.heldout=SHARDS evaluates other shards)
   batch_size=N      evaluation batch (default: the run's trainer.eval_batch_size)
   device=DEVICE     cpu (default) or cuda
+  trust_checkpoint=true   skip the safe-loading check (see python -m train.export --help)
 
 example: python -m train.evaluate checkpoint=outputs/2026-11-30/10-00-00 data.heldout=data/demo/heldout
 """
@@ -201,17 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from train.export import CheckpointError, parse_overrides
+    from train.export import CheckpointError, parse_overrides, truthy
     from train.loop import final_json
 
     try:
         args = sys.argv[1:] if argv is None else argv
         options = parse_overrides([a for a in args if not a.startswith("data.")],
-                                  allowed=("checkpoint", "batch_size", "device"))
+                                  allowed=("checkpoint", "batch_size", "device", "trust_checkpoint"))
         if not options.get("checkpoint"):
             raise CheckpointError("missing checkpoint=; usage: python -m train.evaluate checkpoint=DIR "
                                   "[data.heldout=SHARDS ...] [batch_size=N] [device=cpu]")
-        model, config = load_for_eval(options["checkpoint"])
+        model, config = load_for_eval(options["checkpoint"], trust=truthy(options.get("trust_checkpoint")))
         # The data config saved with the run, then command-line overrides (type-checked, keys named).
         data = OmegaConf.merge(
             OmegaConf.structured(DataConfig), config.get("data", {}),

@@ -44,6 +44,10 @@ def parse_overrides(argv: list[str], *, allowed: tuple[str, ...] | None = None) 
     return out
 
 
+def truthy(value: str | None) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
 def resolve_step_dir(path: str | Path) -> Path:
     """The step directory of a checkpoint: `path` itself if it holds meta.json,
     else the one named by `latest` in path or path/checkpoints."""
@@ -71,8 +75,15 @@ def read_meta(step_dir: Path) -> dict:
     return meta
 
 
-def consolidate(step_dir: Path) -> dict[str, torch.Tensor]:
-    """One fp32 state dict on CPU from a checkpoint of any ZeRO stage."""
+def consolidate(step_dir: Path, *, trust: bool = False) -> dict[str, torch.Tensor]:
+    """One fp32 state dict on CPU from a checkpoint of any ZeRO stage (its
+    files verified first unless trust: see train.checkpoint.verify_checkpoint)."""
+    from train.checkpoint import UntrustedCheckpoint, verify_checkpoint
+
+    try:
+        verify_checkpoint(step_dir, trust=trust)
+    except UntrustedCheckpoint as e:
+        raise CheckpointError(str(e)) from None
     has_optim_shards = any(step_dir.glob("*_optim_states.pt"))
     if not has_optim_shards:
         # ZeRO-0 in fp32 keeps no separate master copy: the engine saves the
@@ -137,14 +148,14 @@ def write_weights(state: dict[str, torch.Tensor], out: Path, *, metadata: dict[s
     os.chmod(out, 0o666 & ~umask)
 
 
-def export(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path, int]:
+def export(checkpoint: str | Path, out: str | Path, *, trust: bool = False) -> tuple[Path, Path, int]:
     """Writes out (.safetensors) and its .json; returns both paths and the parameter count."""
     step_dir = resolve_step_dir(checkpoint)
     meta = read_meta(step_dir)
     out = Path(out)
     if out.suffix != ".safetensors":
         raise CheckpointError(f"out={out} should end in .safetensors")
-    state = consolidate(step_dir)
+    state = consolidate(step_dir, trust=trust)
     config = {k: json.loads(json.dumps(meta["config"][k])) for k in EXPORTED_SECTIONS if k in meta["config"]}
     config.update(step=meta.get("step"), checkpoint=str(step_dir.resolve()))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +174,10 @@ file and its .json config; load it with mm_models.load(FILE).
   checkpoint=DIR   a step directory (OUT/checkpoints/step_000500), a
                    checkpoints/ directory or a run directory (its latest step)
   out=FILE         where to write FILE.safetensors (and FILE.json)
+  trust_checkpoint=true
+                   skip the check that the checkpoint's files hold only tensors
+                   and DeepSpeed's plain state (loading a crafted file could run
+                   code): only for checkpoints from a source you trust
 
 example: python -m train.export checkpoint=outputs/2026-11-30/10-00-00 out=model.safetensors
 """
@@ -174,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0
     try:
-        args = parse_overrides(argv, allowed=("checkpoint", "out"))
+        args = parse_overrides(argv, allowed=("checkpoint", "out", "trust_checkpoint"))
         missing = [k for k in ("checkpoint", "out") if not args.get(k)]
         if missing:
             raise CheckpointError(f"missing {' and '.join(f'{k}=' for k in missing)}; "
                                   "usage: python -m train.export checkpoint=DIR out=FILE.safetensors")
-        weights, config, n_params = export(args["checkpoint"], args["out"])
+        weights, config, n_params = export(args["checkpoint"], args["out"], trust=truthy(args.get("trust_checkpoint")))
     except CheckpointError as e:
         print(f"train.export: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from data_pipeline import build_loader
+from data_pipeline.loader import shard_size_table
 from mm_models import PretrainModel
 from mm_models.classifier import ClassifierModel, attach_weights, classifier_config
 from train import classify as classify_mod
@@ -48,6 +49,17 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """After the model is initialised (the same on every rank, from `seed`):
+    each rank its own random streams, so masked-text positions, hard-negative
+    draws and dropout differ across ranks instead of repeating one rank's
+    choices W times. Derived from (seed, rank): a rerun draws the same."""
+    derived = (seed * 1_000_003 + 7919 * (rank + 1)) % (2**31 - 1)
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)  # every device too
+
+
 def set_threads(threads: int, info: DistInfo) -> None:
     """Ranks on one node share its cores instead of each taking all of them."""
     if threads <= 0:
@@ -58,30 +70,89 @@ def set_threads(threads: int, info: DistInfo) -> None:
 def train_step(engine, batches, *, accum: int, device, dtype) -> tuple[dict[str, float] | None, float]:
     """One optimizer step over `accum` micro batches. Returns the mean of the
     logged losses (None if a non-finite loss made every rank skip the step)
-    and the seconds spent waiting for data."""
+    and the seconds spent waiting for data.
+
+    A non-finite loss on any rank is decided together (one rank alone
+    skipping backward would leave the others waiting in its gradient
+    reduction). In the first micro batch nothing has been accumulated yet:
+    the whole step is skipped on every rank. Later in an accumulation, the
+    earlier micro batches' gradients are already in DeepSpeed's buffers and
+    its micro-step count has moved on: the bad micro batch is replaced by a
+    pass over an empty batch (every sample absent: zero gradients, finite),
+    so the step completes from the good micro batches, and DeepSpeed's
+    accumulation boundary, the optimizer's step count and the loop's stay
+    the same on every rank."""
     sums: dict[str, float] = {}
+    good = 0
     data_wait = 0.0
-    for _ in range(accum):
+    for micro in range(accum):
         t0 = time.perf_counter()
         batch = to_device(next(batches), device=device, dtype=dtype)
         data_wait += time.perf_counter() - t0
         out = engine(batch)
-        # Decided together: one rank alone skipping backward would leave the
-        # others waiting in its gradient all-reduce.
-        if any_rank(not torch.isfinite(out["loss"]).item()):
+        bad = any_rank(not torch.isfinite(out["loss"]).item())
+        if bad and micro == 0:
             return None, data_wait
+        if bad:
+            out = engine(empty_like(batch))
+            if any_rank(not torch.isfinite(out["loss"]).item()):
+                raise RuntimeError("the loss of an empty batch is not finite: the weights themselves are no "
+                                   "longer finite; resume from an earlier checkpoint with a lower learning rate")
+            log.warning("non-finite loss on some rank in micro batch %d of %d: dropped from this step", micro + 1,
+                        accum)
         engine.backward(out["loss"])
         engine.step()
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
-    return sums, data_wait
+        if not bad:
+            good += 1
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+    return {k: v / good for k, v in sums.items()}, data_wait
+
+
+def empty_like(batch: dict) -> dict:
+    """The batch with every sample absent (zeros, padding, masks False): a
+    forward and backward over it give finite zero gradients."""
+    out = dict(batch)
+    for key, value in batch.items():
+        if not torch.is_tensor(value):
+            continue
+        if key.endswith("_mask"):
+            out[key] = torch.zeros_like(value)
+        elif key == "text_pad":
+            out[key] = torch.ones_like(value)
+        elif key == "label":
+            out[key] = torch.full_like(value, -1)
+        else:
+            out[key] = torch.zeros_like(value)
+    return out
+
+
+def shared_size_table(data, split: str, info: DistInfo) -> dict[str, int]:
+    """Rank 0 reads the shard index (or scans the shards) once and hands
+    the sizes to every rank, instead of each rank downloading them. An
+    error on rank 0 is raised on every rank."""
+    if info.world_size <= 1 or not torch.distributed.is_initialized():
+        return shard_size_table(data, split)
+    box: list = [None]
+    if info.is_main:
+        try:
+            box[0] = ("ok", shard_size_table(data, split))
+        except (ValueError, OSError) as e:
+            box[0] = ("error", f"{type(e).__name__}\t{e}")
+    torch.distributed.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        name, _, message = value.partition("\t")
+        raise (FileNotFoundError if name == "FileNotFoundError" else ValueError)(message)
+    return value
 
 
 def checked_loader(data, split: str, *, batch_size: int, info: DistInfo, tokenizer=None, labels=None):
     """build_loader, with an error that names the config key at fault."""
     try:
+        sizes = shared_size_table(data, split, info)
         return build_loader(data, split=split, batch_size=batch_size, rank=info.rank, world_size=info.world_size,
-                            tokenizer=tokenizer, labels=labels)
+                            tokenizer=tokenizer, labels=labels, sizes=sizes)
     except (ValueError, OSError) as e:
         key = "data.heldout" if split == "heldout" else ("data.sources" if data.sources else "data.train")
         value = data.heldout if split == "heldout" else (data.train if not data.sources else "...")
@@ -154,7 +225,7 @@ class LogWindow:
         return out
 
 
-def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict:
+def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: StopRequest | None = None) -> dict:
     """Trains, checkpoints and evaluates; returns the final held-out results."""
     t_cfg = cfg.trainer
     set_threads(t_cfg.threads, info)
@@ -167,15 +238,17 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
         classify_mod.data_for_classify(cfg.data)
         spec = classify_mod.label_spec(cfg.task)
         if cfg.task.init not in ("", "none"):
-            init_state, pretrained = classify_mod.read_init(cfg.task.init)
+            init_state, pretrained = classify_mod.read_init(cfg.task.init, trust=t_cfg.trust_checkpoint)
             classify_mod.adopt_pretrained_config(cfg, pretrained, init=cfg.task.init)
             resolved["model"] = dataclasses.asdict(cfg.model)  # what checkpoints and the export rebuild
 
     # Data first: a bad shard pattern or tokenizer fails before any engine
     # starts, the held-out set's too (not only when the first evaluation needs it).
     loader = checked_loader(cfg.data, "train", batch_size=t_cfg.micro_batch_size, info=info, labels=spec)
-    checked_loader(cfg.data, "heldout", batch_size=t_cfg.eval_batch_size, info=info, tokenizer=loader.tokenizer,
-                   labels=spec)
+    heldout_check = checked_loader(cfg.data, "heldout", batch_size=t_cfg.eval_batch_size, info=info,
+                                   tokenizer=loader.tokenizer, labels=spec)
+    # Read once at start (by rank 0), reused by every evaluation.
+    heldout_sizes = {u: n for s in heldout_check.sources for u, n in zip(s.urls, s.sizes)}
     if cfg.model.text.arch != "hf" and loader.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"data.tokenizer={cfg.data.tokenizer!r} has {loader.tokenizer.vocab_size} tokens but "
@@ -213,6 +286,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
         )
     engine = build_engine(model, ds_config=ds_config, optimizer=cfg.optimizer, total_steps=t_cfg.max_steps,
                           lr_scales=lr_scales)
+    seed_rank_streams(t_cfg.seed, info.rank)  # a resumed run then restores each rank's own state
     device = engine.device
     dtype = compute_dtype(ds_config)
     precision = str(dtype).removeprefix("torch.")
@@ -231,7 +305,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     resumed: dict = {}  # the checkpoint's meta.json, if resuming
     resume_from = find_checkpoint(t_cfg.resume, run_dir=run_dir)
     if resume_from is not None:
-        resumed, loader_state = load_checkpoint(engine, resume_from, rank=info.rank)
+        resumed, loader_state = load_checkpoint(engine, resume_from, rank=info.rank, trust=t_cfg.trust_checkpoint)
         loader.load_state_dict(loader_state)
     start_step = int(resumed.get("step", 0))
     if resume_from is not None and info.is_main:
@@ -253,7 +327,8 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     def evaluate(step: int) -> dict:
         watchdog.mark("evaluation", step=step)
         if classify:
-            heldout = build_loader(cfg.data, split="heldout", batch_size=t_cfg.eval_batch_size, labels=spec)
+            heldout = build_loader(cfg.data, split="heldout", batch_size=t_cfg.eval_batch_size, labels=spec,
+                                   sizes=heldout_sizes)
             split = classify_mod.predict_split(engine, heldout, device=device, dtype=dtype)
             results = classify_mod.classification_metrics(split, spec, threshold=cfg.task.threshold)
             last_eval.clear()
@@ -268,7 +343,8 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
                 log.info("held-out classification at step %d:\n%s", step, classify_mod.classify_table(results))
             return results
         results = evaluate_heldout(
-            engine, data=cfg.data, batch_size=t_cfg.eval_batch_size, device=device, dtype=dtype, keep_split=True
+            engine, data=cfg.data, batch_size=t_cfg.eval_batch_size, device=device, dtype=dtype, keep_split=True,
+            sizes=heldout_sizes,
         )
         split = results.pop("split")
         last_eval.clear()
@@ -305,7 +381,9 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     window = LogWindow(global_batch=ds_config["train_batch_size"], flops_per_sample=flops_per_sample(cfg.model),
                        tokens_per_sample=sum(sequence_lengths(cfg.model).values()),
                        peak_flops=t_cfg.peak_flops_per_device, world_size=info.world_size)
-    stop = StopRequest()
+    stop = stop or StopRequest()
+    if stop.requested and info.is_main:
+        log.warning("%s arrived during start-up: stopping after the first step", stop.signal_name)
     bad_steps = 0
     step = start_step
     while step < t_cfg.max_steps:
@@ -353,21 +431,30 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict) -> dict
     final_metrics = (classify_mod.flat_metrics(results, "heldout") if classify else eval_metrics(results, "heldout"))
     tracker.summary({f"final/{k}": v for k, v in final_metrics.items()})
     tracker.summary({"checkpoint": str(ckpt)})
-    if t_cfg.export and info.is_main:
+    # Every rank is done with collectives. What follows is rank 0's alone and
+    # may take long (export, artifact upload): the others leave now instead of
+    # waiting, and the stall watchdog no longer times rank 0 (it is not stuck).
+    barrier()
+    watchdog.mark_idle()
+    if info.is_main and t_cfg.export:
         # The checkpoint is saved; an export that fails (disk full, say) is
         # reported and can be redone with `python -m train.export`.
         try:
-            weights, config_file, _ = export(ckpt, run_dir / "export" / "model.safetensors")
+            watchdog.slow_export_if_injected()
+            # This run's own checkpoint, just written: nothing to verify.
+            weights, config_file, _ = export(ckpt, run_dir / "export" / "model.safetensors", trust=True)
         except Exception as e:  # noqa: BLE001
             log.error("export failed (%s: %s); run: python -m train.export checkpoint=%s out=model.safetensors",
                       type(e).__name__, e, ckpt)
+            if t_cfg.fail_on_export_error:
+                tracker.finish()
+                raise
         else:
             tracker.log_export([weights, config_file], step=t_cfg.max_steps, upload=cfg.logger.upload_export)
             tracker.summary({"export": str(weights)})
             log.info("exported %s", weights)
     wandb_dir = tracker.run_dir
     tracker.finish()
-    barrier()
     if info.is_main:
         log.info("checkpoint: %s", ckpt)
         if wandb_dir:

@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGTERM: scancel, SLURM's time limit, Kubernetes, systemd; SIGINT: Ctrl-C
+# (a second one stops at once); SIGUSR1: SLURM's preemption warning.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # Written into the run directory by rank 0 when a run stopped on a signal
 # (checkpointed, not finished); removed when the run starts again.
 STOPPED_FILE = "stopped.json"
@@ -32,7 +34,11 @@ def any_rank(flag: bool) -> bool:
 
 
 class StopRequest:
-    """Installs handlers for STOP_SIGNALS; `requested` turns True on receipt."""
+    """Installs handlers for STOP_SIGNALS; `requested` turns True on receipt.
+
+    Installed first thing at start (train.__main__), so a signal that
+    arrives while the run is still starting (counting shards, building the
+    engine) is remembered and honoured after the first step."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -45,9 +51,12 @@ class StopRequest:
             # A forked data worker inherits the handler; a scheduler signalling every
             # process of the job (SLURM does) must not make it log a stop too.
             return
+        if signum == signal.SIGINT and self.requested and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the checkpoint
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        log.warning("received %s: checkpointing and stopping after this step", self.signal_name)
+        log.warning("received %s: checkpointing and stopping after this step%s", self.signal_name,
+                    " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
 
     def restore(self) -> None:
         for s, handler in self._previous.items():

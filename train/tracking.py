@@ -6,24 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 from train.config import LoggerConfig
+from train.secrets import redact
 
 log = logging.getLogger(__name__)
-_SECRET = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
-
-
-def redact(config):
-    """A copy of the config with values under secret-looking keys removed."""
-    if isinstance(config, dict):
-        return {k: ("<redacted>" if _SECRET.search(str(k)) else redact(v)) for k, v in config.items()}
-    if isinstance(config, list):
-        return [redact(v) for v in config]
-    return config
-
-
 def resolve_mode(mode: str) -> str:
     if mode == "auto":
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"

@@ -18,7 +18,9 @@ operations.
 
 Fault injection for tests: MM_TEST_STALL_RANK=r and MM_TEST_STALL_AT_STEP=s
 make rank r stall, while loading the data of step s, until the watchdog ends
-it. Nothing else reads these variables.
+it; MM_TEST_SLOW_EXPORT_S=s slows rank 0's end-of-run export (legitimate
+work after the last collective, which must not count as a stall). Nothing
+else reads these variables.
 """
 
 from __future__ import annotations
@@ -209,6 +211,22 @@ def mark(op: str, *, step: int | None = None) -> None:
 def next_step(step: int) -> None:
     if _active is not None:
         _active.next_step(step)
+
+
+def mark_idle() -> None:
+    """This rank is past its last collective: nothing of it is timed any more
+    (rank 0 exporting and uploading while the others have left)."""
+    if _active is not None:
+        _active.close()
+
+
+def slow_export_if_injected() -> None:
+    """Fault injection for tests: MM_TEST_SLOW_EXPORT_S=s makes rank 0's
+    end-of-run export take s seconds longer. Nothing else reads it."""
+    delay = float(os.environ.get("MM_TEST_SLOW_EXPORT_S", "0") or 0)
+    if delay > 0:
+        log.warning("fault injection: the export waits %g s first", delay)
+        time.sleep(delay)
 
 
 def _stall_if_injected() -> None:

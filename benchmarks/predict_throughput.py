@@ -1,0 +1,113 @@
+"""train.predict's throughput against the bare model forward, in one run.
+
+Both see the same samples: the model alone runs predict() over batches
+decoded beforehand and held in memory (its ceiling); train.predict reads
+the shards, decodes them in its workers, predicts and writes the rows. The
+ratio says what the pipeline costs on top of the model.
+
+    python benchmarks/predict_throughput.py [--model small] [--shards data/demo/heldout] [--batch-size 64]
+
+The last line is JSON: {"predict_sps": …, "model_sps": …, "ratio": …, ...}.
+Needs shards: `make demo-data` writes data/demo/heldout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_flags_line() -> str:
+    from train.engine import cpu_flags
+
+    flags = cpu_flags()
+    keep = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return " ".join(keep) or "unknown"
+
+
+def make_export(out: Path, model_name: str, data) -> Path:
+    """An untrained classifier of model=NAME (speed does not depend on the weights)."""
+    from omegaconf import OmegaConf
+
+    from mm_models import FusionConfig, ModelConfig, ObjectiveConfig
+    from mm_models.classifier import ClassifierModel, classifier_config
+    from train.config import CONF_DIR
+    from train.export import write_weights
+
+    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                                    OmegaConf.load(CONF_DIR / "model" / f"{model_name}.yaml")))
+    model_cfg.image_size, model_cfg.n_mels = data.image_size, data.n_mels
+    model_cfg.audio_frames, model_cfg.max_text_len = data.audio_frames, data.max_text_len
+    task = {"name": "classify", "num_classes": 72, "modalities": ["image", "audio", "text"]}
+    torch.manual_seed(0)
+    model = ClassifierModel(model_cfg, FusionConfig(), classifier_config(task))
+    model.init_weights()
+    path = out / "model.safetensors"
+    write_weights({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata={"format": "pt"})
+    path.with_suffix(".json").write_text(json.dumps({
+        "model": dataclasses.asdict(model_cfg), "fusion": dataclasses.asdict(FusionConfig()),
+        "objective": dataclasses.asdict(ObjectiveConfig()), "task": task, "data": dataclasses.asdict(data)}))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="small", help="model size (conf/model/NAME.yaml)")
+    parser.add_argument("--shards", default="data/demo/heldout")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+
+    from omegaconf import OmegaConf
+
+    import mm_models
+    from data_pipeline import DataConfig, build_loader
+    from train.config import CONF_DIR
+    from train.predict import predict
+
+    if not Path(args.shards).exists():
+        raise SystemExit(f"{args.shards} does not exist: run `make demo-data` first (or pass --shards)")
+    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
+                                               OmegaConf.load(CONF_DIR / "data" / "demo.yaml")))
+    data.heldout = args.shards
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        export = make_export(tmp, args.model, data)
+        os.environ.pop("RANK", None)
+        os.environ.pop("WORLD_SIZE", None)
+
+        # The ceiling: the model alone, on batches decoded beforehand.
+        model = mm_models.load(export)
+        batches = list(build_loader(data, split="heldout", batch_size=args.batch_size))
+        n = sum(sum(1 for k in b["__key__"] if k) for b in batches)
+        with torch.no_grad():
+            model.predict(batches[0])  # warm-up
+            t = time.perf_counter()
+            for b in batches:
+                model.predict(b)
+            model_s = time.perf_counter() - t
+        del model
+
+        t = time.perf_counter()
+        summary = predict({"checkpoint": str(export), "shards": args.shards, "out": str(tmp / "pred"),
+                           "batch_size": str(args.batch_size)}, [], embed=False)
+        predict_s = time.perf_counter() - t
+    if summary["rows"] != n:
+        raise SystemExit(f"train.predict wrote {summary['rows']} rows for {n} samples")
+    model_sps, predict_sps = n / model_s, summary["rows"] / predict_s
+    print(f"model={args.model}, {n} samples, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+          f"data.num_workers=auto, CPU flags: {cpu_flags_line()}")
+    print(f"model forward alone:  {model_sps:8.1f} samples/s")
+    print(f"train.predict:        {predict_sps:8.1f} samples/s (load, read, decode, predict, write)")
+    print(json.dumps({"predict_sps": round(predict_sps, 1), "model_sps": round(model_sps, 1),
+                      "ratio": round(predict_sps / model_sps, 3), "model": args.model, "samples": n}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""train.predict: every sample predicted exactly once over 2 ranks × 2
+workers, a missing modality handled, bad samples counted, finished shards
+skipped on a rerun, --embed; and big-model inference through accelerate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+import torch
+
+from conftest import REPO, clean_env, python, venv_bin
+from shardkit import write_tar
+
+TIMEOUT_S = 600
+
+
+def export_model(path, model: torch.nn.Module, config: dict) -> None:
+    from train.export import write_weights
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_weights({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata={"format": "pt"})
+    path.with_suffix(".json").write_text(json.dumps(config))
+
+
+def demo_geometry():
+    from data_pipeline import DataConfig
+
+    return DataConfig(image_size=32, n_mels=32, audio_frames=48, max_text_len=48, n_fft=512, hop_length=320,
+                      log_mel_mean=-8.0, log_mel_std=2.5, num_workers=2)
+
+
+def tiny_config():
+    from mm_models import EncoderConfig, ModelConfig
+
+    enc = EncoderConfig(width=32, depth=1, heads=2, patch_size=8)
+    return ModelConfig(image=enc, audio=enc, text=enc, embed_dim=16, image_size=32, n_mels=32, audio_frames=48,
+                       max_text_len=48)
+
+
+@pytest.fixture(scope="module")
+def classifier_export(tmp_path_factory):
+    """An image-only 6-class classifier export (untrained: predictions need not be right)."""
+    from mm_models import FusionConfig, ObjectiveConfig
+    from mm_models.classifier import ClassifierModel, classifier_config
+
+    task = {"name": "classify", "classes": ["red", "green", "blue", "yellow", "magenta", "cyan"],
+            "modalities": ["image"], "head": "linear"}
+    torch.manual_seed(0)
+    model = ClassifierModel(tiny_config(), FusionConfig(), classifier_config(task))
+    model.init_weights()
+    path = tmp_path_factory.mktemp("classifier") / "model.safetensors"
+    export_model(path, model, {"model": dataclasses.asdict(tiny_config()), "fusion": dataclasses.asdict(FusionConfig()),
+                               "objective": dataclasses.asdict(ObjectiveConfig()), "task": task,
+                               "data": dataclasses.asdict(demo_geometry())})
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(demo_shards, tmp_path_factory):
+    """The demo's 4 training shards plus one holding 2 undecodable images: 258 samples, 2 bad."""
+    root = tmp_path_factory.mktemp("predict_corpus")
+    for shard in sorted(demo_shards["train"].glob("*.tar")):
+        shutil.copy(shard, root / shard.name)
+    write_tar(root / "zz-bad-000000.tar", [{"__key__": f"bad{i}", "jpg": b"not an image", "txt": b"broken"}
+                                           for i in range(2)])
+    keys, no_image = set(), set()
+    for shard in sorted(root.glob("*.tar")):
+        members: dict[str, set] = {}
+        with tarfile.open(shard) as tar:
+            for name in tar.getnames():
+                key, _, ext = name.partition(".")
+                members.setdefault(key, set()).add(ext)
+        keys |= set(members)
+        no_image |= {k for k, exts in members.items() if not exts & {"jpg", "png", "jpeg", "webp"}}
+    return {"root": root, "keys": keys, "bad": {"bad0", "bad1"}, "no_image": no_image}
+
+
+def run_predict(tmp_path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [venv_bin("torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "train.predict", *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+
+
+def read_rows(out) -> list[dict]:
+    return [json.loads(line) for f in sorted(out.glob("predictions-rank*.jsonl")) for line in f.read_text().splitlines()]
+
+
+@pytest.mark.integration
+def test_every_sample_is_predicted_exactly_once_and_a_rerun_skips_finished_shards(classifier_export, corpus,
+                                                                                   tmp_path):
+    out = tmp_path / "pred"
+    args = [f"checkpoint={classifier_export}", f"shards={corpus['root']}", f"out={out}", "data.num_workers=2",
+            "batch_size=16"]
+    proc = run_predict(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = read_rows(out)
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)), "a sample was predicted twice"
+    assert set(keys) == corpus["keys"] - corpus["bad"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == len(rows) and manifest["skipped"] == {"bad_image": 2}
+    assert sorted(manifest["files"]) == ["predictions-rank0.jsonl", "predictions-rank1.jsonl"]
+    assert manifest["shards"] == 5
+    # An image-only classifier: samples without an image get no class, the rest a distribution.
+    for r in rows:
+        if r["key"] in corpus["no_image"]:
+            assert r["label"] is None and r["reason"] == "no_modality"
+        else:
+            assert 0 <= r["label"] < 6 and abs(sum(r["probs"]) - 1) < 1e-4
+            assert r["class"] in ("red", "green", "blue", "yellow", "magenta", "cyan")
+    assert any(r["key"] in corpus["no_image"] for r in rows)
+
+    # Interrupted after some shards: their part files survive; a rerun does only the rest.
+    parts = sorted((out / "parts").glob("*.jsonl"))
+    for part in parts[2:]:
+        part.unlink()
+    for f in out.glob("predictions-rank*.jsonl"):
+        f.unlink()
+    again = run_predict(tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert sorted(read_rows(out), key=lambda r: r["key"]) == sorted(rows, key=lambda r: r["key"])
+    resumed = sum(json.loads((out / f"rank{r}.summary.json").read_text())["resumed_shards"] for r in (0, 1))
+    assert resumed == 2
+
+
+@pytest.mark.integration
+def test_embed_writes_each_modality_and_a_pretrained_model_needs_it(demo_shards, tmp_path):
+    from mm_models import FusionConfig, ObjectiveConfig, PretrainModel
+
+    torch.manual_seed(0)
+    model = PretrainModel(tiny_config(), FusionConfig(), ObjectiveConfig())
+    model.init_weights()
+    export = tmp_path / "export" / "model.safetensors"
+    export_model(export, model, {"model": dataclasses.asdict(tiny_config()), "fusion": dataclasses.asdict(FusionConfig()),
+                                 "objective": dataclasses.asdict(ObjectiveConfig()),
+                                 "data": dataclasses.asdict(demo_geometry())})
+    proc = subprocess.run([python(), "-m", "train.predict", f"checkpoint={export}", f"shards={demo_shards['heldout']}",
+                           f"out={tmp_path / 'cls'}"], cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 2 and "--embed" in proc.stderr
+    proc = subprocess.run([python(), "-m", "train.predict", f"checkpoint={export}", f"shards={demo_shards['heldout']}",
+                           f"out={tmp_path / 'emb'}", "--embed", "data.num_workers=0"], cwd=tmp_path,
+                          env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_rows(tmp_path / "emb")
+    assert len(rows) == 64
+    assert all(len(r["text"]) == 16 for r in rows)
+    assert any(r["image"] is None for r in rows) or any(r["audio"] is None for r in rows)  # the demo drops some
+
+
+def test_shards_are_split_disjointly_over_ranks():
+    from train.predict import my_shards
+
+    for n in (1, 5, 8):
+        for world in (1, 2, 3):
+            got = [i for r in range(world) for i in my_shards(n, rank=r, world=world)]
+            assert sorted(got) == list(range(n))
+
+
+def test_max_memory_spec():
+    from train.inference import parse_max_memory
+
+    assert parse_max_memory("0:10GiB, cpu:30GiB") == {0: "10GiB", "cpu": "30GiB"}
+    with pytest.raises(ValueError, match="DEVICE:SIZE"):
+        parse_max_memory("10GiB")
+
+
+def test_a_base_model_offloaded_to_disk_gives_the_full_models_outputs(tmp_path):
+    """accelerate's big-model inference: model=base with max_memory far below
+    its size (most layers stream from disk) matches a plain full load."""
+    pytest.importorskip("accelerate")
+    from omegaconf import OmegaConf
+
+    import mm_models
+    from mm_models import FusionConfig, ModelConfig, ObjectiveConfig, PretrainModel
+    from train.config import CONF_DIR
+    from train.inference import load_dispatched
+
+    base = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model" / "base.yaml")))
+    base.image_size, base.n_mels, base.audio_frames, base.max_text_len = 32, 32, 32, 16
+    torch.manual_seed(0)
+    model = PretrainModel(base, FusionConfig(), ObjectiveConfig())
+    model.init_weights()
+    export = tmp_path / "model.safetensors"
+    export_model(export, model, {"model": dataclasses.asdict(base), "fusion": dataclasses.asdict(FusionConfig()),
+                                 "objective": dataclasses.asdict(ObjectiveConfig())})
+    del model
+    g = torch.Generator().manual_seed(1)
+    pad = torch.zeros(2, 16, dtype=torch.bool)
+    pad[:, 10:] = True
+    batch = {"image": torch.randn(2, 3, 32, 32, generator=g), "audio": torch.randn(2, 32, 32, generator=g),
+             "text": torch.randint(4, 260, (2, 16), generator=g), "text_pad": pad,
+             **{f"{m}_mask": torch.ones(2, dtype=torch.bool) for m in ("image", "audio", "text")}}
+    with torch.no_grad():
+        full = mm_models.load(export).encode(batch)
+        offloaded = load_dispatched(export, max_memory={"cpu": "150MB"}, offload_dir=tmp_path / "offload")
+        got = offloaded.encode(batch)
+    assert any((tmp_path / "offload").iterdir()), "nothing was offloaded to disk"
+    for m in full:
+        torch.testing.assert_close(got[m], full[m], atol=1e-5, rtol=0)
+
+
+def test_parquet_output_holds_the_same_rows(classifier_export, demo_shards, tmp_path, monkeypatch):
+    pq = pytest.importorskip("pyarrow.parquet")
+    from train.predict import predict
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    common = {"checkpoint": str(classifier_export), "shards": str(demo_shards["heldout"]), "batch_size": "32"}
+    predict({**common, "out": str(tmp_path / "j")}, ["data.num_workers=0"], embed=False)
+    predict({**common, "out": str(tmp_path / "p"), "format": "parquet"}, ["data.num_workers=0"], embed=False)
+    rows = read_rows(tmp_path / "j")
+    table = pq.read_table(tmp_path / "p" / "predictions-rank0.parquet").to_pylist()
+    assert len(table) == len(rows) == 64
+    for a, b in zip(sorted(rows, key=lambda r: r["key"]), sorted(table, key=lambda r: r["key"])):
+        assert a["key"] == b["key"] and a["label"] == b["label"] and a["class"] == b["class"]

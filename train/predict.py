@@ -1,0 +1,288 @@
+"""`python -m train.predict checkpoint=PATH shards=PATTERN out=DIR [--embed] [...]`
+
+Runs a fine-tuned classifier (class, probabilities) or any model (`--embed`:
+the embedding of each modality) over whole corpora. Under torchrun or
+SLURM, rank r takes shards r, r + W, r + 2W, ... of the sorted shard list,
+so every sample is predicted exactly once.
+
+Output in OUT:
+    predictions-rank{r}.jsonl (or .parquet)   one row per sample, per rank
+    manifest.json                              files, rows, skipped samples by reason, shards
+    parts/                                     one finished file per shard: an interrupted
+                                               run started again skips those shards
+
+A row: {"key", "label", "class", "probs"} (multi-label: "labels", "classes",
+"probs"); with --embed {"key", "image", "audio", "text"} (null where the
+sample lacks the modality). A sample with none of the classifier's
+modalities gets null predictions and "reason": "no_modality". Samples the
+loader cannot decode are counted by reason in the manifest (and skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+USAGE = """usage: python -m train.predict checkpoint=PATH shards=PATTERN out=DIR [--embed] [format=jsonl|parquet]
+                         [batch_size=N] [device=cpu] [max_memory=DEVICE:SIZE,...] [data.KEY=VALUE ...]
+
+Predicts every sample of the shards with a fine-tuned classifier (class and
+probabilities), or with --embed writes each modality's embedding (any
+model: a retrieval index). Under torchrun/SLURM each rank takes a disjoint
+set of shards; an interrupted run, started again with the same out=,
+skips the shards it finished.
+
+  checkpoint=PATH   an exported .safetensors, or a checkpoint directory
+  shards=PATTERN    a directory, glob or brace pattern, local or http(s)://
+  out=DIR           predictions-rank{r}.{jsonl,parquet} + manifest.json
+  --embed           embeddings instead of classes
+  format=FMT        jsonl (default) or parquet (needs pyarrow)
+  batch_size=N      default 64
+  device=DEVICE     cpu (default) or cuda
+  max_memory=...    big-model inference through accelerate, e.g. max_memory=cpu:2GB
+                    (what does not fit is offloaded to disk under OUT/offload);
+                    needs an exported .safetensors
+  data.KEY=VALUE    overrides of the decoding settings saved with the model
+
+example: torchrun --nproc_per_node=2 -m train.predict checkpoint=outputs/RUN/export/model.safetensors \\
+             shards=data/demo/heldout out=predictions
+"""
+
+FORMATS = ("jsonl", "parquet")
+
+
+class PredictError(Exception):
+    """A usage or input error; the message names the fix."""
+
+
+def rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def my_shards(n: int, *, rank: int, world: int) -> list[int]:
+    """The shard indices rank `rank` of `world` predicts: r, r + W, ..."""
+    return list(range(rank, n, world))
+
+
+def rows_for(model, batch: dict, out: dict, *, embed: bool, names: list[str], multi_label: bool) -> list[dict]:
+    """One output row per real (non-padding) sample of a batch."""
+    rows = []
+    for i, key in enumerate(batch["__key__"]):
+        if not key:
+            continue
+        if embed:
+            row = {"key": key}
+            for m, e in out.items():
+                row[m] = None if e is None or torch.isnan(e[i]).any() else [round(float(x), 6) for x in e[i]]
+            rows.append(row)
+            continue
+        if not bool(out["valid"][i]):
+            rows.append({"key": key, **({"labels": None, "classes": None} if multi_label else
+                                        {"label": None, "class": None}), "probs": None, "reason": "no_modality"})
+            continue
+        probs = out["probs"][i]
+        row = {"key": key}
+        if multi_label:
+            chosen = [c for c in range(probs.numel()) if float(probs[c]) > out["threshold"]]
+            row.update(labels=chosen, classes=[names[c] for c in chosen])
+        else:
+            c = int(probs.argmax())
+            row.update(label=c, **{"class": names[c]})
+        row["probs"] = [round(float(p), 6) for p in probs]
+        rows.append(row)
+    return rows
+
+
+def write_part(rows: list[dict], path: Path, fmt: str) -> None:
+    """Atomically: a part file exists only once its shard is finished."""
+    tmp = path.with_name(path.name + ".tmp")
+    if fmt == "jsonl":
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, path)
+
+
+def concat_parts(parts: list[Path], out: Path, fmt: str) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    if fmt == "jsonl":
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part.read_bytes())
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = [pq.read_table(p) for p in parts]
+        tables = [t for t in tables if t.num_rows]
+        pq.write_table(pa.concat_tables(tables, promote_options="default") if tables else pa.table({}), tmp)
+    os.replace(tmp, out)
+
+
+def load_model(checkpoint: str, *, device: torch.device, max_memory: str | None, offload_dir: Path,
+               trust: bool = False):
+    """(model, training config): plain, or dispatched by accelerate with max_memory."""
+    if not max_memory:
+        from train.evaluate import load_for_eval
+
+        model, config = load_for_eval(checkpoint, trust=trust)
+        return model.to(device), config
+    if not checkpoint.endswith(".safetensors"):
+        raise PredictError("max_memory= needs an exported .safetensors (python -m train.export)")
+    from train.inference import load_dispatched, parse_max_memory
+    from mm_models.io import read_config
+
+    return load_dispatched(checkpoint, max_memory=parse_max_memory(max_memory), offload_dir=offload_dir), \
+        read_config(checkpoint)
+
+
+def predict(options: dict, data_overrides: list[str], *, embed: bool) -> dict:
+    from omegaconf import OmegaConf
+    from tqdm import tqdm
+
+    from data_pipeline import DataConfig, build_loader
+    from data_pipeline.sources import expand_shards, shard_sizes
+    from train.batch import to_device
+
+    fmt = options.get("format", "jsonl")
+    if fmt not in FORMATS:
+        raise PredictError(f"format={fmt!r}; choose one of {FORMATS}")
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise PredictError("format=parquet needs pyarrow: pip install pyarrow") from None
+    for key in ("checkpoint", "shards", "out"):
+        if not options.get(key):
+            raise PredictError(f"missing {key}=; see --help")
+    rank, world = rank_and_world()
+    out_dir = Path(options["out"])
+    parts_dir = out_dir / "parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(options.get("device", "cpu"))
+    from train.export import truthy
+
+    model, config = load_model(options["checkpoint"], device=device, max_memory=options.get("max_memory"),
+                               offload_dir=out_dir / "offload" / f"rank{rank}",
+                               trust=truthy(options.get("trust_checkpoint")))
+    task = config.get("task") or {}
+    classify = task.get("name") == "classify"
+    if not embed and not classify:
+        raise PredictError(f"{options['checkpoint']} is a pretrained model, not a classifier: it has no classes "
+                           "to predict; add --embed for its embeddings")
+    data = OmegaConf.to_object(OmegaConf.merge(
+        OmegaConf.structured(DataConfig), {k: v for k, v in config.get("data", {}).items() if k != "sources"},
+        OmegaConf.from_dotlist([a.removeprefix("data.") for a in data_overrides]),
+    ))
+    urls = expand_shards(options["shards"], allow_pipe=data.allow_pipe)
+    sizes = shard_sizes(urls)
+    mine = my_shards(len(urls), rank=rank, world=world)
+    batch_size = int(options.get("batch_size", 64))
+    classes = list(task.get("classes") or [])
+    n_classes = int(task.get("num_classes") or len(classes) or 0)
+    names = classes or [str(c) for c in range(n_classes)]
+    multi_label = bool(task.get("multi_label", False))
+    threshold = float(task.get("threshold", 0.5))
+    suffix = "jsonl" if fmt == "jsonl" else "parquet"
+    todo = [i for i in mine if not (parts_dir / f"{i:06d}.{suffix}").exists()]
+    skipped: Counter = Counter()
+    progress = tqdm(total=sum(sizes[i] for i in todo), unit="sample", desc=f"predict rank {rank}",
+                    disable=rank != 0 or None)
+    for i in todo:
+        shard_data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(data), {"heldout": urls[i]}))
+        loader = build_loader(shard_data, split="heldout", batch_size=batch_size)
+        rows: list[dict] = []
+        with torch.no_grad():
+            for batch in loader:
+                moved = to_device(batch, device=device, dtype=torch.float32)
+                if embed:
+                    out = model.embed(moved)
+                    out = {m: (None if e is None else e.float().cpu()) for m, e in out.items()}
+                else:
+                    out = {k: v.cpu() for k, v in model.predict(moved).items()} | {"threshold": threshold}
+                rows += rows_for(model, batch, out, embed=embed, names=names, multi_label=multi_label)
+                progress.update(sum(1 for k in batch["__key__"] if k))
+        shard_skips = dict(loader.skipped)
+        progress.update(sum(shard_skips.values()))
+        write_part(rows, parts_dir / f"{i:06d}.{suffix}", fmt)
+        (parts_dir / f"{i:06d}.done.json").write_text(json.dumps(
+            {"shard": urls[i], "rows": len(rows), "skipped": shard_skips}) + "\n")
+        skipped.update(shard_skips)
+    progress.close()
+    # This rank's file: its shards' parts, in shard order (finished now or by an earlier run).
+    rank_file = out_dir / f"predictions-rank{rank}.{suffix}"
+    concat_parts([parts_dir / f"{i:06d}.{suffix}" for i in mine], rank_file, fmt)
+    done = [json.loads((parts_dir / f"{i:06d}.done.json").read_text()) for i in mine]
+    summary = {"rank": rank, "file": rank_file.name, "rows": sum(d["rows"] for d in done),
+               "skipped": dict(sum((Counter(d["skipped"]) for d in done), Counter())),
+               "shards": [urls[i] for i in mine], "resumed_shards": len(mine) - len(todo)}
+    (out_dir / f"rank{rank}.summary.json").write_text(json.dumps(summary) + "\n")
+    return summary
+
+
+def write_manifest(out_dir: Path, world: int, *, checkpoint: str, embed: bool) -> dict:
+    summaries = [json.loads((out_dir / f"rank{r}.summary.json").read_text()) for r in range(world)]
+    skipped = sum((Counter(s["skipped"]) for s in summaries), Counter())
+    manifest = {
+        "checkpoint": checkpoint, "mode": "embed" if embed else "classify",
+        "files": [s["file"] for s in summaries], "rows": sum(s["rows"] for s in summaries),
+        "rows_per_file": {s["file"]: s["rows"] for s in summaries}, "skipped": dict(skipped),
+        "shards": sum(len(s["shards"]) for s in summaries),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE, end="")
+        return 0
+    from train.export import CheckpointError, parse_overrides
+
+    embed = "--embed" in args
+    rest = [a for a in args if a != "--embed"]
+    rank, world = rank_and_world()
+    try:
+        options = parse_overrides([a for a in rest if not a.startswith("data.")],
+                                  allowed=("checkpoint", "shards", "out", "format", "batch_size", "device",
+                                           "max_memory", "embed", "trust_checkpoint"))
+        embed = embed or options.pop("embed", "false").lower() in ("1", "true", "yes")
+        summary = predict(options, [a for a in rest if a.startswith("data.")], embed=embed)
+    except (PredictError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"train.predict: error: {e}", file=sys.stderr)
+        return 2
+    if world > 1:
+        from train.distributed import barrier, init_distributed
+
+        init_distributed()
+        barrier()
+    if rank == 0:
+        manifest = write_manifest(Path(options["out"]), world, checkpoint=options["checkpoint"], embed=embed)
+        print(json.dumps({"rows": manifest["rows"], "skipped": manifest["skipped"], "files": manifest["files"],
+                          "manifest": str(Path(options["out"]) / "manifest.json")}), flush=True)
+    else:
+        log.debug("rank %d: %s", rank, summary)
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
