@@ -103,3 +103,23 @@ def first_present(sample: dict, exts: tuple[str, ...]):
             return value
     return None
 
+
+
+_WARM: set = set()
+
+
+def warm_decoders(cfg: DataConfig) -> None:
+    """Decodes one tiny image and sound in this process, once. The first
+    decode pays for lazy imports and codec set-up (about 2 s here); done
+    before the DataLoader forks its workers, every worker inherits it
+    instead of paying it again for each new loader (each epoch, each shard
+    that train.predict reads)."""
+    key = (cfg.image_size, cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.hop_length, cfg.audio_frames)
+    if key in _WARM:
+        return
+    image, sound = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 64, 32)).save(image, "JPEG")
+    soundfile.write(sound, np.zeros(1600, dtype=np.float32), 8000, format="FLAC")  # resampled: soxr warms too
+    decode_image(image.getvalue(), size=cfg.image_size)
+    decode_audio(sound.getvalue(), cfg)
+    _WARM.add(key)

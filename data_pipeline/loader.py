@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from data_pipeline.config import MODES, DataConfig, worker_count
-from data_pipeline.decode import mel_filterbank
+from data_pipeline.decode import mel_filterbank, warm_decoders
 from data_pipeline.labels import LabelSpec
 from data_pipeline.plan import batches_per_rank, consumed_by_worker, epoch_plan
 from data_pipeline.sources import expand_shards, shard_sizes
@@ -167,6 +167,8 @@ class StreamLoader:
         # Built before workers fork, so they inherit it instead of each importing librosa.
         mel_filterbank(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
         self.num_workers = worker_count(cfg.num_workers)
+        if self.num_workers > 0:
+            warm_decoders(cfg)  # before the workers fork: they inherit the set-up
         self.labels = labels  # a classifier's: samples without a usable label are counted skips
         self.epoch, self.batches = 0, 0
         self.skipped: Counter = Counter()
