@@ -57,3 +57,24 @@ def copy_as_stopped(straight: Path, stopped: Path, *, at: int, last: int) -> Non
     (stopped / "checkpoints" / "latest").write_text(f"step_{at:06d}")
     kept = [line for line in (stopped / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= at]
     (stopped / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+
+
+def serve_directory(root: Path, before_get=None):
+    """A quiet threaded HTTP server for `root` on 127.0.0.1 (call .shutdown());
+    before_get(path) runs before each GET is answered (to count or hold requests)."""
+    import functools
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if before_get is not None:
+                before_get(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, clean_env, python
+from conftest import REPO, clean_env, python, serve_directory
 from train.checkpoint import _prune
 
 pytestmark = pytest.mark.integration
@@ -165,25 +165,16 @@ def test_a_usr1_during_start_up_is_honoured_at_the_first_step(demo_shards, tmp_p
     """USR1 while the trainers are still counting their shards (served over
     HTTP here, held until the signal is sent): the run checkpoints after its
     first step and stops, so the job script requeues it."""
-    import functools
-    import http.server
     import os
     import threading
 
     asked, release = threading.Semaphore(0), threading.Event()
 
-    class Held(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
-            asked.release()  # each trainer's first request is its shard index
-            release.wait(120)
-            super().do_GET()
+    def hold(path):
+        asked.release()  # each trainer's first request is its shard index
+        release.wait(120)
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Held, directory=str(demo_shards["root"])))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_directory(demo_shards["root"], hold)
     run = tmp_path / "run"
     url = f"'http://127.0.0.1:{server.server_port}/train/shard-{{000000..000003}}.tar'"  # quoted for Hydra
     try:
@@ -245,23 +236,13 @@ def test_rank_0_reads_the_shard_index_once_for_every_rank(demo_shards, tmp_path)
     """2 ranks over HTTP: each index.json is fetched once (rank 0, shared by
     broadcast), not once per rank and again at every evaluation."""
     import collections
-    import functools
-    import http.server
-    import threading
 
     gets: collections.Counter = collections.Counter()
 
-    class Counting(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
-            gets[self.path] += 1
-            super().do_GET()
+    def count(path):
+        gets[path] += 1
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Counting, directory=str(demo_shards["root"])))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_directory(demo_shards["root"], count)
     base = f"http://127.0.0.1:{server.server_port}"
     try:
         proc = subprocess.run(_torchrun_cmd(tmp_path / "run", f"'{base}/train/shard-{{000000..000003}}.tar'",

@@ -4,16 +4,13 @@ a token, after which no file of the run directory holds the token."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import logging
 import subprocess
-import threading
 
 import pytest
 
-from conftest import REPO, clean_env, venv_bin
+from conftest import REPO, clean_env, serve_directory, venv_bin
 from train.secrets import REDACTED, RedactingFilter, redact, redact_text
 
 TOKEN = "tok-8c1f5e0d4b2a"
@@ -58,16 +55,9 @@ def test_log_records_are_redacted_by_the_handler_filter():
     assert TOKEN not in stream.getvalue() and "shard http://h/a.tar?sig=<redacted> broke" in stream.getvalue()
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.mark.integration
 def test_a_run_from_a_tokened_url_writes_the_token_nowhere(demo_shards, tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(_Quiet, directory=str(demo_shards["root"])))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_directory(demo_shards["root"])
     base = f"http://127.0.0.1:{server.server_port}"
     run = tmp_path / "run"
     try:
