@@ -44,12 +44,11 @@ def check_task(task) -> None:
     weights = task.class_weights
     if not (isinstance(weights, str) and weights in ("none", "auto")) and not isinstance(weights, (list, tuple)):
         raise ValueError(f"task.class_weights={weights!r}; choose none, auto or a list of one weight per class")
-    spec = label_spec(task)
+    label_spec(task)  # the classes, checked
     classifier_config(dataclasses.asdict(task) if dataclasses.is_dataclass(task) else dict(task),
                       class_weights=list(weights) if isinstance(weights, (list, tuple)) else ()).check()
     if task.init not in ("", "none"):
         read_init(task.init, peek=True)
-    del spec
 
 
 # -- where the encoders start ------------------------------------------------------------------

@@ -72,7 +72,7 @@ def my_shards(n: int, *, rank: int, world: int) -> list[int]:
     return list(range(rank, n, world))
 
 
-def rows_for(model, batch: dict, out: dict, *, embed: bool, names: list[str], multi_label: bool) -> list[dict]:
+def rows_for(batch: dict, out: dict, *, embed: bool, names: list[str], multi_label: bool) -> list[dict]:
     """One output row per real (non-padding) sample of a batch."""
     rows = []
     for i, key in enumerate(batch["__key__"]):
@@ -213,7 +213,7 @@ def predict(options: dict, data_overrides: list[str], *, embed: bool) -> dict:
                     out = {m: (None if e is None else e.float().cpu()) for m, e in out.items()}
                 else:
                     out = {k: v.cpu() for k, v in model.predict(moved).items()} | {"threshold": threshold}
-                rows += rows_for(model, batch, out, embed=embed, names=names, multi_label=multi_label)
+                rows += rows_for(batch, out, embed=embed, names=names, multi_label=multi_label)
                 progress.update(sum(1 for k in batch["__key__"] if k))
         shard_skips = dict(loader.skipped)
         progress.update(sum(shard_skips.values()))
