@@ -154,6 +154,18 @@ class PretrainModel(nn.Module):
         with the batch's `<modality>_mask` (training and evaluation do)."""
         return {m: f["embed"] for m, f in self.model(batch).items()}
 
+    def encode_and_match(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict | None]:
+        """`encode`'s embeddings and, when the model has a matching head, its
+        held-out scores (MatchingLoss.swap_scores), from one forward pass."""
+        features = self.model(batch)
+        embeds = {m: f["embed"] for m, f in features.items()}
+        if self.matching is None:
+            return embeds, None
+        masks = {m: batch[f"{m}_mask"] for m in features}
+        fused = self.fusion(features, masks, batch["text_pad"])
+        return embeds, self.matching.swap_scores(fusion=self.fusion, features=features, masks=masks,
+                                                 text_pad=batch["text_pad"], fused=fused, labels=batch.get("label"))
+
     def embed(self, batch: dict) -> dict[str, torch.Tensor | None]:
         """Shared-space embeddings per modality (unnormalised), with absence
         impossible to miss: a modality no sample of the batch has maps to
@@ -181,7 +193,7 @@ class PretrainModel(nn.Module):
             total = total + 0.0 * fused["embed"].float().sum()
         if self.matching is not None:
             matching = self.matching(fusion=self.fusion, features=features, masks=masks,
-                                     text_pad=batch["text_pad"], fused=fused)
+                                     text_pad=batch["text_pad"], fused=fused, labels=batch.get("label"))
             out["loss/matching"] = matching.detach()
             total = total + cfg.matching_weight * matching
         if self.masked_text is not None:

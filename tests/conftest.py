@@ -78,3 +78,19 @@ def serve_directory(root: Path, before_get=None):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+def saved_activation_bytes(model, *inputs) -> int:
+    """Bytes autograd keeps for the backward pass of one forward of `model`."""
+    import torch
+
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*inputs)
+    return total

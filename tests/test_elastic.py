@@ -22,9 +22,17 @@ pytestmark = pytest.mark.integration
 STEPS = 12
 
 
-def _launch(shards, *extra: str, restarts: int = 0) -> list[str]:
+def _launch(shards, *extra: str, restarts: int = 0, faults: bool = False) -> list[str]:
+    """2 ranks through `python -m launch.local`, or through torchrun straight
+    into tests/faults.py (`python -m train` with faults injected)."""
+    if faults:
+        from conftest import venv_bin
+
+        head = [venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "faults.py")]
+    else:
+        head = [python(), "-m", "launch.local", "--nproc", "2", "--max-restarts", str(restarts), "--"]
     return [
-        python(), "-m", "launch.local", "--nproc", "2", "--max-restarts", str(restarts), "--",
+        *head,
         f"trainer.max_steps={STEPS}", "trainer.checkpoint_every=3", "trainer.keep_last=0", "trainer.log_every=1",
         "trainer.micro_batch_size=16", "trainer.eval_batch_size=32", "trainer.threads=1", "trainer.deterministic=true",
         "deepspeed=zero2", "deepspeed.precision=fp32", f"data.train={shards['train']}",
@@ -92,8 +100,8 @@ def test_a_stalled_rank_makes_every_rank_exit_naming_it_and_its_operation(demo_s
     env = clean_env(PYTHONPATH=str(REPO), MM_TEST_STALL_RANK="1", MM_TEST_STALL_AT_STEP="3")
     log = tmp_path / "torchrun.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(_launch(demo_shards, f"trainer.collective_timeout={timeout_s}"), cwd=tmp_path,
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(_launch(demo_shards, f"trainer.collective_timeout={timeout_s}", faults=True),
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             _wait_for(lambda: "fault injection: rank 1 stalls" in log.read_text(), timeout=600,
                       what="rank 1 to stall", proc=proc)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import saved_activation_bytes
 from mm_models import EncoderConfig, FusionConfig, ModelConfig, ObjectiveConfig, PretrainModel
 from mm_models.encoders import arch_name
 from mm_models.flops import flops_per_sample
@@ -149,20 +150,6 @@ def test_frozen_tower_keeps_its_weights_and_eval_mode():
         assert torch.equal(p, before[n]) == (n != "proj.weight"), n
 
 
-def _saved_bytes(model, x) -> int:
-    """Bytes autograd keeps for the backward pass of one forward."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return total
-
-
 def test_cnn_activation_checkpointing_keeps_fewer_activations():
     cfg = config("cnn", "cnn", "rnn")
     torch.manual_seed(0)
@@ -172,7 +159,7 @@ def test_cnn_activation_checkpointing_keeps_fewer_activations():
     ckpt = PretrainModel(cfg, FusionConfig(), ObjectiveConfig()).model.encoders["image"]
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(8, 3, 32, 32)
-    assert _saved_bytes(ckpt, x) < 0.6 * _saved_bytes(plain, x)
+    assert saved_activation_bytes(ckpt, x) < 0.6 * saved_activation_bytes(plain, x)
     # Same values and gradients either way.
     a, b = plain(x)["embed"], ckpt(x)["embed"]
     torch.testing.assert_close(a, b)

@@ -110,3 +110,40 @@ def test_fused_objectives_need_a_fusion_that_supports_them():
         build("none", {"matching_weight": 1.0})
     with pytest.raises(ValueError, match="attention"):
         build("concat", {"masked_text_weight": 1.0})
+
+
+def test_matching_never_draws_a_negative_of_the_same_class():
+    """Hard negatives come from the most similar samples, where samples of
+    the tuple's own class concentrate; those match in content, so they are
+    never negatives when the labels are known."""
+    from mm_models.fused_objectives import MatchingLoss, _same_class
+
+    torch.manual_seed(0)
+    b = 8
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    masks = {m: torch.ones(b, dtype=torch.bool) for m in ("image", "audio", "text")}
+    # Every sample of a class shares one embedding: the hardest negative is always the class mate.
+    base = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    z = {m: base[labels] for m in masks}
+    head = MatchingLoss(16)
+    same = _same_class(labels, masks["text"])
+    for m in masks:
+        for _ in range(50):
+            index, rows = head._hard_negatives(m, z, masks, same)
+            assert rows.all() and (labels[index] != labels).all()
+    unknown = _same_class(torch.full((b,), -1), masks["text"])
+    assert not unknown.any()  # unlabelled samples exclude nothing
+    drawn = set()
+    for _ in range(50):
+        index, _ = head._hard_negatives("image", z, masks, unknown)
+        drawn |= {int(i) for i in index[labels == 0]}
+    assert {0, 1} & drawn  # without labels the class mate can be drawn
+
+
+def test_held_out_matching_accuracy_ranks_aligned_above_swapped():
+    from train.evaluate import matching_metrics
+
+    got = matching_metrics({"image": [9, 10], "audio": [5, 10], "text": [0, 0]})
+    assert got["n"] == 20 and got["accuracy"] == pytest.approx(0.7)
+    assert got["swapped_image"] == 0.9 and "swapped_text" not in got and got["chance"] == 0.5
+    assert matching_metrics({}) == {}

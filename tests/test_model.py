@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from conftest import saved_activation_bytes
 from mm_models import EncoderConfig, FusionConfig, ModelConfig, ObjectiveConfig, PretrainModel
 from mm_models.objectives import ContrastiveLoss
 from train.metrics import retrieval_metrics
@@ -165,15 +166,18 @@ def test_rotary_positions_replace_learned_ones_and_see_order():
 def test_activation_checkpointing_changes_memory_not_results():
     def run(checkpointing: bool):
         torch.manual_seed(0)
-        enc = EncoderConfig(width=32, depth=2, heads=2, patch_size=8, activation_checkpointing=checkpointing)
+        enc = EncoderConfig(width=32, depth=4, heads=2, patch_size=8, activation_checkpointing=checkpointing)
         cfg = ModelConfig(image=enc, audio=enc, text=enc, embed_dim=16, image_size=16, n_mels=16, audio_frames=16, max_text_len=12)
         model = PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
         model.init_weights()
+        kept = saved_activation_bytes(model, batch(8))
         out = model(batch(8))
         out["loss"].backward()
-        return out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        return kept, out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    (l1, g1), (l2, g2) = run(False), run(True)
+    (kept1, l1, g1), (kept2, l2, g2) = run(False), run(True)
+    # The saving itself: blocks keep only their inputs, not their activations.
+    assert kept2 < 0.5 * kept1, (kept1, kept2)
     torch.testing.assert_close(l1, l2, rtol=0, atol=0)
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -76,47 +76,49 @@ def test_prune_orders_steps_by_number_past_a_million(tmp_path):
 
 
 def test_sigkill_while_saving_leaves_the_previous_checkpoint_to_resume(demo_shards, tmp_path):
-    """A process killed mid-save (model=small: a save takes long enough to
-    land in) leaves a step directory without `latest` pointing at it; resume
-    picks the previous, complete checkpoint."""
+    """A process killed mid-save leaves a step directory without `latest`
+    pointing at it; resume picks the previous, complete checkpoint. The save
+    of step 3 hangs after DeepSpeed's files, before our metadata and
+    `latest` (tests/faults.py), and is killed there: no race with the save."""
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
-    cmd = _cmd(run, demo_shards, "model=small", "trainer.max_steps=8", "trainer.checkpoint_every=1",
-               "trainer.keep_last=2", "trainer.micro_batch_size=2", "trainer.eval_batch_size=8", "trainer.export=false")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    killed_in = None
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline:
-        latest = ckpts / "latest"
-        if latest.is_file():
-            done = int(latest.read_text().strip().removeprefix("step_"))
-            saving = ckpts / f"step_{done + 1:06d}"
-            if saving.is_dir() and any(saving.iterdir()):
-                proc.kill()  # SIGKILL: no handler, no cleanup
-                killed_in = saving
-                break
-        time.sleep(0.005)
-    proc.wait(timeout=60)
-    assert killed_in is not None, "the run ended before a save could be interrupted"
-    previous = ckpts / (ckpts / "latest").read_text().strip()
-    assert previous.name < killed_in.name and (previous / "meta.json").is_file()
-    assert not (killed_in / "meta.json").exists()  # the interrupted save never completed
+    log = tmp_path / "train.log"
+    cmd = _cmd(run, demo_shards, "trainer.max_steps=8", "trainer.checkpoint_every=1", "trainer.keep_last=2",
+               "trainer.export=false")
+    cmd[1:3] = [str(REPO / "tests" / "faults.py")]  # python tests/faults.py OVERRIDES: `python -m train` + the fault
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO), MM_TEST_HANG_IN_SAVE_AT_STEP="3"),
+                                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 600
+            while "fault injection: hangs in the save of step_000003" not in log.read_text():
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            proc.kill()  # SIGKILL: no handler, no cleanup
+        finally:
+            proc.kill()
+            proc.wait(timeout=60)
+    killed_in = ckpts / "step_000003"
+    assert any(killed_in.iterdir())  # DeepSpeed's part of the save is on disk...
+    assert not (killed_in / "meta.json").exists()  # ...but the save never completed
+    assert (ckpts / "latest").read_text().strip() == "step_000002"
+    assert (ckpts / "step_000002" / "meta.json").is_file()
 
-    resumed = subprocess.run(
-        _cmd(run, demo_shards, "model=small", f"trainer.max_steps={int(previous.name[5:]) + 1}",
-             "trainer.micro_batch_size=2", "trainer.eval_batch_size=8", "trainer.export=false", "trainer.keep_last=2"),
-        cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600,
-    )
+    resumed = subprocess.run(_cmd(run, demo_shards, "trainer.max_steps=4", "trainer.export=false",
+                                  "trainer.keep_last=2"),
+                             cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {previous}" in resumed.stdout + resumed.stderr
-    assert (ckpts / "latest").read_text().strip() == f"step_{int(previous.name[5:]) + 1:06d}"
+    assert f"resumed from {ckpts / 'step_000002'}" in resumed.stdout + resumed.stderr
+    assert (ckpts / "latest").read_text().strip() == "step_000004"
 
 
-def _torchrun_cmd(run_dir, train: str, heldout: str, *extra: str) -> list[str]:
+def _torchrun_cmd(run_dir, train: str, heldout: str, *extra: str, faults: bool = False) -> list[str]:
+    """2 ranks of `python -m train`, or of tests/faults.py (the same, with faults injected)."""
     from conftest import venv_bin
 
-    return [venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train", f"hydra.run.dir={run_dir}",
+    program = [str(REPO / "tests" / "faults.py")] if faults else ["-m", "train"]
+    return [venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", *program, f"hydra.run.dir={run_dir}",
             "trainer.micro_batch_size=8", "trainer.log_every=1", "trainer.eval_batch_size=32",
             "deepspeed.precision=fp32", f"data.train={train}", f"data.heldout={heldout}", "logger.mode=disabled",
             *extra]
@@ -209,7 +211,7 @@ def test_a_slow_export_on_rank_0_is_not_a_stall(demo_shards, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(_torchrun_cmd(run, str(demo_shards["train"]), str(demo_shards["heldout"]),
                                         "trainer.max_steps=2", "trainer.collective_timeout=5", "data.num_workers=0",
-                                        "trainer.fail_on_export_error=true"),
+                                        "trainer.fail_on_export_error=true", faults=True),
                           cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO), MM_TEST_SLOW_EXPORT_S="15"),
                           capture_output=True, text=True, timeout=600)
     logs = proc.stdout + proc.stderr

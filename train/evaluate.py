@@ -33,17 +33,29 @@ def embed_split(model, loader, *, device: torch.device, dtype: torch.dtype) -> d
     """model: a PretrainModel (or DeepSpeed engine around one).
 
     Returns {"embeds": modality -> N×E, "masks": modality -> N bool,
-    "labels": N (-1: none), "class_names": [N], "keys": [N]}, padding rows
-    dropped. Every rank runs every batch, so ZeRO-3 parameter gathers stay in step.
+    "labels": N (-1: none), "class_names": [N], "keys": [N], "matching":
+    {modality -> [right, counted]}: how often the matching head scores a
+    tuple above the same tuple with that modality swapped (empty without a
+    matching head)}, padding rows dropped. Every rank runs every batch, so ZeRO-3
+    parameter gathers stay in step.
     """
     embeds = {m: [] for m in MODALITIES}
     masks = {m: [] for m in MODALITIES}
     labels, names, keys = [], [], []
+    matching: dict[str, list[int]] = {}
     with eval_mode(model) as module:
         for batch in loader:
             real = torch.tensor([k != "" for k in batch["__key__"]])
             batch = to_device(batch, device=device, dtype=dtype)
-            out = module.encode(batch)
+            out, scores = module.encode_and_match(batch)
+            if scores:
+                aligned = scores.pop("aligned")[0].cpu()
+                for m, (logits, rows) in scores.items():
+                    rows = rows.cpu() & real
+                    # Right when the head scores the aligned tuple above the one with m swapped.
+                    tally = matching.setdefault(m, [0, 0])
+                    tally[0] += int(((aligned > logits.cpu()) & rows).sum())
+                    tally[1] += int(rows.sum())
             for m in MODALITIES:
                 embeds[m].append(out[m].float().cpu()[real])
                 masks[m].append(batch[f"{m}_mask"].cpu()[real])
@@ -53,8 +65,20 @@ def embed_split(model, loader, *, device: torch.device, dtype: torch.dtype) -> d
     return {
         "embeds": {m: torch.cat(v) for m, v in embeds.items()},
         "masks": {m: torch.cat(v) for m, v in masks.items()},
-        "labels": torch.cat(labels), "class_names": names, "keys": keys,
+        "labels": torch.cat(labels), "class_names": names, "keys": keys, "matching": matching,
     }
+
+
+def matching_metrics(tallies: dict[str, list[int]]) -> dict:
+    """Held-out accuracy of the matching head: the share of tuples it scores
+    above the same tuple with one modality swapped, per modality and over
+    all (chance 0.5). Ranking needs no threshold, which a head trained on
+    one aligned tuple per three swapped ones would bias."""
+    if not any(n for _, n in tallies.values()):
+        return {}
+    right, n = sum(r for r, _ in tallies.values()), sum(c for _, c in tallies.values())
+    return {"n": n, "accuracy": right / n, **{f"swapped_{m}": r / c for m, (r, c) in tallies.items() if c},
+            "chance": 0.5}
 
 
 def class_names(labels: torch.Tensor, names: list[str]) -> dict[int, str]:
@@ -109,11 +133,14 @@ def zero_shot_metrics(split: dict, classes: dict[int, str], class_embeds: torch.
 def evaluate_heldout(model, *, data: DataConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
                      keep_split: bool = False, sizes: dict[str, int] | None = None) -> dict:
     """{"retrieval": per pair R@k (see retrieval_metrics), "zero_shot": per
-    modality accuracy (empty where the held-out .json carries no labels)},
+    modality accuracy (empty where the held-out .json carries no labels),
+    "matching": the matching head's accuracy (matching_metrics; empty
+    without one)},
     plus "split" (embed_split's result) with keep_split."""
     loader = build_loader(data, split="heldout", batch_size=batch_size, sizes=sizes)
     split = embed_split(model, loader, device=device, dtype=dtype)
-    results = {"retrieval": retrieval_metrics(split["embeds"], split["masks"]), "zero_shot": {}}
+    results = {"retrieval": retrieval_metrics(split["embeds"], split["masks"]), "zero_shot": {},
+               "matching": matching_metrics(split["matching"])}
     if keep_split:
         results["split"] = split
     classes = class_names(split["labels"], split["class_names"])
@@ -125,8 +152,10 @@ def evaluate_heldout(model, *, data: DataConfig, batch_size: int, device: torch.
 
 
 def eval_metrics(results: dict, prefix: str) -> dict[str, float]:
-    """Flat metric names: PREFIX/<pair>/R@k and PREFIX/zero_shot/<modality>/topk."""
-    return {**flatten(results["retrieval"], prefix), **flatten(results["zero_shot"], f"{prefix}/zero_shot")}
+    """Flat metric names: PREFIX/<pair>/R@k, PREFIX/zero_shot/<modality>/topk
+    and PREFIX/matching/accuracy (and its parts)."""
+    return {**flatten(results["retrieval"], prefix), **flatten(results["zero_shot"], f"{prefix}/zero_shot"),
+            **flatten(results.get("matching") or {}, f"{prefix}/matching")}
 
 
 def results_table(results: dict) -> str:
@@ -144,6 +173,11 @@ def results_table(results: dict) -> str:
             ratio = r["top1"] / r["chance"]["top1"]
             lines.append(f"{m:<12} {r['n']:>5} {r['top1']:>7.3f} {r['top5']:>7.3f} {r['classes']:>7} "
                          f"{r['chance']['top1']:>9.4f} {ratio:>10.1f}x")
+    match = results.get("matching")
+    if match:
+        swapped = "  ".join(f"{k.removeprefix('swapped_')} {v:.3f}" for k, v in match.items() if k.startswith("swapped_"))
+        lines.append(f"matching head: aligned tuple above the swapped one in {match['accuracy']:.3f} of {match['n']} "
+                     f"(chance 0.5); by swapped modality: {swapped}")
     return "\n".join(lines)
 
 

@@ -440,7 +440,6 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
         # The checkpoint is saved; an export that fails (disk full, say) is
         # reported and can be redone with `python -m train.export`.
         try:
-            watchdog.slow_export_if_injected()
             # This run's own checkpoint, just written: nothing to verify.
             weights, config_file, _ = export(ckpt, run_dir / "export" / "model.safetensors", trust=True)
         except Exception as e:  # noqa: BLE001
@@ -485,4 +484,6 @@ def final_json(results: dict) -> str:
     out = {"step": results["step"], "heldout": {p: rounded(r, "R@") for p, r in heldout["retrieval"].items()}}
     if heldout["zero_shot"]:
         out["zero_shot"] = {m: rounded(r, "top") for m, r in heldout["zero_shot"].items()}
+    if heldout.get("matching"):
+        out["matching"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in heldout["matching"].items()}
     return json.dumps(out, sort_keys=True)

@@ -16,11 +16,7 @@ the job then restarts from its latest checkpoint. The process group's own
 timeout is set a minute longer, as a backstop for waits outside the marked
 operations.
 
-Fault injection for tests: MM_TEST_STALL_RANK=r and MM_TEST_STALL_AT_STEP=s
-make rank r stall, while loading the data of step s, until the watchdog ends
-it; MM_TEST_SLOW_EXPORT_S=s slows rank 0's end-of-run export (legitimate
-work after the last collective, which must not count as a stall). Nothing
-else reads these variables.
+Tests inject stalls from outside (tests/faults.py wraps `watch_batches`).
 """
 
 from __future__ import annotations
@@ -220,32 +216,11 @@ def mark_idle() -> None:
         _active.close()
 
 
-def slow_export_if_injected() -> None:
-    """Fault injection for tests: MM_TEST_SLOW_EXPORT_S=s makes rank 0's
-    end-of-run export take s seconds longer. Nothing else reads it."""
-    delay = float(os.environ.get("MM_TEST_SLOW_EXPORT_S", "0") or 0)
-    if delay > 0:
-        log.warning("fault injection: the export waits %g s first", delay)
-        time.sleep(delay)
-
-
-def _stall_if_injected() -> None:
-    """The fault-injection hook (see the module docstring)."""
-    rank, at = os.environ.get("MM_TEST_STALL_RANK"), os.environ.get("MM_TEST_STALL_AT_STEP")
-    if _active is None or rank is None or at is None:
-        return
-    if _active.rank == int(rank) and _active.step == int(at):
-        log.warning("fault injection: rank %d stalls in 'loading data' at step %d", _active.rank, _active.step)
-        while True:
-            time.sleep(3600)
-
-
 def watch_batches(batches: Iterator[dict]) -> Iterator[dict]:
     """Passes batches through, marking 'loading data' while one is fetched and
     'training step' once it has arrived."""
     while True:
         mark("loading data")
-        _stall_if_injected()
         try:
             batch = next(batches)
         except StopIteration:
