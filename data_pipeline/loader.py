@@ -140,7 +140,9 @@ def _without_credentials(url: str) -> str:
 
 class StreamLoader:
     """Iterates batches; for split="train" endlessly (epoch after epoch, or
-    resampled), for "heldout" one pass over everything on every rank.
+    resampled), for "heldout" one unshuffled pass: over everything, or with
+    rank/world_size over this rank's contiguous 1/world_size of it (the
+    ranks' parts, in rank order, are the whole set in order).
 
     state_dict() describes the position after the last batch handed out (not
     the ones prefetched by workers); load_state_dict() continues from there.
@@ -159,8 +161,9 @@ class StreamLoader:
             raise ValueError(f"data.require names unknown modalities {sorted(unknown)}; choose from {MODALITIES}")
         self.cfg, self.split, self.batch_size = cfg, split, batch_size
         self.train = split == "train"
-        # Evaluation: every rank reads the whole held-out set, unshuffled.
-        self.rank, self.world_size = (rank, world_size) if self.train else (0, 1)
+        # Held-out data is read unshuffled: whole on every rank by default, or
+        # 1/world_size per rank, each rank getting the same number of batches.
+        self.rank, self.world_size = rank, world_size
         self.mode = cfg.mode if self.train else "epoch"
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
         self.sources = _sources(cfg, split, sizes)

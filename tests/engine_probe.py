@@ -119,6 +119,7 @@ def main(out: Path, overrides: list[str]) -> None:
         torch.save(embeds, out / "live_embeddings.pt")
         report = {"local_numel": locals_, "total_numel": parameter_total(model), "init_equal": init_equal,
                   "losses": losses, "weight_digests": digests, "optimizer_steps": engine.global_steps,
+                  "micro_steps": engine.micro_steps, "skipped_steps": engine.skipped_steps, "accum": ds_config["gradient_accumulation_steps"],
                   "micro_batch": ds_config["train_micro_batch_size_per_gpu"]}
         (out / "probe.json").write_text(json.dumps(report) + "\n")
     dist.barrier()

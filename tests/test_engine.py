@@ -5,6 +5,7 @@ zero.Init, exported, and loaded back with the live model's embeddings)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 
 import pytest
@@ -168,7 +169,12 @@ def test_a_nan_inside_an_accumulation_keeps_every_count_in_step(demo_shards, tmp
     losses = report["losses"]
     taken = sum(v is not None for v in losses)
     assert (losses[1] is None) == (micro == 0), losses
+    # The NaN never reached the gradients: DeepSpeed skips a step whose gradients are not finite
+    # (every micro batch of it lost), and the losses after it stay finite.
+    assert report["skipped_steps"] == 0 and all(math.isfinite(v) for v in losses if v is not None), report
     assert report["optimizer_steps"] == taken, report
+    # Every step the loop took was one whole accumulation: DeepSpeed's boundaries fall where the loop's do.
+    assert report["micro_steps"] == taken * report["accum"], report
     digests = report["weight_digests"]
     assert digests[0] == digests[1]
 

@@ -135,6 +135,33 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `t` (their counts may differ), concatenated in
+    rank order, on every rank; `t` itself when not distributed."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    world = dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    wire = t.to(device, torch.uint8) if t.dtype == torch.bool else t.to(device)  # gloo gathers no bool
+    count = torch.tensor([t.shape[0]], device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    padded = wire.new_zeros((max(int(c) for c in counts), *t.shape[1:]))
+    padded[: t.shape[0]] = wire
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: int(c)] for p, c in zip(parts, counts)]).to(t.device, t.dtype)
+
+
+def gather_lists(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(items)
+    gathered: list[list] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, list(items))
+    return [x for part in gathered for x in part]
+
+
 def sum_counters(counts: dict[str, int]) -> dict[str, int]:
     """Sums per-rank counters whose keys may differ between ranks."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -12,6 +12,7 @@ from data_pipeline import DataConfig, build_loader
 from data_pipeline.loader import collate
 from mm_models.objectives import MODALITIES
 from train.batch import to_device
+from train.distributed import gather_lists, gather_rows, sum_counters
 from train.metrics import flatten, retrieval_metrics
 
 
@@ -30,14 +31,18 @@ def eval_mode(model):
 
 @torch.no_grad()
 def embed_split(model, loader, *, device: torch.device, dtype: torch.dtype) -> dict:
-    """model: a PretrainModel (or DeepSpeed engine around one).
+    """model: a PretrainModel (or DeepSpeed engine around one); loader: the
+    held-out loader of this rank (the whole set, or its 1/W part: then every
+    rank ends with all ranks' rows, gathered in rank order).
 
     Returns {"embeds": modality -> N×E, "masks": modality -> N bool,
     "labels": N (-1: none), "class_names": [N], "keys": [N], "matching":
     {modality -> [right, counted]}: how often the matching head scores a
     tuple above the same tuple with that modality swapped (empty without a
-    matching head)}, padding rows dropped. Every rank runs every batch, so ZeRO-3
-    parameter gathers stay in step.
+    matching head), "embedded_here": the rows this rank embedded itself},
+    padding rows dropped. Every rank runs every batch, so ZeRO-3
+    parameter gathers stay in step (a sharded loader gives each rank the
+    same number of batches).
     """
     embeds = {m: [] for m in MODALITIES}
     masks = {m: [] for m in MODALITIES}
@@ -62,10 +67,23 @@ def embed_split(model, loader, *, device: torch.device, dtype: torch.dtype) -> d
             labels.append(batch["label"].cpu()[real])
             names += [n for n, r in zip(batch["class_name"], real) if r]
             keys += [k for k in batch["__key__"] if k]
-    return {
+    split = {
         "embeds": {m: torch.cat(v) for m, v in embeds.items()},
         "masks": {m: torch.cat(v) for m, v in masks.items()},
         "labels": torch.cat(labels), "class_names": names, "keys": keys, "matching": matching,
+        "embedded_here": len(keys),
+    }
+    if getattr(loader, "world_size", 1) == 1:  # a plain list of batches is one process's
+        return split
+    tallies = sum_counters({f"{m}/{i}": v for m, pair in matching.items() for i, v in enumerate(pair)})
+    return {
+        "embeds": {m: gather_rows(v) for m, v in split["embeds"].items()},
+        "masks": {m: gather_rows(v) for m, v in split["masks"].items()},
+        "labels": gather_rows(split["labels"]),
+        "class_names": gather_lists(names), "keys": gather_lists(keys),
+        "matching": {m: [tallies.get(f"{m}/0", 0), tallies.get(f"{m}/1", 0)]
+                     for m in sorted({k.split("/")[0] for k in tallies})},
+        "embedded_here": len(keys),
     }
 
 
@@ -131,13 +149,18 @@ def zero_shot_metrics(split: dict, classes: dict[int, str], class_embeds: torch.
 
 
 def evaluate_heldout(model, *, data: DataConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-                     keep_split: bool = False, sizes: dict[str, int] | None = None) -> dict:
+                     keep_split: bool = False, sizes: dict[str, int] | None = None, rank: int = 0,
+                     world_size: int = 1) -> dict:
     """{"retrieval": per pair R@k (see retrieval_metrics), "zero_shot": per
     modality accuracy (empty where the held-out .json carries no labels),
     "matching": the matching head's accuracy (matching_metrics; empty
     without one)},
-    plus "split" (embed_split's result) with keep_split."""
-    loader = build_loader(data, split="heldout", batch_size=batch_size, sizes=sizes)
+    plus "split" (embed_split's result) with keep_split. With world_size > 1
+    (a collective: every rank calls it) each rank embeds 1/world_size of the
+    held-out set and the embeddings are gathered; every rank gets the same
+    results as one process would."""
+    loader = build_loader(data, split="heldout", batch_size=batch_size, sizes=sizes, rank=rank,
+                          world_size=world_size)
     split = embed_split(model, loader, device=device, dtype=dtype)
     results = {"retrieval": retrieval_metrics(split["embeds"], split["masks"]), "zero_shot": {},
                "matching": matching_metrics(split["matching"])}

@@ -344,7 +344,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
             return results
         results = evaluate_heldout(
             engine, data=cfg.data, batch_size=t_cfg.eval_batch_size, device=device, dtype=dtype, keep_split=True,
-            sizes=heldout_sizes,
+            sizes=heldout_sizes, rank=info.rank, world_size=info.world_size,
         )
         split = results.pop("split")
         last_eval.clear()

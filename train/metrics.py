@@ -10,21 +10,36 @@ from mm_models.objectives import PAIRS, pair_name
 KS = (1, 5, 10)
 
 
-def _recall_at_k(sim: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
-    """sim: N×N, the match of row i is column i.
+BLOCK = 1024  # query rows per similarity block: memory O(BLOCK · N), not N²
 
-    Ties are broken at random in expectation: with g columns strictly above
-    the match and t others equal to it, a hit at k counts (k - g) / (t + 1),
-    clamped to [0, 1]. Identical captions therefore earn no free hits.
+
+def _recall_at_k(queries: torch.Tensor, keys: torch.Tensor, ks: tuple[int, ...],
+                 block: int = BLOCK) -> dict[str, float]:
+    """queries, keys: N×E unit rows; the match of query i is key i.
+
+    Similarities are computed BLOCK query rows at a time, so a 50,000-sample
+    evaluation never holds an N×N matrix. Ties are broken at random in
+    expectation: with g keys strictly above the match and t others equal to
+    it, a hit at k counts (k - g) / (t + 1), clamped to [0, 1]. Identical
+    captions therefore earn no free hits.
     """
-    target = sim.diagonal().unsqueeze(1)
-    greater = (sim > target).sum(1).float()
-    ties = (sim == target).sum(1).float() - 1.0
-    return {f"R@{k}": ((k - greater) / (ties + 1.0)).clamp(0.0, 1.0).mean().item() for k in ks}
+    n = queries.shape[0]
+    hits = {k: torch.zeros((), dtype=torch.float64) for k in ks}
+    for start in range(0, n, block):
+        sim = queries[start : start + block] @ keys.T  # b×N
+        rows = torch.arange(sim.shape[0])
+        # The match's score taken from the same product, so it ties with itself exactly.
+        target = sim[rows, rows + start].unsqueeze(1)
+        greater = (sim > target).sum(1).double()
+        ties = (sim == target).sum(1).double() - 1.0
+        for k in ks:
+            hits[k] += ((k - greater) / (ties + 1.0)).clamp(0.0, 1.0).sum()
+    return {f"R@{k}": (hits[k] / max(n, 1)).item() for k in ks}
 
 
 def retrieval_metrics(
-    embeds: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], ks: tuple[int, ...] = KS
+    embeds: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], ks: tuple[int, ...] = KS,
+    block: int = BLOCK,
 ) -> dict[str, dict]:
     """embeds: modality -> N×E; masks: modality -> N bool.
 
@@ -39,8 +54,7 @@ def retrieval_metrics(
             continue
         za = F.normalize(embeds[a][both].float(), dim=-1)
         zb = F.normalize(embeds[b][both].float(), dim=-1)
-        sim = za @ zb.T
-        ab, ba = _recall_at_k(sim, ks), _recall_at_k(sim.T, ks)
+        ab, ba = _recall_at_k(za, zb, ks, block), _recall_at_k(zb, za, ks, block)
         out[pair_name(a, b)] = {
             "n": n,
             **{f"R@{k}": (ab[f"R@{k}"] + ba[f"R@{k}"]) / 2 for k in ks},
