@@ -7,7 +7,11 @@ products (512³ to 2048³) in the three operand layouts a training step uses
 The geometry is cut down from the generic data config (224² images, 128×512
 log-mel, 128 tokens) so a CPU step takes about a second in fp32.
 
-    python benchmarks/model_throughput.py [--batch-fp32 32] [--batch-bf16 4]
+    python benchmarks/model_throughput.py [--batch-fp32 32] [--batch-bf16 4] [--token-dropout 0.5]
+
+token_dropout_speedup: fp32 samples/s with that fraction of the image and
+audio patches dropped (FLIP), against none, at the same batch, at 224²
+images and 128×1024 log-mel with patch 16 and 77 text tokens.
 
 Why layouts matter: on a CPU without AVX512-BF16 or AMX, a bf16 product of
 two row-major operands (a @ b) runs a kernel some 100x slower than fp32, but
@@ -31,6 +35,11 @@ from mm_models.flops import flops_per_sample, parameter_count, sequence_lengths
 
 PRESET = Path(__file__).resolve().parents[1] / "conf" / "model" / "small.yaml"
 GEOMETRY = dict(image_size=64, n_mels=64, audio_frames=64, max_text_len=32)
+# Where token dropout is measured: 224² images and 128×1024 log-mel at patch 16
+# (196 and 512 patches), 77 text tokens. At the cut-down geometry above the
+# 32 text tokens outnumber the 16 patches per tower, and dropping patches
+# would save little of a step.
+REALISTIC = dict(image_size=224, n_mels=128, audio_frames=1024, max_text_len=77)
 SIZES = (512, 1024, 2048)
 SLOW_RUN_S = 1.0
 LAYOUTS = {"a@b": lambda a, b: a @ b, "a@b.T": lambda a, b: a @ b.T, "a.T@b": lambda a, b: a.T @ b}
@@ -117,6 +126,9 @@ def main() -> None:
     parser.add_argument("--steps-fp32", type=int, default=4)
     parser.add_argument("--batch-bf16", type=int, default=4)
     parser.add_argument("--steps-bf16", type=int, default=3)
+    parser.add_argument("--token-dropout", type=float, default=0.5)
+    parser.add_argument("--batch-td", type=int, default=4, help="batch of the token-dropout comparison")
+    parser.add_argument("--steps-td", type=int, default=2)
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,6 +162,19 @@ def main() -> None:
             "timed_steps": run.steps,
         }
 
+    # FLIP's token dropout: the same fp32 step with that fraction of the image
+    # and audio patches dropped, at the realistic geometry.
+    real = replace(cfg, **REALISTIC, image=replace(cfg.image, patch_size=16), audio=replace(cfg.audio, patch_size=16))
+    dropped = replace(real, image=replace(real.image, token_dropout=args.token_dropout),
+                      audio=replace(real.audio, token_dropout=args.token_dropout))
+    td_run = Run(torch.float32, args.batch_td, args.steps_td)
+    base_sps = samples_per_s(real, td_run, device)
+    dropped_sps = samples_per_s(dropped, td_run, device)
+    token_dropout_speedup = dropped_sps / base_sps
+    print(f"token dropout {args.token_dropout} (image, audio) at 224², 128×1024 log-mel, patch 16, 77 tokens, "
+          f"fp32 batch {args.batch_td}: {dropped_sps:.3f} samples/s against {base_sps:.3f}: "
+          f"{token_dropout_speedup:.2f}x")
+
     print(f"{'precision':<10} {'batch':>5} {'steps':>5} {'samples/s':>10} {'GFLOP/s':>9} {'peak GFLOP/s':>13} {'MFU':>6}")
     for name, r in results.items():
         print(f"{name:<10} {r['batch']:>5} {r['timed_steps']:>5} {r['samples_per_s']:>10.3f} "
@@ -157,7 +182,8 @@ def main() -> None:
     for name, r in results.items():
         layouts = ", ".join(f"{k} {v['flops'] / 1e9:.2f} at {v['size']}³" for k, v in r["matmul_flops_by_layout"].items())
         print(f"{name} best matmul GFLOP/s by layout: {layouts}")
-    print(json.dumps({"model": "small", "device": device, "flops_per_sample": fps, "geometry": geometry, **results}))
+    print(json.dumps({"model": "small", "device": device, "flops_per_sample": fps, "geometry": geometry, **results,
+                      "token_dropout": args.token_dropout, "token_dropout_speedup": token_dropout_speedup}))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ class EncoderConfig:
     positions: str = "learned"
     # Recompute each block's (CNN: stage's) activations in the backward pass to save memory.
     activation_checkpointing: bool = False
+    # FLIP: in training, drop this fraction of the patches at random before
+    # the transformer (image and audio, arch transformer or conv_transformer,
+    # learned positions); evaluation and inference see every patch.
+    token_dropout: float = 0.0
     # rnn: "gru" or "lstm".
     rnn_cell: str = "gru"
     # hf: a local directory in Hugging Face's save_pretrained layout.

@@ -59,6 +59,8 @@ class Encoder(nn.Module):
             rotary=rotary, checkpointing=cfg.activation_checkpointing,
         )
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        # Set to 0 by the trainer for a final unmasked phase (set_token_dropout).
+        self.token_dropout = self.configured_token_dropout = cfg.token_dropout
 
     def reset_own_parameters(self) -> None:
         nn.init.normal_(self.cls, std=0.02)
@@ -76,9 +78,43 @@ class Encoder(nn.Module):
         if pad is not None:
             # CLS is always attendable, so no row of the attention mask is empty.
             keep = torch.cat([torch.ones_like(pad[:, :1]), ~pad], dim=1)
+        elif self.training and self.token_dropout > 0:
+            h = torch.cat([h[:, :1], drop_tokens(h[:, 1:], self.token_dropout)], dim=1)
         h = self.transformer(h, keep)
         pooled = h[:, 0]
         return {"tokens": h[:, 1:], "pooled": pooled, "embed": self.proj(pooled)}
+
+
+def kept_tokens(n: int, token_dropout: float) -> int:
+    """Patches left of n after dropping the fraction token_dropout (at least one)."""
+    return max(1, round(n * (1.0 - token_dropout)))
+
+
+def drop_tokens(tokens: torch.Tensor, token_dropout: float) -> torch.Tensor:
+    """A random subset of each row's B×N×D tokens, kept_tokens(N) of them,
+    in their original order (positions are already added)."""
+    b, n, d = tokens.shape
+    k = kept_tokens(n, token_dropout)
+    index = torch.rand(b, n, device=tokens.device).argsort(dim=1)[:, :k].sort(dim=1).values
+    return tokens.gather(1, index[..., None].expand(b, k, d))
+
+
+def check_token_dropout(cfg: ModelConfig, modality: str) -> None:
+    """model.<modality>.token_dropout is a fraction in [0, 1), and, when set,
+    meets image or audio patches before a transformer with learned positions."""
+    enc = getattr(cfg, modality)
+    p = enc.token_dropout
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"model.{modality}.token_dropout={p}: give a fraction in [0, 1)")
+    if p == 0:
+        return
+    arch = arch_name(cfg, modality)
+    if modality == "text" or arch not in ("transformer", "conv_transformer"):
+        raise ValueError(f"model.{modality}.token_dropout drops image or audio patches before a transformer: "
+                         f"model.{modality}.arch={arch} has none; set it to 0")
+    if enc.positions == "rotary":
+        raise ValueError(f"model.{modality}.token_dropout needs positions=learned: rotary positions follow the "
+                         "token order, which dropping patches changes")
 
 
 def _grid(n: int, patch: int, what: str) -> int:
@@ -156,4 +192,13 @@ def arch_name(cfg: ModelConfig, modality: str) -> str:
 
 def build_encoder(cfg: ModelConfig, modality: str) -> nn.Module:
     """The encoder model.<modality>.arch names."""
+    check_token_dropout(cfg, modality)
     return ENCODERS[arch_name(cfg, modality)][0](cfg, modality)
+
+
+def set_token_dropout(model: nn.Module, enabled: bool) -> None:
+    """Turns every encoder's token dropout on (its configured fraction) or off
+    (the final unmasked phase); `model` may be any module around them."""
+    for module in model.modules():
+        if isinstance(module, Encoder):
+            module.token_dropout = module.configured_token_dropout if enabled else 0.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from mm_models.config import EncoderConfig, FusionConfig, ModelConfig, ObjectiveConfig
-from mm_models.encoders import arch_name, build_encoder
+from mm_models.encoders import arch_name, build_encoder, kept_tokens, set_token_dropout
 from mm_models.model import PretrainModel
 from mm_models.objectives import MODALITIES
 
@@ -44,7 +44,7 @@ def _encoder_inputs(model_cfg: ModelConfig, modality: str) -> tuple[torch.Tensor
     return torch.ones(1, n, dtype=torch.long), torch.zeros(1, n, dtype=torch.bool)
 
 
-def counted_encoder_flops(model_cfg: ModelConfig, modality: str) -> float:
+def counted_encoder_flops(model_cfg: ModelConfig, modality: str, token_dropout: bool = False) -> float:
     """Training FLOPs of one sample through one encoder, counted by torch's
     FlopCounterMode: 3 × the forward pass (forward, plus the gradients of
     activations and weights). For the encoders with no closed formula here:
@@ -59,6 +59,7 @@ def counted_encoder_flops(model_cfg: ModelConfig, modality: str) -> float:
         try:
             with torch.device(device), torch.no_grad():
                 encoder = build_encoder(model_cfg, modality)
+                set_token_dropout(encoder, token_dropout)
                 args = _encoder_inputs(model_cfg, modality)
                 with FlopCounterMode(display=False) as counter:
                     encoder(*args)
@@ -77,7 +78,7 @@ def _block_matmul_params(enc: EncoderConfig) -> int:
     return 4 * w * w + 2 * w * hidden
 
 
-def flops_per_sample(model_cfg: ModelConfig) -> float:
+def flops_per_sample(model_cfg: ModelConfig, token_dropout: bool = False) -> float:
     """Analytic training FLOPs (forward + backward) for one sample, PaLM-style
     (Chowdhery et al. 2022, appendix B), summed over the three encoders:
 
@@ -102,20 +103,25 @@ def flops_per_sample(model_cfg: ModelConfig) -> float:
     tokens, since the encoder computes them. Fusion modules are not counted
     (this is the late-fusion model, `fusion=none`).
     Encoders other than the transformer are counted by counted_encoder_flops.
+
+    token_dropout: count a training step with model.<m>.token_dropout applied
+    (the blocks see the kept patches and CLS; the patch embedding still
+    computes every patch).
     """
     seq = sequence_lengths(model_cfg)
     patch_in = {"image": 3, "audio": 1}
     total = 0
     for name in ("image", "audio", "text"):
         if arch_name(model_cfg, name) != "transformer":
-            total += counted_encoder_flops(model_cfg, name)
+            total += counted_encoder_flops(model_cfg, name, token_dropout)
             continue
         enc: EncoderConfig = getattr(model_cfg, name)
         before = total
-        t = seq[name]
-        total += 6 * enc.depth * _block_matmul_params(enc) * t
+        patches = seq[name] - 1
         if name in patch_in:
-            total += 6 * patch_in[name] * enc.patch_size**2 * enc.width * (t - 1)
+            total += 6 * patch_in[name] * enc.patch_size**2 * enc.width * patches
+        t = (kept_tokens(patches, enc.token_dropout) + 1) if token_dropout and enc.token_dropout > 0 else seq[name]
+        total += 6 * enc.depth * _block_matmul_params(enc) * t
         total += 12 * enc.depth * enc.width * t * t
         total += 6 * enc.width * model_cfg.embed_dim
         if enc.freeze:

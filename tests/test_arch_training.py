@@ -24,8 +24,10 @@ FAMILIES = {
     # fusion=attention with matching and masked text: the text tower runs twice, CNN tokens feed the fusion.
     "cnn_rnn": ["model.image.arch=cnn", "model.audio.arch=cnn", "model.text.arch=rnn", "model.text.rnn_cell=lstm",
                 "model.image.activation_checkpointing=true", "fusion=attention", "objective=matching_mtm"],
+    # Token dropout (FLIP) on both patch towers, off for the final 2 steps.
     "conv_transformer": ["model.image.arch=conv_transformer", "model.audio.arch=conv_transformer",
-                         "model.text.arch=rnn", "fusion=concat", "objective=matching"],
+                         "model.text.arch=rnn", "fusion=concat", "objective=matching", "model.image.token_dropout=0.5",
+                         "model.audio.token_dropout=0.25", "trainer.unmasked_steps=2"],
     "hf_locked": ["model.image.arch=hf", "model.audio.arch=hf", "model.text.arch=hf", "model.image.freeze=true",
                   "model.audio.freeze=true", "model.text.freeze=true", "fusion=weighted_sum", "objective=matching"],
 }
@@ -72,6 +74,7 @@ def trained(request, demo_shards, tmp_path_factory) -> dict:
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {"family": family, "run_dir": run_dir, "final": json.loads(proc.stdout.strip().splitlines()[-1]),
+            "logs": proc.stdout + proc.stderr,
             "hf": request.getfixturevalue("hf_dirs") if family.startswith("hf") else None}
 
 
@@ -81,6 +84,11 @@ def test_trains_with_finite_losses_and_evaluates(trained):
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert all(math.isfinite(v) and v > 0 for v in losses.values())
     assert all(m in trained["final"]["zero_shot"] for m in ("image", "audio"))
+
+
+def test_token_dropout_ends_for_the_unmasked_phase(trained):
+    said = "step 3: token dropout off for the final 2 steps" in trained["logs"]
+    assert said == (trained["family"] == "conv_transformer"), trained["logs"][-2000:]
 
 
 def test_export_loads_to_the_consolidated_weights(trained):

@@ -38,7 +38,7 @@ def pretrained(demo_shards, tmp_path_factory):
     """A short pretraining run's export (model=tiny, the demo's CNN image encoder)."""
     tmp = tmp_path_factory.mktemp("pretrain")
     proc = torchrun(tmp, f"data.train={demo_shards['train']}", f"data.heldout={demo_shards['heldout']}",
-                    "experiment=demo_cnn", "trainer.max_steps=40", "trainer.micro_batch_size=32",
+                    "experiment=demo", "trainer.max_steps=40", "trainer.micro_batch_size=32",
                     "optimizer.warmup_steps=5")
     last_json(proc)
     return tmp / "run" / "export" / "model.safetensors"

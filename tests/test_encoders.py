@@ -184,3 +184,76 @@ def test_flops_match_a_counted_forward_and_backward(archs):
     ratio = flops_per_sample(cfg) * 3 / counter.get_total_flops()
     # The first layer needs no gradient of its input, so the counted backward is a little cheaper.
     assert 0.95 < ratio < 1.2, ratio
+
+
+def test_token_dropout_keeps_a_random_subset_in_training_only():
+    from mm_models.encoders import set_token_dropout
+
+    cfg = config("vit", "vit", "transformer")
+    cfg.image.token_dropout = 0.5
+    torch.manual_seed(0)
+    model = PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
+    encoder = model.model.encoders["image"]
+    x = torch.randn(4, 3, cfg.image_size, cfg.image_size)
+    patches = (cfg.image_size // cfg.image.patch_size) ** 2
+    model.train()
+    dropped = encoder(x)["tokens"]
+    assert dropped.shape[1] == round(patches * 0.5)
+    again = encoder(x)["tokens"]
+    assert not torch.equal(dropped, again)  # another random subset
+    model.eval()
+    assert encoder(x)["tokens"].shape[1] == patches  # evaluation sees every patch
+    model.train()
+    set_token_dropout(model, False)  # the final unmasked phase
+    assert encoder(x)["tokens"].shape[1] == patches
+    set_token_dropout(model, True)
+    assert encoder(x)["tokens"].shape[1] == round(patches * 0.5)
+    # The loss trains through the kept patches.
+    out = model(batch(cfg, 4))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and encoder.embedder.proj.weight.grad.abs().sum() > 0
+
+
+def test_dropped_tokens_keep_their_order_and_positions():
+    from mm_models.encoders import drop_tokens
+
+    tokens = torch.arange(10.0)[None, :, None].expand(3, 10, 2)
+    kept = drop_tokens(tokens, 0.3)
+    assert kept.shape == (3, 7, 2)
+    assert (kept[:, 1:, 0] > kept[:, :-1, 0]).all()  # increasing: original order, no repeats
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.text.token_dropout=0.5", "model.text.token_dropout drops image or audio patches"),
+    ("model.image.token_dropout=1.0", "model.image.token_dropout=1.0: give a fraction in"),
+    ("model.image.token_dropout=-0.1", "give a fraction in"),
+])
+def test_token_dropout_settings_are_checked_at_start(override, message):
+    from omegaconf import OmegaConf
+
+    from train.config import compose, validate
+
+    with pytest.raises(ValueError, match=message):
+        validate(OmegaConf.to_object(compose([override])))
+
+
+def test_token_dropout_needs_a_transformer_with_learned_positions():
+    from omegaconf import OmegaConf
+
+    from train.config import compose, validate
+
+    with pytest.raises(ValueError, match="arch=cnn has none"):
+        validate(OmegaConf.to_object(compose(["experiment=demo", "model.image.token_dropout=0.5"])))
+    with pytest.raises(ValueError, match="needs positions=learned"):
+        validate(OmegaConf.to_object(compose(["model.audio.token_dropout=0.5", "model.audio.positions=rotary"])))
+    validate(OmegaConf.to_object(compose(["experiment=demo", "model.audio.token_dropout=0.5"])))  # fine
+
+
+def test_token_dropout_lowers_the_counted_training_flops():
+    from mm_models.flops import flops_per_sample
+
+    cfg = config("vit", "vit", "transformer")
+    full = flops_per_sample(cfg)
+    cfg.image.token_dropout = cfg.audio.token_dropout = 0.5
+    assert flops_per_sample(cfg) == full  # evaluation and inference: every patch
+    assert flops_per_sample(cfg, token_dropout=True) < 0.8 * full

@@ -219,3 +219,25 @@ def test_parquet_output_holds_the_same_rows(classifier_export, demo_shards, tmp_
     assert len(table) == len(rows) == 64
     for a, b in zip(sorted(rows, key=lambda r: r["key"]), sorted(table, key=lambda r: r["key"])):
         assert a["key"] == b["key"] and a["label"] == b["label"] and a["class"] == b["class"]
+
+
+@pytest.mark.parametrize("bad", ["0", "two", "-1"])
+def test_a_bad_thread_count_is_a_clear_error(bad, tmp_path):
+    from train.predict import PredictError, predict
+
+    with pytest.raises(PredictError, match="threads="):
+        predict({"checkpoint": "x", "shards": "y", "out": str(tmp_path), "threads": bad}, [], embed=False)
+
+
+def test_threads_sets_the_models_thread_count(classifier_export, demo_shards, tmp_path, monkeypatch):
+    from train.predict import predict
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    before = torch.get_num_threads()
+    try:
+        predict({"checkpoint": str(classifier_export), "shards": str(demo_shards["heldout"]), "out": str(tmp_path),
+                 "threads": "1"}, ["data.num_workers=0"], embed=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -53,6 +53,10 @@ class TrainerConfig:
     # Append each rank's consumed sample keys to samples_rank{r}.jsonl (an audit of
     # exactly-once reading across stops, restarts and requeues).
     log_samples: bool = False
+    # FLIP's final phase: the last this-many steps train without token dropout
+    # (model.<modality>.token_dropout), so the model meets whole inputs before
+    # evaluation. 0: token dropout until the end.
+    unmasked_steps: int = 0
     # At the end, write OUT/export/model.safetensors (+ .json), as train.export does.
     export: bool = True
     # An export that fails is logged (and can be redone with train.export);
@@ -286,6 +290,13 @@ def validate(cfg: Config) -> None:
                 "collective_timeout"):
         if getattr(cfg.trainer, key) < 1:
             raise ValueError(f"trainer.{key} must be at least 1, got {getattr(cfg.trainer, key)}")
+    if not 0 <= cfg.trainer.unmasked_steps <= cfg.trainer.max_steps:
+        raise ValueError(f"trainer.unmasked_steps={cfg.trainer.unmasked_steps}: give 0 to "
+                         f"trainer.max_steps ({cfg.trainer.max_steps})")
+    from mm_models.encoders import check_token_dropout
+
+    for modality in ("image", "audio", "text"):
+        check_token_dropout(cfg.model, modality)
     from mm_models.encoders import arch_name
 
     for modality in ("image", "audio", "text"):

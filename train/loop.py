@@ -19,6 +19,7 @@ from data_pipeline.loader import shard_size_table
 from mm_models import PretrainModel
 from mm_models.classifier import ClassifierModel, attach_weights, classifier_config
 from train import classify as classify_mod
+from mm_models.encoders import set_token_dropout
 from mm_models.flops import flops_per_sample, sequence_lengths
 from train.batch import to_device
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -378,7 +379,10 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
         tracker.log_checkpoint(path, step=step, aliases=["latest", f"step_{step}"] + (["best"] if is_best else []),
                                metadata={best.name: last_eval["metrics"].get(best.name)} if is_best else None)
 
-    window = LogWindow(global_batch=ds_config["train_batch_size"], flops_per_sample=flops_per_sample(cfg.model),
+    token_dropout = any(getattr(cfg.model, m).token_dropout > 0 for m in ("image", "audio"))
+    # MFU counts what a step computes: with token dropout, the kept patches.
+    window = LogWindow(global_batch=ds_config["train_batch_size"],
+                       flops_per_sample=flops_per_sample(cfg.model, token_dropout=True),
                        tokens_per_sample=sum(sequence_lengths(cfg.model).values()),
                        peak_flops=t_cfg.peak_flops_per_device, world_size=info.world_size)
     stop = stop or StopRequest()
@@ -388,6 +392,11 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     step = start_step
     while step < t_cfg.max_steps:
         watchdog.next_step(step + 1)
+        # Token dropout until the final unmasked phase (a no-op without token dropout).
+        masked = step < t_cfg.max_steps - t_cfg.unmasked_steps
+        set_token_dropout(engine.module, masked)
+        if not masked and step == t_cfg.max_steps - t_cfg.unmasked_steps and token_dropout and info.is_main:
+            log.info("step %d: token dropout off for the final %d steps", step + 1, t_cfg.unmasked_steps)
         losses, wait = train_step(engine, batches, accum=accum, device=device, dtype=dtype)
         window.data_wait += wait
         if losses is None:

@@ -46,6 +46,9 @@ skips the shards it finished.
   --embed           embeddings instead of classes
   format=FMT        jsonl (default) or parquet (needs pyarrow)
   batch_size=N      default 64
+  threads=N         torch threads for the model (default: torch's, every core); on a
+                    CPU-only machine, cores minus data.num_workers gives each
+                    data worker a core of its own
   device=DEVICE     cpu (default) or cuda
   max_memory=...    big-model inference through accelerate, e.g. max_memory=cpu:2GB
                     (what does not fit is offloaded to disk under OUT/offload);
@@ -168,6 +171,14 @@ def predict(options: dict, data_overrides: list[str], *, embed: bool) -> dict:
     for key in ("checkpoint", "shards", "out"):
         if not options.get(key):
             raise PredictError(f"missing {key}=; see --help")
+    if options.get("threads") is not None:
+        try:
+            threads = int(options["threads"])
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise PredictError(f"threads={options['threads']!r}: give a whole number of threads >= 1")
+        torch.set_num_threads(threads)
     rank, world = rank_and_world()
     out_dir = Path(options["out"])
     parts_dir = out_dir / "parts"
@@ -259,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = parse_overrides([a for a in rest if not a.startswith("data.")],
                                   allowed=("checkpoint", "shards", "out", "format", "batch_size", "device",
-                                           "max_memory", "embed", "trust_checkpoint"))
+                                           "max_memory", "embed", "trust_checkpoint", "threads"))
         embed = embed or options.pop("embed", "false").lower() in ("1", "true", "yes")
         summary = predict(options, [a for a in rest if a.startswith("data.")], embed=embed)
     except (PredictError, CheckpointError, ValueError, FileNotFoundError) as e:
