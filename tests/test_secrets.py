@@ -40,6 +40,16 @@ def test_redaction_keeps_what_is_not_secret():
     assert out["max_text_len"] == 64
 
 
+def test_a_number_under_a_secret_sounding_key_is_a_setting():
+    """model.<m>.token_dropout names a "token" but holds a fraction: redacted,
+    every export's model.json lost it and mm_models.load failed on the string."""
+    config = {"model": {"image": {"token_dropout": 0.5, "freeze": False}, "audio": {"token_dropout": 0}},
+              "auth": {"token": "abc"}, "secret_count": 3, "api_token": "xyz", "token_refresh": True}
+    out = redact(config)
+    assert out["model"] == config["model"] and out["secret_count"] == 3 and out["token_refresh"] is True
+    assert out["auth"] == REDACTED and out["api_token"] == REDACTED
+
+
 def test_log_records_are_redacted_by_the_handler_filter():
     import io
 

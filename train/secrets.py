@@ -4,7 +4,8 @@ logs, Hydra's saved config, checkpoint metadata and the export's model.json.
 Two kinds of secret are recognised:
 - a value under a key that names a secret (`api_key`, `token`, `secret`,
   `password`, `credentials`, as a whole word of the key: `data.tokenizer`
-  is not one);
+  is not one), unless it is a number or a boolean (`token_dropout: 0.5` is
+  a setting);
 - credentials inside any string value: `user:password@` in a URL and the
   values of signing and token query parameters (`X-Amz-Signature`,
   `X-Amz-Credential`, `X-Amz-Security-Token`, `X-Goog-Signature`, `sig`,
@@ -46,11 +47,15 @@ def is_secret_key(key) -> bool:
     return bool(_SECRET_KEY.search(str(key)))
 
 
+def _holds_a_secret(key, value) -> bool:
+    # A number or a boolean under such a key is a setting (model.image.token_dropout=0.5), never a credential.
+    return is_secret_key(key) and value not in (None, "") and not isinstance(value, (bool, int, float))
+
+
 def redact(config):
     """A copy of a config (dicts, lists, strings) with secrets removed."""
     if isinstance(config, dict):
-        return {k: (REDACTED if is_secret_key(k) and config[k] not in (None, "") else redact(v))
-                for k, v in config.items()}
+        return {k: (REDACTED if _holds_a_secret(k, v) else redact(v)) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
         return [redact(v) for v in config]
     if isinstance(config, str):
