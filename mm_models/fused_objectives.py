@@ -63,8 +63,7 @@ class MatchingLoss(nn.Module):
         # partner): on the demo corpus, held-out tuples with a random image
         # swapped in scored above the aligned ones.
         sharp = torch.rand(b, 1, device=anchor.device) < 0.5
-        scores = torch.where(sharp, _HARD_NEGATIVE_SCALE * anchor @ z[m].T, torch.zeros_like(anchor @ z[m].T))
-        scores = scores.masked_fill(~candidates, -1e9)
+        scores = torch.where(sharp, _HARD_NEGATIVE_SCALE * (anchor @ z[m].T), 0.0).masked_fill(~candidates, -1e9)
         scores[~valid] = 0.0  # any index will do for rows that are not used
         return torch.multinomial(torch.softmax(scores, dim=1), 1).squeeze(1), valid
 
@@ -110,9 +109,10 @@ class MatchingLoss(nn.Module):
             index = torch.arange(b, device=have.device)
             rows = torch.zeros(b, dtype=torch.bool, device=have.device)
             if len(have) >= 2:
-                index[have] = have.roll(-1)
+                partner = have.roll(-1)
+                index[have] = partner
                 # m plus at least one other modality to match against, and a partner of another class
-                rows[have] = (n_present[have] >= 2) & ~same[have, have.roll(-1)]
+                rows[have] = (n_present[have] >= 2) & ~same[have, partner]
             pad = text_pad[index] if m == "text" else text_pad
             neg = fusion({**features, m: _take(features[m], index)}, masks, pad)
             out[m] = (self.head(neg["embed"]).squeeze(-1).float(), rows)

@@ -390,13 +390,16 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
         log.warning("%s arrived during start-up: stopping after the first step", stop.signal_name)
     bad_steps = 0
     step = start_step
+    # Token dropout until the final unmasked phase (a no-op without token
+    # dropout); a run resumed inside that phase starts without it.
+    unmask_at = t_cfg.max_steps - t_cfg.unmasked_steps
+    set_token_dropout(engine.module, start_step < unmask_at)
     while step < t_cfg.max_steps:
         watchdog.next_step(step + 1)
-        # Token dropout until the final unmasked phase (a no-op without token dropout).
-        masked = step < t_cfg.max_steps - t_cfg.unmasked_steps
-        set_token_dropout(engine.module, masked)
-        if not masked and step == t_cfg.max_steps - t_cfg.unmasked_steps and token_dropout and info.is_main:
-            log.info("step %d: token dropout off for the final %d steps", step + 1, t_cfg.unmasked_steps)
+        if step == unmask_at and t_cfg.unmasked_steps:  # FLIP's final phase: whole inputs
+            set_token_dropout(engine.module, False)
+            if token_dropout and info.is_main:
+                log.info("step %d: token dropout off for the final %d steps", step + 1, t_cfg.unmasked_steps)
         losses, wait = train_step(engine, batches, accum=accum, device=device, dtype=dtype)
         window.data_wait += wait
         if losses is None:
