@@ -75,14 +75,14 @@ def embed_split(model, loader, *, device: torch.device, dtype: torch.dtype) -> d
     }
     if getattr(loader, "world_size", 1) == 1:  # a plain list of batches is one process's
         return split
-    tallies = sum_counters({f"{m}/{i}": v for m, pair in matching.items() for i, v in enumerate(pair)})
+    right = sum_counters({m: r for m, (r, _) in matching.items()})
+    counted = sum_counters({m: c for m, (_, c) in matching.items()})
     return {
         "embeds": {m: gather_rows(v) for m, v in split["embeds"].items()},
         "masks": {m: gather_rows(v) for m, v in split["masks"].items()},
         "labels": gather_rows(split["labels"]),
         "class_names": gather_lists(names), "keys": gather_lists(keys),
-        "matching": {m: [tallies.get(f"{m}/0", 0), tallies.get(f"{m}/1", 0)]
-                     for m in sorted({k.split("/")[0] for k in tallies})},
+        "matching": {m: [right.get(m, 0), counted[m]] for m in sorted(counted)},
         "embedded_here": len(keys),
     }
 
