@@ -63,7 +63,8 @@ def worker(variant: str, args) -> None:
     from train.distributed import feature_gather, init_distributed
     from train.engine import (batch_sizes, build_deepspeed_config, build_engine, build_model, build_optimizer,
                               build_schedule, compute_dtype)
-    from train.loop import seed_everything, train_step
+    from train.loop import seed_everything
+    from train.step import train_step
 
     info = init_distributed()
     stage = variant if variant.startswith("zero") else "zero0"  # plain and ddp: the precision is what matters

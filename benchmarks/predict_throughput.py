@@ -6,10 +6,11 @@ the shards, decodes them in its workers, predicts and writes the rows. The
 ratio says what the pipeline costs on top of the model.
 
     python benchmarks/predict_throughput.py [--model small] [--shards data/demo/heldout] [--batch-size 64]
-                                            [--repeats 3] [--threads N]
+                                            [--repeats 5] [--threads N]
 
-Both run --repeats times, alternating; the median ratio is reported, with
-the smallest and largest. The last line is JSON: {"predict_sps": …,
+train.predict runs --repeats times, each between two runs of the model
+alone, and is compared with their mean (the machine's speed drifts); the
+median ratio is reported, with the smallest and largest. The last line is JSON: {"predict_sps": …,
 "model_sps": …, "ratio": …, "ratio_min_max": [...], ...}.
 Needs shards: `make demo-data` writes data/demo/heldout.
 """
@@ -65,7 +66,8 @@ def main() -> None:
     parser.add_argument("--model", default="small", help="model size (conf/model/NAME.yaml)")
     parser.add_argument("--shards", default="data/demo/heldout")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of both; the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="train.predict runs, each between two model-alone runs; "
+                        "the median ratio is reported")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for the model on both sides (0: torch's default, every core). "
                              "Fewer than the cores leaves the data worker a core of its own, as on a GPU machine")
@@ -97,23 +99,31 @@ def main() -> None:
         n = sum(sum(1 for k in b["__key__"] if k) for b in batches)
         with torch.no_grad():
             model.predict(batches[0])  # warm-up
-        runs = []
-        # Alternated, so that a slow spell of the machine hits both sides alike.
-        for repeat in range(args.repeats):
+        def model_alone() -> float:
             with torch.no_grad():
                 t = time.perf_counter()
                 for b in batches:
                     model.predict(b)
-                model_s = time.perf_counter() - t
+                return time.perf_counter() - t
+
+        # This machine's speed drifts by tens of percent within a minute, so
+        # every train.predict run is bracketed by a model-alone run before and
+        # after it, and compared with their mean.
+        runs = []
+        before = model_alone()
+        for repeat in range(args.repeats):
             t = time.perf_counter()
             summary = predict({"checkpoint": str(export), "shards": args.shards, "out": str(tmp / f"pred{repeat}"),
                                "batch_size": str(args.batch_size)}, [], embed=False)
             predict_s = time.perf_counter() - t
+            after = model_alone()
+            model_s = (before + after) / 2
+            before = after
             if summary["rows"] != n:
                 raise SystemExit(f"train.predict wrote {summary['rows']} rows for {n} samples")
             runs.append({"model_sps": n / model_s, "predict_sps": n / predict_s, "ratio": model_s / predict_s})
-            print(f"run {repeat + 1}: model alone {n / model_s:6.1f}/s, train.predict {n / predict_s:6.1f}/s, "
-                  f"ratio {model_s / predict_s:.3f}", flush=True)
+            print(f"run {repeat + 1}: model alone {n / model_s:6.1f}/s (mean of the runs before and after), "
+                  f"train.predict {n / predict_s:6.1f}/s, ratio {model_s / predict_s:.3f}", flush=True)
     median = sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2]
     model_sps, predict_sps = median["model_sps"], median["predict_sps"]
     spread = [round(min(r["ratio"] for r in runs), 3), round(max(r["ratio"] for r in runs), 3)]

@@ -197,6 +197,9 @@ class StreamLoader:
         return torch.utils.data.DataLoader(
             BatchDataset(stream), batch_size=None, num_workers=workers,
             prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals if workers > 0 else None,
+            # Page-locked batches on a CUDA machine: the host-to-device copy
+            # (to_device, non_blocking) then overlaps with compute.
+            pin_memory=torch.cuda.is_available(),
             # Its own generator: a DataLoader draws its workers' base seed from the
             # global torch RNG otherwise, so a resumed run (which starts a new
             # iterator mid-epoch) would see other dropout masks than an uninterrupted one.

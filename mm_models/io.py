@@ -10,9 +10,11 @@ Imports torch only; safetensors is imported inside load().
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -93,6 +95,42 @@ def build_from_config(config: dict) -> torch.nn.Module:
     return PretrainModel(model_cfg, fusion_cfg, objective_cfg)
 
 
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device: no
+    memory and no random initialisation, which loading the weights replaces
+    anyway (about half a second for model=small). Buffers stay real, since
+    non-persistent ones (class weights, pixel statistics) are computed in
+    __init__ and never saved. The same idea as accelerate's
+    init_empty_weights(include_buffers=False), kept here because mm_models
+    imports torch only. Fill the parameters with
+    load_state_dict(state, strict=True, assign=True)."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def build_loaded(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The model of `config` holding `state`, loaded strictly (a missing or
+    unexpected tensor raises), without initialising weights first."""
+    with parameters_on_meta():
+        model = build_from_config(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:  # a parameter created outside register_parameter and not in the state
+        raise RuntimeError(f"parameters not in the weights: {left[:5]}")
+    return model
+
+
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The model exported to `path` (a .safetensors file), in eval mode: a
     PretrainModel, or a ClassifierModel for a fine-tuned classifier
@@ -105,6 +143,5 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Mo
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (export one with `python -m train.export`)")
-    model = build_from_config(read_config(path))
-    model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    model = build_loaded(read_config(path), load_file(str(path), device="cpu"))
     return model.to(device).eval()

@@ -5,7 +5,7 @@
 
 With PROBE_NAN_RANK=r and PROBE_NAN_STEP=s (and PROBE_NAN_MICRO=m, default
 0), rank r's images are NaN in micro batch m of step s (a non-finite loss on
-one rank only).
+one rank only); r or m "all": every rank, every micro batch of the step.
 
 Writes OUT/probe.json (per-rank parameter counts, whether the partitioned
 initialisation equals the plain one, per-step losses (None: skipped), each
@@ -33,7 +33,8 @@ from train.config import Config, compose, validate
 from train.distributed import feature_gather, init_distributed
 from train.engine import build_deepspeed_config, build_engine, build_model, compute_dtype, parameter_total
 from train.evaluate import embed_split
-from train.loop import seed_everything, train_step
+from train.loop import seed_everything
+from train.step import train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,33 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values())):
         return {k: p.detach().clone() for k, p in params.items()}
+
+
+class HostSyncs:
+    """Counts the calls our training code (train/) makes that make the host
+    wait for the device: reading a tensor's value, and collectives. The
+    contrastive loss's feature gather is not counted: it is the model's own
+    arithmetic across ranks (on a GPU, enqueued on the stream like a matmul)."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__")
+    MODEL_MATH = ("_AllGatherWithGrad.forward", "_AllGatherWithGrad.backward")
+
+    def __init__(self):
+        self.count = 0
+        train_dir = str(Path(__file__).resolve().parents[1] / "train")
+
+        def counting(fn):
+            def wrapper(*args, **kwargs):
+                caller = sys._getframe(1).f_code
+                if caller.co_filename.startswith(train_dir) and caller.co_qualname not in self.MODEL_MATH:
+                    self.count += 1
+                return fn(*args, **kwargs)
+            return wrapper
+
+        for name in self.NAMES:
+            setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+        for name in ("all_reduce", "all_gather", "broadcast", "all_gather_object"):
+            setattr(dist, name, counting(getattr(dist, name)))
 
 
 def main(out: Path, overrides: list[str]) -> None:
@@ -78,8 +106,8 @@ def main(out: Path, overrides: list[str]) -> None:
     dtype = compute_dtype(ds_config)
     loader = build_loader(config.data, split="train", batch_size=t_cfg.micro_batch_size,
                           rank=info.rank, world_size=info.world_size)
-    nan_rank, nan_step = int(os.environ.get("PROBE_NAN_RANK", -1)), int(os.environ.get("PROBE_NAN_STEP", -1))
-    nan_micro = int(os.environ.get("PROBE_NAN_MICRO", 0))
+    nan_rank, nan_step = os.environ.get("PROBE_NAN_RANK", "-1"), int(os.environ.get("PROBE_NAN_STEP", -1))
+    nan_micro = os.environ.get("PROBE_NAN_MICRO", "0")
 
     current = {"step": 0, "micro": 0, "of_step": 0}
 
@@ -87,21 +115,38 @@ def main(out: Path, overrides: list[str]) -> None:
         for batch in loader:
             if current["of_step"] != current["step"]:
                 current["of_step"], current["micro"] = current["step"], 0
-            if info.rank == nan_rank and current["step"] == nan_step and current["micro"] == nan_micro:
+            if (nan_rank in ("all", str(info.rank)) and current["step"] == nan_step
+                    and nan_micro in ("all", str(current["micro"]))):
                 batch["image"] = torch.full_like(batch["image"], float("nan"))
             current["micro"] += 1
             yield batch
 
+    def state_digest() -> str:
+        """This rank's weights and optimizer state (each rank's own partition)."""
+        from train.step import base_optimizer
+
+        h = hashlib.sha256()
+        for name, w in sorted(full_weights(model).items()):
+            h.update(name.encode() + w.float().numpy().tobytes())
+        for state in base_optimizer(engine).state.values():
+            for k, v in sorted(state.items()):
+                h.update(k.encode() + (v.float().cpu().numpy().tobytes() if torch.is_tensor(v) else repr(v).encode()))
+        return h.hexdigest()
+
     batches = poisoned()
-    losses = []
+    syncs = HostSyncs() if os.environ.get("PROBE_COUNT_SYNCS") else None
+    losses, state_digests, syncs_per_step = [], [], []
     for step in range(1, t_cfg.max_steps + 1):
         current["step"] = step
+        before = syncs.count if syncs else 0
         step_losses, _ = train_step(engine, batches, accum=ds_config["gradient_accumulation_steps"],
                                     device=engine.device, dtype=dtype)
+        syncs_per_step.append(syncs.count - before if syncs else None)
+        state_digests.append(state_digest())
         if step_losses is None:
             losses.append(None)
             continue
-        t = torch.tensor([step_losses["loss"]])
+        t = step_losses["loss"].detach().float().reshape(1).cpu()
         dist.all_reduce(t)
         losses.append(t.item() / info.world_size)
     digest = hashlib.sha256()
@@ -119,7 +164,9 @@ def main(out: Path, overrides: list[str]) -> None:
         torch.save(embeds, out / "live_embeddings.pt")
         report = {"local_numel": locals_, "total_numel": parameter_total(model), "init_equal": init_equal,
                   "losses": losses, "weight_digests": digests, "optimizer_steps": engine.global_steps,
-                  "micro_steps": engine.micro_steps, "skipped_steps": engine.skipped_steps, "accum": ds_config["gradient_accumulation_steps"],
+                  "micro_steps": engine.micro_steps, "skipped_steps": engine.skipped_steps, "state_digests": state_digests,
+                  "host_syncs_per_step": syncs_per_step,
+                  "lr": engine.get_lr()[0], "accum": ds_config["gradient_accumulation_steps"],
                   "micro_batch": ds_config["train_micro_batch_size_per_gpu"]}
         (out / "probe.json").write_text(json.dumps(report) + "\n")
     dist.barrier()

@@ -160,23 +160,55 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank(demo_shards, tmp_path):
 @pytest.mark.integration
 @pytest.mark.parametrize("micro", [0, 1])
 def test_a_nan_inside_an_accumulation_keeps_every_count_in_step(demo_shards, tmp_path, micro):
-    """Accumulation 2, a NaN on rank 1 in micro batch `micro` of step 2: in
-    the first micro batch the step is skipped whole; in the second, the bad
-    micro batch is dropped and the step completes. Either way DeepSpeed's
+    """Accumulation 2, a NaN on rank 1 in micro batch `micro` of step 2: the
+    bad micro batch contributes nothing (its gradients are zeroed on the
+    device) and the step completes from the good ones. DeepSpeed's
     optimizer steps equal the loop's, and both replicas hold the same weights."""
     report = _probe(tmp_path / "probe", demo_shards, "deepspeed=zero2", "trainer.max_steps=4",
                     "trainer.grad_accum_steps=2", PROBE_NAN_RANK="1", PROBE_NAN_STEP="2", PROBE_NAN_MICRO=str(micro))
     losses = report["losses"]
-    taken = sum(v is not None for v in losses)
-    assert (losses[1] is None) == (micro == 0), losses
-    # The NaN never reached the gradients: DeepSpeed skips a step whose gradients are not finite
-    # (every micro batch of it lost), and the losses after it stay finite.
-    assert report["skipped_steps"] == 0 and all(math.isfinite(v) for v in losses if v is not None), report
-    assert report["optimizer_steps"] == taken, report
+    assert all(v is not None for v in losses), losses
+    # The NaN never reached the gradients: DeepSpeed would skip a step whose gradients
+    # are not finite, and the losses after it stay finite.
+    assert report["skipped_steps"] == 0 and all(math.isfinite(v) for v in losses), report
+    assert report["optimizer_steps"] == len(losses), report
     # Every step the loop took was one whole accumulation: DeepSpeed's boundaries fall where the loop's do.
-    assert report["micro_steps"] == taken * report["accum"], report
+    assert report["micro_steps"] == len(losses) * report["accum"], report
     digests = report["weight_digests"]
     assert digests[0] == digests[1]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", ["zero1", "zero3"])
+def test_a_step_with_no_finite_micro_batch_changes_nothing(demo_shards, tmp_path, stage):
+    """Accumulation 2, every micro batch of step 2 NaN on every rank: the
+    step is skipped, and the weights, the optimizer's state and the
+    learning-rate schedule are exactly as after step 1."""
+    report = _probe(tmp_path / "probe", demo_shards, f"deepspeed={stage}", "trainer.max_steps=4",
+                    "trainer.grad_accum_steps=2", "optimizer.warmup_steps=2", PROBE_NAN_RANK="all",
+                    PROBE_NAN_STEP="2", PROBE_NAN_MICRO="all")
+    losses, states = report["losses"], report["state_digests"]
+    assert losses[1] is None and all(math.isfinite(v) for i, v in enumerate(losses) if i != 1), losses
+    assert states[1] == states[0] and states[2] != states[1], states  # nothing moved; the next step does
+    assert report["skipped_steps"] == 1 and report["optimizer_steps"] == 3, report
+    assert report["micro_steps"] == 4 * report["accum"], report
+    assert report["weight_digests"][0] == report["weight_digests"][1]
+    # The schedule moved three steps, not four.
+    from train.engine import warmup_cosine
+
+    assert report["lr"] == pytest.approx(1e-3 * warmup_cosine(3, warmup=2, total=4, min_ratio=0.1)), report
+
+
+@pytest.mark.integration
+def test_the_step_waits_on_the_device_once_whatever_the_accumulation(demo_shards, tmp_path):
+    """Our step code reads a device value or calls a collective once per
+    optimizer step (the non-finite decision), not once per micro batch."""
+    counts = {}
+    for accum in (1, 4):
+        report = _probe(tmp_path / f"probe{accum}", demo_shards, "deepspeed=zero2", "trainer.max_steps=2",
+                        f"trainer.grad_accum_steps={accum}", "trainer.micro_batch_size=4", PROBE_COUNT_SYNCS="1")
+        counts[accum] = report["host_syncs_per_step"]
+    assert counts[1] == counts[4] == [2, 2], counts  # one all-reduce of the bad count, one read of it
 
 
 @pytest.mark.integration

@@ -241,3 +241,37 @@ def test_threads_sets_the_models_thread_count(classifier_export, demo_shards, tm
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_read_ahead_yields_each_shards_batches_then_its_end_and_passes_errors_on():
+    from train.predict import ShardBatches
+
+    class Loader:
+        def __init__(self, i):
+            self.i, self.skipped = i, {"bad_image": i}
+
+        def __iter__(self):
+            if self.i == 2:
+                raise OSError("shard 2 is unreadable")
+            yield from ({"n": (self.i, b)} for b in range(3))
+
+    got = []
+    with pytest.raises(OSError, match="shard 2 is unreadable"):
+        for shard, batch, skipped in ShardBatches([0, 1, 2], Loader, ahead=1):
+            got.append((shard, batch["n"] if batch is not None else None, skipped))
+    assert got == [(0, (0, 0), None), (0, (0, 1), None), (0, (0, 2), None), (0, None, {"bad_image": 0}),
+                   (1, (1, 0), None), (1, (1, 1), None), (1, (1, 2), None), (1, None, {"bad_image": 1})]
+
+
+def test_loading_skips_random_init_but_keeps_computed_buffers(classifier_export):
+    """Parameters are built on the meta device and replaced by the weights;
+    a non-persistent buffer (computed in __init__, never saved) stays real."""
+    import mm_models
+    from safetensors.torch import load_file
+
+    model = mm_models.load(classifier_export)
+    assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    saved = load_file(str(classifier_export))
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, saved[name]), name
+    assert torch.equal(model.class_weights, torch.ones(6))

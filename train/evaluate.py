@@ -213,7 +213,7 @@ def load_for_eval(checkpoint: str, *, trust: bool = False) -> tuple[torch.nn.Mod
     from pathlib import Path
 
     from mm_models import load
-    from mm_models.io import build_from_config, read_config
+    from mm_models.io import build_loaded, read_config
     from train.export import CheckpointError, consolidate, read_meta, resolve_step_dir
 
     path = Path(checkpoint)
@@ -226,8 +226,7 @@ def load_for_eval(checkpoint: str, *, trust: bool = False) -> tuple[torch.nn.Mod
     config = {**meta["config"], "step": meta.get("step")}
     state = consolidate(step_dir, trust=trust)  # verified before anything is unpickled
     try:
-        model = build_from_config(config)
-        model.load_state_dict(state, strict=True)
+        model = build_loaded(config, state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{step_dir}: its config and weights do not make a model: {e}") from None
     return model.eval(), config

@@ -21,7 +21,6 @@ from mm_models.classifier import ClassifierModel, attach_weights, classifier_con
 from train import classify as classify_mod
 from mm_models.encoders import set_token_dropout
 from mm_models.flops import flops_per_sample, sequence_lengths
-from train.batch import to_device
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.config import Config
 from train.distributed import DistInfo, all_reduce_mean, barrier, feature_gather, sum_counters
@@ -32,6 +31,7 @@ from train.evaluate import eval_metrics, evaluate_heldout, results_table
 from train import watchdog
 from train.sample_log import log_samples
 from train.signals import StopRequest, any_rank
+from train.step import read_losses, train_step
 from train.export import export
 from train.tables import retrieval_table
 from train.tracking import BestMetric, Tracker
@@ -66,66 +66,6 @@ def set_threads(threads: int, info: DistInfo) -> None:
     if threads <= 0:
         threads = max(1, (os.cpu_count() or 1) // info.local_world_size)
     torch.set_num_threads(threads)
-
-
-def train_step(engine, batches, *, accum: int, device, dtype) -> tuple[dict[str, float] | None, float]:
-    """One optimizer step over `accum` micro batches. Returns the mean of the
-    logged losses (None if a non-finite loss made every rank skip the step)
-    and the seconds spent waiting for data.
-
-    A non-finite loss on any rank is decided together (one rank alone
-    skipping backward would leave the others waiting in its gradient
-    reduction). In the first micro batch nothing has been accumulated yet:
-    the whole step is skipped on every rank. Later in an accumulation, the
-    earlier micro batches' gradients are already in DeepSpeed's buffers and
-    its micro-step count has moved on: the bad micro batch is replaced by a
-    pass over an empty batch (every sample absent: zero gradients, finite),
-    so the step completes from the good micro batches, and DeepSpeed's
-    accumulation boundary, the optimizer's step count and the loop's stay
-    the same on every rank."""
-    sums: dict[str, float] = {}
-    good = 0
-    data_wait = 0.0
-    for micro in range(accum):
-        t0 = time.perf_counter()
-        batch = to_device(next(batches), device=device, dtype=dtype)
-        data_wait += time.perf_counter() - t0
-        out = engine(batch)
-        bad = any_rank(not torch.isfinite(out["loss"]).item())
-        if bad and micro == 0:
-            return None, data_wait
-        if bad:
-            out = engine(empty_like(batch))
-            if any_rank(not torch.isfinite(out["loss"]).item()):
-                raise RuntimeError("the loss of an empty batch is not finite: the weights themselves are no "
-                                   "longer finite; resume from an earlier checkpoint with a lower learning rate")
-            log.warning("non-finite loss on some rank in micro batch %d of %d: dropped from this step", micro + 1,
-                        accum)
-        engine.backward(out["loss"])
-        engine.step()
-        if not bad:
-            good += 1
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-    return {k: v / good for k, v in sums.items()}, data_wait
-
-
-def empty_like(batch: dict) -> dict:
-    """The batch with every sample absent (zeros, padding, masks False): a
-    forward and backward over it give finite zero gradients."""
-    out = dict(batch)
-    for key, value in batch.items():
-        if not torch.is_tensor(value):
-            continue
-        if key.endswith("_mask"):
-            out[key] = torch.zeros_like(value)
-        elif key == "text_pad":
-            out[key] = torch.ones_like(value)
-        elif key == "label":
-            out[key] = torch.full_like(value, -1)
-        else:
-            out[key] = torch.zeros_like(value)
-    return out
 
 
 def shared_size_table(data, split: str, info: DistInfo) -> dict[str, int]:
@@ -415,7 +355,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
         step += 1
         window.steps += 1
         if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
-            metrics = window.metrics(losses, engine=engine, skipped=loader.skipped)
+            metrics = window.metrics(read_losses(losses), engine=engine, skipped=loader.skipped)
             tracker.log(metrics, step=step)
             if info.is_main:
                 log.info(

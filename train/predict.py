@@ -84,24 +84,83 @@ def rows_for(batch: dict, out: dict, *, embed: bool, names: list[str], multi_lab
         if embed:
             row = {"key": key}
             for m, e in out.items():
-                row[m] = None if e is None or torch.isnan(e[i]).any() else [round(float(x), 6) for x in e[i]]
+                row[m] = None if e is None or torch.isnan(e[i]).any() else [round(x, 6) for x in e[i].tolist()]
             rows.append(row)
             continue
         if not bool(out["valid"][i]):
             rows.append({"key": key, **({"labels": None, "classes": None} if multi_label else
                                         {"label": None, "class": None}), "probs": None, "reason": "no_modality"})
             continue
-        probs = out["probs"][i]
+        probs = out["probs"][i].tolist()
         row = {"key": key}
         if multi_label:
-            chosen = [c for c in range(probs.numel()) if float(probs[c]) > out["threshold"]]
+            chosen = [c for c, p in enumerate(probs) if p > out["threshold"]]
             row.update(labels=chosen, classes=[names[c] for c in chosen])
         else:
-            c = int(probs.argmax())
+            c = max(range(len(probs)), key=probs.__getitem__)
             row.update(label=c, **{"class": names[c]})
-        row["probs"] = [round(float(p), 6) for p in probs]
+        row["probs"] = [round(p, 6) for p in probs]
         rows.append(row)
     return rows
+
+
+class ShardBatches:
+    """(shard, batch, None) for every batch of each shard in turn, then
+    (shard, None, skipped-by-reason) when that shard is finished.
+
+    A thread reads ahead, at most `ahead` batches: it starts the next
+    shard's loader (whose workers take a moment to fork and decode the
+    first batch) while the model still works on the last batches of the
+    one before, so the model never waits at a shard boundary. Whatever the
+    thread raises is raised again here."""
+
+    _END = object()
+
+    def __init__(self, shards: list[int], make_loader, *, ahead: int = 2):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(shards, make_loader), daemon=True,
+                                        name="predict-read-ahead")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self, shards, make_loader) -> None:
+        try:
+            for i in shards:
+                loader = make_loader(i)
+                for batch in loader:
+                    if not self._put((i, batch, None)):
+                        return
+                if not self._put((i, None, dict(loader.skipped))):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(e)
+
+    def __iter__(self):
+        try:
+            while True:
+                item = self._queue.get()
+                if item is self._END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._stop.set()
 
 
 def write_part(rows: list[dict], path: Path, fmt: str) -> None:
@@ -212,12 +271,13 @@ def predict(options: dict, data_overrides: list[str], *, embed: bool) -> dict:
     skipped: Counter = Counter()
     progress = tqdm(total=sum(sizes[i] for i in todo), unit="sample", desc=f"predict rank {rank}",
                     disable=rank != 0 or None)
-    for i in todo:
-        shard_data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(data), {"heldout": urls[i]}))
-        loader = build_loader(shard_data, split="heldout", batch_size=batch_size)
-        rows: list[dict] = []
-        with torch.no_grad():
-            for batch in loader:
+    batches = ShardBatches(todo, lambda i: build_loader(
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(data), {"heldout": urls[i]})),
+        split="heldout", batch_size=batch_size))
+    rows: list[dict] = []
+    with torch.no_grad():
+        for i, batch, shard_skips in batches:
+            if batch is not None:
                 moved = to_device(batch, device=device, dtype=torch.float32)
                 if embed:
                     out = model.embed(moved)
@@ -226,12 +286,14 @@ def predict(options: dict, data_overrides: list[str], *, embed: bool) -> dict:
                     out = {k: v.cpu() for k, v in model.predict(moved).items()} | {"threshold": threshold}
                 rows += rows_for(batch, out, embed=embed, names=names, multi_label=multi_label)
                 progress.update(sum(1 for k in batch["__key__"] if k))
-        shard_skips = dict(loader.skipped)
-        progress.update(sum(shard_skips.values()))
-        write_part(rows, parts_dir / f"{i:06d}.{suffix}", fmt)
-        (parts_dir / f"{i:06d}.done.json").write_text(json.dumps(
-            {"shard": urls[i], "rows": len(rows), "skipped": shard_skips}) + "\n")
-        skipped.update(shard_skips)
+                continue
+            # shard i is finished
+            progress.update(sum(shard_skips.values()))
+            write_part(rows, parts_dir / f"{i:06d}.{suffix}", fmt)
+            (parts_dir / f"{i:06d}.done.json").write_text(json.dumps(
+                {"shard": urls[i], "rows": len(rows), "skipped": shard_skips}) + "\n")
+            skipped.update(shard_skips)
+            rows = []
     progress.close()
     # This rank's file: its shards' parts, in shard order (finished now or by an earlier run).
     rank_file = out_dir / f"predictions-rank{rank}.{suffix}"

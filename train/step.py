@@ -1,0 +1,156 @@
+"""One optimizer step: `accum` micro batches, forward and backward, and one
+decision per step about non-finite losses.
+
+The host does not wait on the device inside an accumulation: there is no
+`.item()` and no collective per micro batch. Losses stay tensors (read when
+a log line is written), and whether a micro batch's loss is finite is a
+device-side flag:
+
+* A non-finite micro batch contributes nothing. A gradient hook on every
+  parameter zeroes its gradient before it is accumulated, whatever the
+  ZeRO stage does with it afterwards (only while accumulating, where
+  backward runs before the step is decided).
+* Before the last micro batch's backward, one all-reduce counts the bad
+  micro batches of every rank: the step's one host synchronisation. If at
+  least one micro batch was good anywhere, the step goes on from the good
+  ones (every rank calls backward and step the same number of times, so
+  DeepSpeed's accumulation boundary and the loop's never drift apart).
+* If none was good, the step is skipped on every rank: without
+  accumulation nothing has been touched yet; inside one, the boundary step
+  runs with a learning rate of zero and the optimizer's and the schedule's
+  state are put back, so the weights and the optimizer are as before.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from train.batch import to_device
+
+
+class NonFiniteGuard:
+    """Zeroes the gradients of a micro batch whose loss was not finite,
+    device-side: `allow(finite)` before its backward sets the flag the
+    hooks read. Inactive (hooks pass gradients through) unless `active`."""
+
+    def __init__(self, module: torch.nn.Module, device):
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        self.active = False
+        for p in module.parameters():
+            if p.requires_grad:
+                p.register_hook(self._mask)
+
+    def _mask(self, grad: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return grad
+        # masked_fill, not a product: 0 * NaN is NaN
+        return grad.masked_fill(~self.finite, 0.0)
+
+    def allow(self, finite: torch.Tensor) -> None:
+        self.finite.copy_(finite)
+
+    @classmethod
+    def of(cls, engine) -> NonFiniteGuard:
+        guard = getattr(engine, "_mm_nonfinite_guard", None)
+        if guard is None:
+            guard = cls(engine.module, engine.device)
+            engine._mm_nonfinite_guard = guard
+        return guard
+
+
+def bad_micro_batches(local_bad: torch.Tensor) -> int:
+    """Non-finite micro batches summed over ranks: the step's one host sync."""
+    count = local_bad.detach().to(torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "gloo":
+            count = count.cpu()
+        dist.all_reduce(count)
+    return int(count.item())
+
+
+def base_optimizer(engine):
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO, bf16)."""
+    opt = engine.optimizer
+    while hasattr(opt, "optimizer") and isinstance(getattr(opt, "optimizer"), torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def step_without_update(engine) -> None:
+    """engine.step() at an accumulation boundary that changes nothing: the
+    learning rate is zero for it (so neither Adam's update nor weight decay
+    moves a weight), and the optimizer's state, the schedule and the
+    learning rates are restored after it. DeepSpeed counts it as skipped,
+    as it does a step it skips itself."""
+    opt = base_optimizer(engine)
+    saved = {p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in opt.state.items()}
+    lrs = [g["lr"] for g in opt.param_groups]
+    schedule = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    steps, samples = engine.global_steps, engine.global_samples
+    engine.step()
+    for p in list(opt.state):
+        if p in saved:
+            for k, v in saved[p].items():
+                if torch.is_tensor(v) and torch.is_tensor(opt.state[p].get(k)):
+                    opt.state[p][k].copy_(v)
+                else:
+                    opt.state[p][k] = v
+        else:  # state the step created (a first step): gone again
+            del opt.state[p]
+    if schedule is not None:
+        engine.lr_scheduler.load_state_dict(schedule)
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    engine.global_steps, engine.global_samples = steps, samples
+    engine.skipped_steps += 1
+
+
+def train_step(engine, batches, *, accum: int, device, dtype) -> tuple[dict[str, torch.Tensor] | None, float]:
+    """One optimizer step over `accum` micro batches (see the module doc).
+    Returns this rank's mean losses over its good micro batches, as device
+    tensors (None if the step was skipped on every rank), and the seconds
+    spent waiting for data."""
+    guard = NonFiniteGuard.of(engine)
+    guard.active = accum > 1
+    sums: dict[str, torch.Tensor] = {}
+    bad = torch.zeros((), dtype=torch.int32, device=device)
+    data_wait = 0.0
+    for micro in range(accum):
+        t0 = time.perf_counter()
+        batch = to_device(next(batches), device=device, dtype=dtype)
+        data_wait += time.perf_counter() - t0
+        out = engine(batch)
+        finite = torch.isfinite(out["loss"].detach())
+        bad += ~finite
+        if micro == accum - 1:
+            n_bad = bad_micro_batches(bad)
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            if accum == 1 and n_bad:
+                return None, data_wait  # any rank bad: skipped whole, before any backward
+            if n_bad == accum * world:
+                guard.allow(finite)
+                engine.backward(out["loss"])  # zeroed by the hooks: the accumulation ends cleanly
+                step_without_update(engine)
+                return None, data_wait
+        guard.allow(finite)
+        engine.backward(out["loss"])
+        engine.step()
+        for k, v in out.items():
+            v = v.detach().float()
+            sums[k] = sums.get(k, 0.0) + torch.where(finite, v, torch.zeros_like(v))
+    good = (accum - bad).clamp(min=1).float()
+    return {k: v / good for k, v in sums.items()}, data_wait
+
+
+def read_losses(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The step's losses as numbers: one host sync, on log steps only."""
+    if not losses:
+        return {}
+    keys = list(losses)
+    values = torch.stack([losses[k].reshape(()) for k in keys]).cpu().tolist()
+    return dict(zip(keys, values))
