@@ -1,7 +1,8 @@
 # make demo: set up .venv, write the demo corpus, pretrain on 2 processes, then
 # fine-tune a classifier on 10 labels per class from the pretrained model and
 # from scratch, print results.
-# make test: set up .venv, run the test suite.
+# make test: set up .venv, lint, run the test suite (SLURM tests only with MM_TEST_SLURM=1).
+# make test-fast: the unit tests only (no processes launched), for the edit-test loop.
 PYTHON     ?= python3
 VENV       ?= .venv
 # The torch build to install before the project; e.g. TORCH_SPEC="torch==2.13.0+cu126"
@@ -17,7 +18,7 @@ PYTEST_ARGS ?=
 
 PY := $(VENV)/bin/python
 
-.PHONY: install demo demo-run demo-data test clean
+.PHONY: install demo demo-run demo-data test test-fast lint gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,8 +54,22 @@ demo-run:
 		hydra.run.dir=$(RUN)/finetune_scratch
 	$(PY) -m train.demo_report $(RUN) --labels-per-class $(LABELS_PER_CLASS)
 
-test: $(VENV)/.installed
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not integration and not slurm and not gpu" $(PYTEST_ARGS)
+
+# On a CUDA machine: the GPU tests (NCCL, bf16, fp16 loss scaling, fused
+# attention kernels) and the speed benchmarks at model=large, in one go.
+gpu-check: $(VENV)/.installed
+	$(PY) -m pytest -q -m gpu -p no:cacheprovider
+	$(PY) benchmarks/model_throughput.py --model large --no-compile
+	$(PY) benchmarks/engine_overhead.py --model large --precision bf16 --repeats 1 --steps 5
 
 clean:
 	rm -rf $(DEMO_DIR) outputs

@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 
 from data_pipeline import DataConfig, build_loader
+from data_pipeline.manifest import RawSample
 from data_pipeline.sources import expand_shards, read_shard, shard_sizes
 from data_pipeline.stream import decode_sample
 from data_pipeline.tokenizer import ByteTokenizer
-from data_pipeline.manifest import RawSample
 from data_pipeline.writer import write_shards
 
 
@@ -44,15 +44,31 @@ def make_shards(root: Path, n: int) -> Path:
         Image.fromarray(img).save(raw / f"{i}.jpg", quality=90)
         wav = 0.3 * np.sin(2 * np.pi * (200 + i) * t) + rng.normal(0, 0.01, t.size)
         soundfile.write(raw / f"{i}.flac", wav.astype(np.float32), 16000)
-        samples.append(RawSample(key=f"{i:06d}", image=raw / f"{i}.jpg", audio=raw / f"{i}.flac",
-                                 text=f"sample number {i} with a tone of {200 + i} hertz"))
+        samples.append(
+            RawSample(
+                key=f"{i:06d}",
+                image=raw / f"{i}.jpg",
+                audio=raw / f"{i}.flac",
+                text=f"sample number {i} with a tone of {200 + i} hertz",
+            )
+        )
     write_shards(samples, root / "shards", max_samples=max(1, n // 8))
     return root / "shards"
 
 
 def config(shards: Path, workers: int) -> DataConfig:
-    return DataConfig(train=str(shards), heldout=str(shards), num_workers=workers, shuffle_buffer=256,
-                      image_size=224, n_mels=128, n_fft=400, hop_length=160, audio_frames=500, max_text_len=64)
+    return DataConfig(
+        train=str(shards),
+        heldout=str(shards),
+        num_workers=workers,
+        shuffle_buffer=256,
+        image_size=224,
+        n_mels=128,
+        n_fft=400,
+        hop_length=160,
+        audio_frames=500,
+        max_text_len=64,
+    )
 
 
 def bound_sps(shards: Path, cfg: DataConfig) -> float:
@@ -95,8 +111,18 @@ def main() -> None:
     print(f"raw decode bound      {bound:8.1f} samples/s")
     print(f"pipeline, 1 worker    {one:8.1f} samples/s  ({one / bound:.2f} of bound)")
     print(f"pipeline, 2 workers   {two:8.1f} samples/s  ({two / bound:.2f} of bound)")
-    print(json.dumps({"bound_sps": round(bound, 1), "pipeline_sps": round(one, 1), "ratio": round(one / bound, 3),
-                      "pipeline_2w_sps": round(two, 1), "ratio_2w": round(two / bound, 3), "samples": args.samples}))
+    print(
+        json.dumps(
+            {
+                "bound_sps": round(bound, 1),
+                "pipeline_sps": round(one, 1),
+                "ratio": round(one / bound, 3),
+                "pipeline_2w_sps": round(two, 1),
+                "ratio_2w": round(two / bound, 3),
+                "samples": args.samples,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -2,22 +2,29 @@
 
 The engine is built exactly as `python -m train` builds it (the Hydra config,
 train.engine's DeepSpeed JSON, model and optimizer, train.loop.train_step),
-on model=small. In the same run, a minimal plain loop trains the same model
+on model=small (--model). In the same run, a minimal plain loop trains the same model
 (same init, same parameter groups, torch AdamW, autocast in the same
 precision, gradient clipping, the same LR schedule). Both step on one fixed
 in-memory batch, so data loading is not part of the figure. Both use the
 optimizer train.engine builds (torch AdamW, fused kernel), so the ratio is
-what DeepSpeed adds around it.
+what DeepSpeed adds around it. Both make the same non-finite decision once
+per step (train.step's: the plain loop reads `isfinite(loss)` before its
+backward), and both handle precision the same way (autocast to the
+compute dtype around the forward for the plain loop; DeepSpeed's own bf16
+path for the engine).
 
-    python benchmarks/engine_overhead.py [--precision bf16] [--micro-batch 8] [--steps 10]
+    python benchmarks/engine_overhead.py [--model small] [--precision bf16] [--micro-batch 8] [--steps 10] [--repeats 3]
 
 Comparisons, each as engine samples/s ÷ baseline samples/s:
   zero0, zero1, zero2   1 process, against the plain loop
   zero2_vs_ddp          2 processes, against torch DistributedDataParallel
 
 Every variant runs in its own torchrun job, one after another, so none
-shares the CPU with another. The last line of output is one JSON object:
-{"zero0": ..., "zero1": ..., "zero2": ..., "zero2_vs_ddp": ..., "samples_per_s": {...}}.
+shares the CPU with another; the whole set runs --repeats times, and each
+ratio is the median over the repeats (each repeat's ratio from its own
+runs), with its smallest and largest. The last line of output is one JSON
+object: {"zero0": ..., "zero1": ..., "zero2": ..., "zero2_vs_ddp": ...,
+"spread": {...}, "samples_per_s": {...}}.
 """
 
 from __future__ import annotations
@@ -55,26 +62,42 @@ def worker(variant: str, args) -> None:
 
     import torch
     import torch.distributed as dist
-
     from omegaconf import OmegaConf
 
     from mm_models import PretrainModel
     from train.config import compose, validate
     from train.distributed import feature_gather, init_distributed
-    from train.engine import (batch_sizes, build_deepspeed_config, build_engine, build_model, build_optimizer,
-                              build_schedule, compute_dtype)
+    from train.engine import (
+        batch_sizes,
+        build_deepspeed_config,
+        build_engine,
+        build_model,
+        build_optimizer,
+        build_schedule,
+        compute_dtype,
+    )
     from train.loop import seed_everything
     from train.step import train_step
 
     info = init_distributed()
     stage = variant if variant.startswith("zero") else "zero0"  # plain and ddp: the precision is what matters
-    cfg = OmegaConf.to_object(compose(["model=small", f"deepspeed={stage}", f"deepspeed.precision={args.precision}",
-                                       f"trainer.micro_batch_size={args.micro_batch}", *GEOMETRY]))
+    cfg = OmegaConf.to_object(
+        compose(
+            [
+                f"model={args.model}",
+                f"deepspeed={stage}",
+                f"deepspeed.precision={args.precision}",
+                f"trainer.micro_batch_size={args.micro_batch}",
+                *GEOMETRY,
+            ]
+        )
+    )
     validate(cfg)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
     seed_everything(0)
-    ds_config = build_deepspeed_config(ds=cfg.deepspeed, trainer=cfg.trainer, optimizer=cfg.optimizer,
-                                       world_size=info.world_size)
+    ds_config = build_deepspeed_config(
+        ds=cfg.deepspeed, trainer=cfg.trainer, optimizer=cfg.optimizer, world_size=info.world_size
+    )
     dtype = compute_dtype(ds_config)
     batch = fixed_batch(cfg.model, cfg.trainer.micro_batch_size)
     o = cfg.optimizer
@@ -83,8 +106,9 @@ def worker(variant: str, args) -> None:
         return PretrainModel(cfg.model, cfg.fusion, cfg.objective, gather=feature_gather(info))
 
     if variant.startswith("zero"):
-        engine = build_engine(build_model(build, ds_config=ds_config), ds_config=ds_config, optimizer=o,
-                              total_steps=cfg.trainer.max_steps)
+        engine = build_engine(
+            build_model(build, ds_config=ds_config), ds_config=ds_config, optimizer=o, total_steps=cfg.trainer.max_steps
+        )
         accum = batch_sizes(cfg.trainer, info.world_size)[1]
         batches = itertools.repeat(batch)
 
@@ -101,6 +125,8 @@ def worker(variant: str, args) -> None:
         def step() -> None:
             with torch.autocast("cpu", dtype=dtype, enabled=amp):
                 loss = net(batch)["loss"]
+            if not torch.isfinite(loss.detach()).item():  # train.step's one decision per step
+                return
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
             opt.step()
@@ -122,9 +148,26 @@ def worker(variant: str, args) -> None:
 
 
 def run_variant(variant: str, nproc: int, args) -> float:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).resolve()), "--worker", variant, "--precision", args.precision,
-           "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(Path(__file__).resolve()),
+        "--worker",
+        variant,
+        "--precision",
+        args.precision,
+        "--model",
+        args.model,
+        "--micro-batch",
+        str(args.micro_batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -139,24 +182,39 @@ def run_variant(variant: str, nproc: int, args) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--model", default="small", help="conf/model/NAME.yaml")
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the whole set; medians are reported")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args)
         return
-    sps = {v: run_variant(v, 1, args) for v in ("plain", "zero0", "zero1", "zero2")}
-    sps.update({f"{v}_2proc": run_variant(v, 2, args) for v in ("ddp", "zero2")})
-    result = {
-        "zero0": round(sps["zero0"] / sps["plain"], 3),
-        "zero1": round(sps["zero1"] / sps["plain"], 3),
-        "zero2": round(sps["zero2"] / sps["plain"], 3),
-        "zero2_vs_ddp": round(sps["zero2_2proc"] / sps["ddp_2proc"], 3),
-        "precision": args.precision,
-        "samples_per_s": {k: round(v, 2) for k, v in sps.items()},
-    }
+    ratios = {"zero0": [], "zero1": [], "zero2": [], "zero2_vs_ddp": []}
+    runs: list[dict] = []
+    for repeat in range(args.repeats):
+        print(f"repeat {repeat + 1} of {args.repeats}", file=sys.stderr)
+        sps = {v: run_variant(v, 1, args) for v in ("plain", "zero0", "zero1", "zero2")}
+        sps.update({f"{v}_2proc": run_variant(v, 2, args) for v in ("ddp", "zero2")})
+        runs.append(sps)
+        for stage in ("zero0", "zero1", "zero2"):
+            ratios[stage].append(sps[stage] / sps["plain"])
+        ratios["zero2_vs_ddp"].append(sps["zero2_2proc"] / sps["ddp_2proc"])
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    result = {k: round(median(v), 3) for k, v in ratios.items()}
+    result.update(
+        {
+            "spread": {k: [round(min(v), 3), round(max(v), 3)] for k, v in ratios.items()},
+            "precision": args.precision,
+            "repeats": args.repeats,
+            "samples_per_s": {k: round(median([r[k] for r in runs]), 2) for k in runs[0]},
+        }
+    )
     print(json.dumps(result))
 
 

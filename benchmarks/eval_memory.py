@@ -38,8 +38,13 @@ def measure(n: int, dim: int, block: int | None) -> dict:
     before = _peak_mb()
     start = time.perf_counter()
     retrieval_metrics(embeds, masks, block=block or n)
-    return {"n": n, "block": block or n, "peak_mb": round(_peak_mb() - before, 1),
-            "embeddings_mb": round(3 * n * dim * 4 / 2**20, 1), "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "n": n,
+        "block": block or n,
+        "peak_mb": round(_peak_mb() - before, 1),
+        "embeddings_mb": round(3 * n * dim * 4 / 2**20, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 def main() -> None:
@@ -56,13 +61,24 @@ def main() -> None:
     from train.metrics import BLOCK
 
     runs = {}
-    for name, n, block in (("blockwise", args.n, BLOCK), ("blockwise_small", args.whole_n, BLOCK),
-                           ("whole_matrix", args.whole_n, 0)):
-        out = subprocess.run([sys.executable, __file__, "--dim", str(args.dim), "--child", str(n), str(block)],
-                             capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    for name, n, block in (
+        ("blockwise", args.n, BLOCK),
+        ("blockwise_small", args.whole_n, BLOCK),
+        ("whole_matrix", args.whole_n, 0),
+    ):
+        out = subprocess.run(
+            [sys.executable, __file__, "--dim", str(args.dim), "--child", str(n), str(block)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{name:>16}: n={n:>6} block={runs[name]['block']:>6}  peak +{runs[name]['peak_mb']:>8.1f} MB  "
-              f"({runs[name]['seconds']} s)", flush=True)
+        print(
+            f"{name:>16}: n={n:>6} block={runs[name]['block']:>6}  peak +{runs[name]['peak_mb']:>8.1f} MB  "
+            f"({runs[name]['seconds']} s)",
+            flush=True,
+        )
     print(json.dumps(runs))
 
 

@@ -53,11 +53,37 @@ def ensure_corpus(root: Path, *, train: int, heldout: int) -> None:
     except SpeechUnavailable as e:
         sys.exit(f"learning_efficiency: {e}")
     py = sys.executable
-    subprocess.run([py, "-m", "data_pipeline", "demo", str(root / "raw"), "--spoken",
-                    "--train", str(train), "--heldout", str(heldout)], check=True, cwd=REPO)
+    subprocess.run(
+        [
+            py,
+            "-m",
+            "data_pipeline",
+            "demo",
+            str(root / "raw"),
+            "--spoken",
+            "--train",
+            str(train),
+            "--heldout",
+            str(heldout),
+        ],
+        check=True,
+        cwd=REPO,
+    )
     for split, per_shard in (("train", 500), ("heldout", 250)):
-        subprocess.run([py, "-m", "data_pipeline", "write", str(root / "raw" / f"{split}.jsonl"), str(root / split),
-                        "--max-samples", str(per_shard)], check=True, cwd=REPO)
+        subprocess.run(
+            [
+                py,
+                "-m",
+                "data_pipeline",
+                "write",
+                str(root / "raw" / f"{split}.jsonl"),
+                str(root / split),
+                "--max-samples",
+                str(per_shard),
+            ],
+            check=True,
+            cwd=REPO,
+        )
 
 
 def data_overrides(root: Path) -> list[str]:
@@ -71,11 +97,22 @@ def zero_shot(results: dict) -> dict[str, float]:
 def run_ours(root: Path, *, steps: int, extra: list[str], out: Path) -> dict[str, float]:
     """Our trainer on RANKS processes; its final JSON line holds the zero-shot figures."""
     cmd = [
-        str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={RANKS}", "-m", "train",
-        "model=tiny", "deepspeed=zero2", *data_overrides(root),
-        f"trainer.max_steps={steps}", f"trainer.micro_batch_size={GLOBAL_BATCH // RANKS}",
-        f"trainer.log_every={max(1, steps // 8)}", "trainer.eval_batch_size=250", "logger.mode=disabled",
-        "trainer.export=false", f"hydra.run.dir={out}", *extra,
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        f"--nproc_per_node={RANKS}",
+        "-m",
+        "train",
+        "model=tiny",
+        "deepspeed=zero2",
+        *data_overrides(root),
+        f"trainer.max_steps={steps}",
+        f"trainer.micro_batch_size={GLOBAL_BATCH // RANKS}",
+        f"trainer.log_every={max(1, steps // 8)}",
+        "trainer.eval_batch_size=250",
+        "logger.mode=disabled",
+        "trainer.export=false",
+        f"hydra.run.dir={out}",
+        *extra,
     ]
     print("ours:", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -87,13 +124,15 @@ def run_ours(root: Path, *, steps: int, extra: list[str], out: Path) -> dict[str
 
 # -- the reference: plain PyTorch, nothing from mm_models or train's engine ---------------------
 
+
 def reference_model(model_cfg):
     import torch
     from torch import nn
 
     def stack(width: int, depth: int, heads: int, mlp_ratio: float) -> nn.Module:
-        layer = nn.TransformerEncoderLayer(width, heads, int(width * mlp_ratio), dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, int(width * mlp_ratio), dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
 
     class Tower(nn.Module):
@@ -132,14 +171,18 @@ def reference_model(model_cfg):
             super().__init__()
             pi, pa = c.image.patch_size, c.audio.patch_size
             self.image = Tower(Patches(3, pi, c.image.width), (c.image_size // pi) ** 2, c.image, c.embed_dim)
-            self.audio = Tower(Patches(1, pa, c.audio.width), (c.n_mels // pa) * (c.audio_frames // pa), c.audio,
-                               c.embed_dim)
+            self.audio = Tower(
+                Patches(1, pa, c.audio.width), (c.n_mels // pa) * (c.audio_frames // pa), c.audio, c.embed_dim
+            )
             self.text = Tower(nn.Embedding(c.vocab_size, c.text.width), c.max_text_len, c.text, c.embed_dim)
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
         def embed(self, batch: dict) -> dict:
-            return {"image": self.image(batch["image"]), "audio": self.audio(batch["audio"]),
-                    "text": self.text(batch["text"], batch["text_pad"])}
+            return {
+                "image": self.image(batch["image"]),
+                "audio": self.audio(batch["audio"]),
+                "text": self.text(batch["text"], batch["text_pad"]),
+            }
 
     return Reference(model_cfg)
 
@@ -164,12 +207,11 @@ def reference_loss(model, batch: dict):
 
 def run_reference(root: Path, *, steps: int, lr: float = 2e-3) -> dict[str, float]:
     import torch
+    from omegaconf import OmegaConf
 
     from data_pipeline import build_loader
     from train.batch import to_device
     from train.config import compose
-    from omegaconf import OmegaConf
-
     from train.evaluate import evaluate_heldout
 
     cfg = OmegaConf.to_object(compose(["model=tiny", *data_overrides(root)]))
@@ -187,7 +229,9 @@ def run_reference(root: Path, *, steps: int, lr: float = 2e-3) -> dict[str, floa
         loss.backward()
         opt.step()
         if step % max(1, steps // 8) == 0 or step == steps:
-            print(f"reference step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"reference step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)", flush=True
+            )
     model.eval()
     results = evaluate_heldout(model, data=cfg.data, batch_size=250, device=torch.device("cpu"), dtype=torch.float32)
     return zero_shot(results)
@@ -200,8 +244,13 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=4000)
     parser.add_argument("--heldout-samples", type=int, default=500)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "learning_efficiency")
-    parser.add_argument("--ours", nargs="*", default=[], metavar="OVERRIDE",
-                        help="extra `python -m train` overrides for our run (e.g. model.image.arch=cnn)")
+    parser.add_argument(
+        "--ours",
+        nargs="*",
+        default=[],
+        metavar="OVERRIDE",
+        help="extra `python -m train` overrides for our run (e.g. model.image.arch=cnn)",
+    )
     parser.add_argument("--skip-reference", action="store_true", help="train ours only (the JSON then has no ratio)")
     args = parser.parse_args()
 
@@ -210,8 +259,13 @@ def main() -> None:
     t0 = time.perf_counter()
     ours = run_ours(corpus, steps=args.steps, extra=args.ours, out=args.out.resolve() / time.strftime("%H%M%S"))
     t_ours = time.perf_counter() - t0
-    result: dict = {"steps": args.steps, "global_batch": GLOBAL_BATCH, "ours": ours, "ours_overrides": args.ours,
-                    "seconds": {"ours": round(t_ours)}}
+    result: dict = {
+        "steps": args.steps,
+        "global_batch": GLOBAL_BATCH,
+        "ours": ours,
+        "ours_overrides": args.ours,
+        "seconds": {"ours": round(t_ours)},
+    }
     if not args.skip_reference:
         t0 = time.perf_counter()
         reference = run_reference(corpus, steps=args.steps)

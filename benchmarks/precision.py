@@ -35,11 +35,15 @@ def matmul_seconds(m: int, k: int, n: int, dtype: torch.dtype, device: str, *, t
 
 def step_seconds(dtype: torch.dtype, device: str, batch: int = 64) -> float:
     enc = EncoderConfig(width=96, depth=2, heads=4, patch_size=8)
-    cfg = ModelConfig(image=enc, audio=enc, text=enc, embed_dim=64, image_size=32, n_mels=32, audio_frames=48, max_text_len=48)
+    cfg = ModelConfig(
+        image=enc, audio=enc, text=enc, embed_dim=64, image_size=32, n_mels=32, audio_frames=48, max_text_len=48
+    )
     model = PretrainModel(cfg, FusionConfig(), ObjectiveConfig()).to(device=device, dtype=dtype)
     b = {
-        "image": torch.randn(batch, 3, 32, 32), "audio": torch.randn(batch, 32, 48),
-        "text": torch.randint(4, 260, (batch, 48)), "text_pad": torch.zeros(batch, 48, dtype=torch.bool),
+        "image": torch.randn(batch, 3, 32, 32),
+        "audio": torch.randn(batch, 32, 48),
+        "text": torch.randint(4, 260, (batch, 48)),
+        "text_pad": torch.zeros(batch, 48, dtype=torch.bool),
         **{f"{m}_mask": torch.ones(batch, dtype=torch.bool) for m in ("image", "audio", "text")},
     }
     b = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in b.items()}
@@ -59,8 +63,10 @@ def main() -> None:
             bf16 = matmul_seconds(*shape, torch.bfloat16, device, transposed=transposed)
             rows[f"matmul {'x'.join(map(str, shape))} {'a@b.T' if transposed else 'a@b'}"] = fp32 / bf16
     rows["model=tiny fwd+bwd, batch 64"] = step_seconds(torch.float32, device) / step_seconds(torch.bfloat16, device)
-    print(f"device: {device}, cpu capability: {torch.backends.cpu.get_cpu_capability()}, "
-          f"fast bf16 detected: {fast_bf16_available()}")
+    print(
+        f"device: {device}, cpu capability: {torch.backends.cpu.get_cpu_capability()}, "
+        f"fast bf16 detected: {fast_bf16_available()}"
+    )
     print(f"{'case':<34} {'bf16 speed-up over fp32':>24}")
     for name, ratio in rows.items():
         print(f"{name:<34} {ratio:>23.2f}x")

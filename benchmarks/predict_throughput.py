@@ -45,8 +45,9 @@ def make_export(out: Path, model_name: str, data) -> Path:
     from train.config import CONF_DIR
     from train.export import write_weights
 
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                                    OmegaConf.load(CONF_DIR / "model" / f"{model_name}.yaml")))
+    model_cfg = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model" / f"{model_name}.yaml"))
+    )
     model_cfg.image_size, model_cfg.n_mels = data.image_size, data.n_mels
     model_cfg.audio_frames, model_cfg.max_text_len = data.audio_frames, data.max_text_len
     task = {"name": "classify", "num_classes": 72, "modalities": ["image", "audio", "text"]}
@@ -55,9 +56,17 @@ def make_export(out: Path, model_name: str, data) -> Path:
     model.init_weights()
     path = out / "model.safetensors"
     write_weights({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata={"format": "pt"})
-    path.with_suffix(".json").write_text(json.dumps({
-        "model": dataclasses.asdict(model_cfg), "fusion": dataclasses.asdict(FusionConfig()),
-        "objective": dataclasses.asdict(ObjectiveConfig()), "task": task, "data": dataclasses.asdict(data)}))
+    path.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "model": dataclasses.asdict(model_cfg),
+                "fusion": dataclasses.asdict(FusionConfig()),
+                "objective": dataclasses.asdict(ObjectiveConfig()),
+                "task": task,
+                "data": dataclasses.asdict(data),
+            }
+        )
+    )
     return path
 
 
@@ -66,11 +75,19 @@ def main() -> None:
     parser.add_argument("--model", default="small", help="model size (conf/model/NAME.yaml)")
     parser.add_argument("--shards", default="data/demo/heldout")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5, help="train.predict runs, each between two model-alone runs; "
-                        "the median ratio is reported")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads for the model on both sides (0: torch's default, every core). "
-                             "Fewer than the cores leaves the data worker a core of its own, as on a GPU machine")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="train.predict runs, each between two model-alone runs; the median ratio is reported",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for the model on both sides (0: torch's default, every core). "
+        "Fewer than the cores leaves the data worker a core of its own, as on a GPU machine",
+    )
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -84,8 +101,9 @@ def main() -> None:
 
     if not Path(args.shards).exists():
         raise SystemExit(f"{args.shards} does not exist: run `make demo-data` first (or pass --shards)")
-    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
-                                               OmegaConf.load(CONF_DIR / "data" / "demo.yaml")))
+    data = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(CONF_DIR / "data" / "demo.yaml"))
+    )
     data.heldout = args.shards
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -99,6 +117,7 @@ def main() -> None:
         n = sum(sum(1 for k in b["__key__"] if k) for b in batches)
         with torch.no_grad():
             model.predict(batches[0])  # warm-up
+
         def model_alone() -> float:
             with torch.no_grad():
                 t = time.perf_counter()
@@ -113,8 +132,16 @@ def main() -> None:
         before = model_alone()
         for repeat in range(args.repeats):
             t = time.perf_counter()
-            summary = predict({"checkpoint": str(export), "shards": args.shards, "out": str(tmp / f"pred{repeat}"),
-                               "batch_size": str(args.batch_size)}, [], embed=False)
+            summary = predict(
+                {
+                    "checkpoint": str(export),
+                    "shards": args.shards,
+                    "out": str(tmp / f"pred{repeat}"),
+                    "batch_size": str(args.batch_size),
+                },
+                [],
+                embed=False,
+            )
             predict_s = time.perf_counter() - t
             after = model_alone()
             model_s = (before + after) / 2
@@ -122,18 +149,34 @@ def main() -> None:
             if summary["rows"] != n:
                 raise SystemExit(f"train.predict wrote {summary['rows']} rows for {n} samples")
             runs.append({"model_sps": n / model_s, "predict_sps": n / predict_s, "ratio": model_s / predict_s})
-            print(f"run {repeat + 1}: model alone {n / model_s:6.1f}/s (mean of the runs before and after), "
-                  f"train.predict {n / predict_s:6.1f}/s, ratio {model_s / predict_s:.3f}", flush=True)
+            print(
+                f"run {repeat + 1}: model alone {n / model_s:6.1f}/s (mean of the runs before and after), "
+                f"train.predict {n / predict_s:6.1f}/s, ratio {model_s / predict_s:.3f}",
+                flush=True,
+            )
     median = sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2]
     model_sps, predict_sps = median["model_sps"], median["predict_sps"]
     spread = [round(min(r["ratio"] for r in runs), 3), round(max(r["ratio"] for r in runs), 3)]
-    print(f"model={args.model}, {n} samples, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"data.num_workers=auto, CPU flags: {cpu_flags_line()}")
+    print(
+        f"model={args.model}, {n} samples, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+        f"data.num_workers=auto, CPU flags: {cpu_flags_line()}"
+    )
     print(f"model forward alone:  {model_sps:8.1f} samples/s")
     print(f"train.predict:        {predict_sps:8.1f} samples/s (load, read, decode, predict, write)")
-    print(json.dumps({"predict_sps": round(predict_sps, 1), "model_sps": round(model_sps, 1),
-                      "ratio": round(median["ratio"], 3), "ratio_min_max": spread, "repeats": len(runs),
-                      "threads": torch.get_num_threads(), "model": args.model, "samples": n}))
+    print(
+        json.dumps(
+            {
+                "predict_sps": round(predict_sps, 1),
+                "model_sps": round(model_sps, 1),
+                "ratio": round(median["ratio"], 3),
+                "ratio_min_max": spread,
+                "repeats": len(runs),
+                "threads": torch.get_num_threads(),
+                "model": args.model,
+                "samples": n,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def cmd_write(args: argparse.Namespace) -> int:
     workers = default_workers() if args.workers is None else args.workers
     try:
         check_limits(max_samples=args.max_samples, max_bytes=args.max_bytes, workers=workers)
-        encode = EncodeOptions(image_max_side=args.image_max_side, jpeg_quality=args.jpeg_quality, audio_rate=args.audio_rate)
+        encode = EncodeOptions(
+            image_max_side=args.image_max_side, jpeg_quality=args.jpeg_quality, audio_rate=args.audio_rate
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -74,9 +76,13 @@ def cmd_write(args: argparse.Namespace) -> int:
         f"rejected {sum(report.rejected.values())}" + (f" ({reasons}), listed in {rejects}" if reasons else "")
     )
     if report.stale_removed:
-        print(f"removed {len(report.stale_removed)} shards an earlier run left in {args.out}: {', '.join(report.stale_removed)}")
+        stale = ", ".join(report.stale_removed)
+        print(f"removed {len(report.stale_removed)} shards an earlier run left in {args.out}: {stale}")
     if report.index["samples"] == 0:
-        print(f"error: all {len(samples)} samples of {args.input} were rejected ({reasons}); see {rejects}", file=sys.stderr)
+        print(
+            f"error: all {len(samples)} samples of {args.input} were rejected ({reasons}); see {rejects}",
+            file=sys.stderr,
+        )
         return 2
     return 0
 
@@ -110,12 +116,31 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--prefix", default="shard")
     w.add_argument("--max-samples", type=int, default=1000, help="samples per shard at most")
     w.add_argument("--max-bytes", type=_size, default=_size("1G"), help="bytes per shard at most (e.g. 500M)")
-    w.add_argument("--workers", type=int, help="processes that decode and re-encode samples (default: min(4, CPUs)); 0 or 1: this process")
-    w.add_argument("--image-max-side", type=int, metavar="N", help="re-encode images as JPEG, the long side at most N pixels (never upscaled)")
-    w.add_argument("--jpeg-quality", type=int, metavar="Q", help="re-encode images as JPEG of quality Q (default 90 when re-encoding)")
+    w.add_argument(
+        "--workers",
+        type=int,
+        help="processes that decode and re-encode samples (default: min(4, CPUs)); 0 or 1: this process",
+    )
+    w.add_argument(
+        "--image-max-side",
+        type=int,
+        metavar="N",
+        help="re-encode images as JPEG, the long side at most N pixels (never upscaled)",
+    )
+    w.add_argument(
+        "--jpeg-quality",
+        type=int,
+        metavar="Q",
+        help="re-encode images as JPEG of quality Q (default 90 when re-encoding)",
+    )
     w.add_argument("--audio-rate", type=int, metavar="HZ", help="re-encode audio as mono FLAC resampled to HZ")
-    w.add_argument("--per-class", type=int, metavar="N", help="keep only the first N samples of each value of "
-                   "the --label-key column (a small labelled subset for fine-tuning)")
+    w.add_argument(
+        "--per-class",
+        type=int,
+        metavar="N",
+        help="keep only the first N samples of each value of "
+        "the --label-key column (a small labelled subset for fine-tuning)",
+    )
     w.add_argument("--label-key", default="label", help="the label column for --per-class (default: label)")
     w.set_defaults(func=cmd_write)
 
@@ -124,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--train", type=int, default=6000)
     d.add_argument("--heldout", type=int, default=500)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--spoken", action="store_true",
-                   help="32 classes with captions spoken by espeak-ng (needs espeak-ng) instead of 72 with beeps")
+    d.add_argument(
+        "--spoken",
+        action="store_true",
+        help="32 classes with captions spoken by espeak-ng (needs espeak-ng) instead of 72 with beeps",
+    )
     d.set_defaults(func=cmd_demo)
 
     from data_pipeline.bpe import add_cli  # `tokenizer train ...`

@@ -11,7 +11,7 @@ import argparse
 import logging
 import os
 import sys
-import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -19,6 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data_pipeline.decode import TEXT_EXTS
+from data_pipeline.sources import Skip, count_samples, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -97,36 +98,23 @@ class CaptionStats:
     captions: int = 0
     shards_read: int = 0
     shards_skipped: list[str] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)  # samples lost in broken shards, by reason
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """WebDataset's rule: the key ends at the first dot of the file name."""
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return f"{head}/{stem}" if head else stem, ext.lower()
-
-
-def shard_captions(path: str) -> list[str]:
-    """The non-empty captions of one tar shard, one per sample, chosen as the
-    loader does (`.txt`, else `.caption`).
-
-    Raises tarfile.TarError (or OSError/EOFError) if the shard is unreadable
-    or truncated.
-    """
-    texts: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, mode="r:*") as tf:
-        for member in tf:
-            key, ext = _split_member(member.name)
-            if member.isfile() and ext in TEXT_EXTS:
-                texts.setdefault(key, {})[ext] = tf.extractfile(member).read()
-        # tarfile stops quietly at a header cut short; an intact archive ends
-        # with a zero block where iteration stopped (tf.offset).
-        tf.fileobj.seek(tf.offset)
-        if tf.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
-            raise tarfile.ReadError("truncated: no end-of-archive marker")
+def shard_captions(url: str, stats: CaptionStats) -> list[str]:
+    """The non-empty captions of one shard, one per sample, read by the
+    loader's own reader (data_pipeline.sources.read_shard) and chosen as the
+    loader chooses them (`.txt`, else `.caption`). A shard that breaks
+    part-way gives the captions before the break, as it does in training;
+    the lost samples are counted in stats.skipped by reason."""
     captions = []
-    for members in texts.values():
-        raw = next(members[e] for e in TEXT_EXTS if e in members)
+    for item in read_shard(url, size=count_samples(url)):
+        if isinstance(item, Skip):
+            stats.skipped[item.reason] += 1
+            continue
+        raw = next((item[e] for e in TEXT_EXTS if e in item), None)
+        if raw is None:
+            continue
         try:
             text = raw.decode("utf-8").strip()
         except UnicodeDecodeError:
@@ -137,13 +125,12 @@ def shard_captions(path: str) -> list[str]:
 
 
 def iter_captions(shards: Iterable[str], stats: CaptionStats) -> Iterator[str]:
-    """Captions of every readable shard; bad shards are logged and recorded in stats."""
-    for path in shards:
-        try:
-            captions = shard_captions(path)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            log.warning("skipping unreadable shard %s: %s", path, " ".join(str(e).split()))
-            stats.shards_skipped.append(path)
+    """Captions of every shard; a shard with no readable sample is logged and recorded in stats."""
+    for url in shards:
+        captions = shard_captions(url, stats)
+        if not captions:
+            log.warning("skipping shard %s: no readable caption", url)
+            stats.shards_skipped.append(url)
             continue
         stats.shards_read += 1
         stats.captions += len(captions)
@@ -161,9 +148,7 @@ def _new_tokenizer() -> Tokenizer:
     return tok
 
 
-def _train(
-    shards: list[str], out: str, *, vocab_size: int, min_frequency: int
-) -> tuple[BPETokenizer, CaptionStats]:
+def _train(shards: list[str], out: str, *, vocab_size: int, min_frequency: int) -> tuple[BPETokenizer, CaptionStats]:
     if vocab_size < _MIN_VOCAB:
         raise ValueError(f"vocab_size must be at least {_MIN_VOCAB} (4 specials + 256 bytes), got {vocab_size}")
     trainer = trainers.BpeTrainer(
@@ -188,11 +173,9 @@ def _train(
     return bpe, stats
 
 
-def train_bpe(
-    shards: list[str], out: str, *, vocab_size: int = 8000, min_frequency: int = 2
-) -> BPETokenizer:
-    """Trains a byte-level BPE on every caption in the local tar `shards`,
-    saves it to `out` (JSON) and returns it. Unreadable shards are skipped."""
+def train_bpe(shards: list[str], out: str, *, vocab_size: int = 8000, min_frequency: int = 2) -> BPETokenizer:
+    """Trains a byte-level BPE on every caption of the `shards` (URLs the loader reads),
+    saves it to `out` (JSON) and returns it. Shards with no readable caption are skipped."""
     return _train(shards, out, vocab_size=vocab_size, min_frequency=min_frequency)[0]
 
 

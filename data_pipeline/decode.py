@@ -104,7 +104,6 @@ def first_present(sample: dict, exts: tuple[str, ...]):
     return None
 
 
-
 _WARM: set = set()
 
 

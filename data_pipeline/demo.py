@@ -53,7 +53,10 @@ def class_name(shape: str, color: str, size: str) -> str:
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     def ring(n: int, radius_at, phase: float):
         return [
-            (cx + radius_at(k) * math.cos(phase + 2 * math.pi * k / n), cy + radius_at(k) * math.sin(phase + 2 * math.pi * k / n))
+            (
+                cx + radius_at(k) * math.cos(phase + 2 * math.pi * k / n),
+                cy + radius_at(k) * math.sin(phase + 2 * math.pi * k / n),
+            )
             for k in range(n)
         ]
 
@@ -123,8 +126,15 @@ def sample_row(i: int, *, split: str, classes: list, files: Path, rng: np.random
     drop = rng.random()
     # Coarser labels for fine-tuning examples: one attribute (data.label_key=color
     # with task.classes), or all three as a multi-label set ("tags").
-    row = {"key": key, "label": label, "class": class_name(shape, color, size), "shape": shape, "color": color,
-           "size": size, "tags": [shape, color, size]}
+    row = {
+        "key": key,
+        "label": label,
+        "class": class_name(shape, color, size),
+        "shape": shape,
+        "color": color,
+        "size": size,
+        "tags": [shape, color, size],
+    }
     if drop >= 0.05:
         (files / f"{key}.jpg").write_bytes(draw_image(shape, color, size, rng))
         row["image"] = f"{split}/{key}.jpg"

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import multiprocessing
 import json
 import logging
+import multiprocessing
 import signal
 import urllib.parse
 from collections import Counter
@@ -30,8 +30,9 @@ STATE_VERSION = 1
 MODALITIES = ("image", "audio", "text")
 
 
-def collate(samples: list[dict | None], *, cfg: DataConfig, pad_id: int = ByteTokenizer.pad_id,
-            multi_label_classes: int = 0) -> dict:
+def collate(
+    samples: list[dict | None], *, cfg: DataConfig, pad_id: int = ByteTokenizer.pad_id, multi_label_classes: int = 0
+) -> dict:
     """Stacks decoded samples. An absent modality is zeros with mask False; a
     None sample is a padding row (key "", every mask False). "label" is -1
     and "class_name" "" where a sample has no class label."""
@@ -149,8 +150,16 @@ class StreamLoader:
     """
 
     def __init__(
-        self, cfg: DataConfig, *, split: str, batch_size: int, rank: int = 0, world_size: int = 1, tokenizer=None,
-        labels: LabelSpec | None = None, sizes: dict[str, int] | None = None,
+        self,
+        cfg: DataConfig,
+        *,
+        split: str,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        tokenizer=None,
+        labels: LabelSpec | None = None,
+        sizes: dict[str, int] | None = None,
     ):
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
@@ -186,17 +195,31 @@ class StreamLoader:
 
     def _dataloader(self) -> torch.utils.data.DataLoader:
         stream = BatchStream(
-            sources=self.sources, cfg=self.cfg, tokenizer=self.tokenizer,
-            collate=partial(collate, cfg=self.cfg, pad_id=self.tokenizer.pad_id,
-                            multi_label_classes=self.labels.num_classes if self.labels and self.labels.multi_label else 0),
+            sources=self.sources,
+            cfg=self.cfg,
+            tokenizer=self.tokenizer,
+            collate=partial(
+                collate,
+                cfg=self.cfg,
+                pad_id=self.tokenizer.pad_id,
+                multi_label_classes=self.labels.num_classes if self.labels and self.labels.multi_label else 0,
+            ),
             batch_size=self.batch_size,
-            rank=self.rank, world_size=self.world_size, mode=self.mode, epoch=self.epoch,
-            start_batch=self.batches, shuffle=self.train, labels=self.labels,
+            rank=self.rank,
+            world_size=self.world_size,
+            mode=self.mode,
+            epoch=self.epoch,
+            start_batch=self.batches,
+            shuffle=self.train,
+            labels=self.labels,
         )
         workers = self.num_workers
         return torch.utils.data.DataLoader(
-            BatchDataset(stream), batch_size=None, num_workers=workers,
-            prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals if workers > 0 else None,
+            BatchDataset(stream),
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals if workers > 0 else None,
             # Page-locked batches on a CUDA machine: the host-to-device copy
             # (to_device, non_blocking) then overlaps with compute.
             pin_memory=torch.cuda.is_available(),
@@ -223,9 +246,14 @@ class StreamLoader:
         shards = [[u, n] for s in self.sources for u, n in zip(s.urls, s.sizes)]
         digest = hashlib.sha256(json.dumps([shards, [s.weight for s in self.sources]]).encode()).hexdigest()[:16]
         return {
-            "mode": self.mode, "seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
-            "num_workers": self.num_workers, "batch_size": self.batch_size,
-            "shuffle_buffer": self.cfg.shuffle_buffer, "shards": digest,
+            "mode": self.mode,
+            "seed": self.cfg.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.cfg.shuffle_buffer,
+            "shards": digest,
         }
 
     def _worker_positions(self) -> list[dict]:
@@ -238,8 +266,14 @@ class StreamLoader:
                 sizes = [n for s in self.sources for n in s.sizes]
                 urls = [u for s in self.sources for u in s.urls]
                 plan = epoch_plan(
-                    sizes, seed=self.cfg.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-                    worker=w, num_workers=max(1, self.num_workers), batch_size=self.batch_size,
+                    sizes,
+                    seed=self.cfg.seed,
+                    epoch=self.epoch,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    worker=w,
+                    num_workers=max(1, self.num_workers),
+                    batch_size=self.batch_size,
                     shuffle_shards=self.train,
                 )
                 left = sum(plan.real[:done])
@@ -275,10 +309,25 @@ class StreamLoader:
 
 
 def build_loader(
-    cfg: DataConfig, *, split: str, batch_size: int, rank: int = 0, world_size: int = 1, tokenizer=None,
-    labels: LabelSpec | None = None, sizes: dict[str, int] | None = None,
+    cfg: DataConfig,
+    *,
+    split: str,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    tokenizer=None,
+    labels: LabelSpec | None = None,
+    sizes: dict[str, int] | None = None,
 ) -> StreamLoader:
     """sizes: {shard URL: samples} already known (shard_size_table on one
     rank, shared with the others), so not every rank reads every index."""
-    return StreamLoader(cfg, split=split, batch_size=batch_size, rank=rank, world_size=world_size, tokenizer=tokenizer,
-                        labels=labels, sizes=sizes)
+    return StreamLoader(
+        cfg,
+        split=split,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        tokenizer=tokenizer,
+        labels=labels,
+        sizes=sizes,
+    )

@@ -26,7 +26,6 @@ class RawSample:
     error: tuple[str, str] | None = None  # (reason, detail) when the row itself is unreadable
 
 
-
 def _safe_key(key: str) -> str:
     # WebDataset splits member names at the first dot: keys must not carry one.
     return _KEY_UNSAFE.sub("_", key)

@@ -79,8 +79,16 @@ class WorkerPlan:
 
 
 def epoch_plan(
-    sizes: list[int], *, seed: int, epoch: int, rank: int, world_size: int,
-    worker: int, num_workers: int, batch_size: int, shuffle_shards: bool = True,
+    sizes: list[int],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    batch_size: int,
+    shuffle_shards: bool = True,
 ) -> WorkerPlan:
     total = sum(sizes)
     order = shard_order(len(sizes), seed=seed, epoch=epoch) if shuffle_shards else list(range(len(sizes)))

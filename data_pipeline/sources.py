@@ -110,8 +110,9 @@ class PipeReader(io.RawIOBase):
             if status != 0:
                 self._stderr.seek(0)
                 lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
-                raise PipeFailed(f"pipe command exited with status {status}"
-                                 + (f": {lines[-1][:300]}" if lines else ""))
+                raise PipeFailed(
+                    f"pipe command exited with status {status}" + (f": {lines[-1][:300]}" if lines else "")
+                )
         return n
 
     def close(self) -> None:
@@ -176,8 +177,9 @@ class ResumingHTTPReader(io.RawIOBase):
                 failures += 1
                 if failures >= self.tries:
                     raise
-                log.warning("%s: %s; resuming at byte %d (attempt %d of %d)", self.url, e, self.offset,
-                            failures + 1, self.tries)
+                log.warning(
+                    "%s: %s; resuming at byte %d (attempt %d of %d)", self.url, e, self.offset, failures + 1, self.tries
+                )
                 time.sleep(self.backoff_s * 2 ** (failures - 1))
                 with contextlib.suppress(Exception):
                     self.response.close()
@@ -290,8 +292,9 @@ def _samples(tar: tarfile.TarFile, url: str, *, max_member_bytes: int = DEFAULT_
         yield current
 
 
-def read_shard(url: str, *, size: int, skip: int = 0, take: int | None = None,
-               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict | Skip]:
+def read_shard(
+    url: str, *, size: int, skip: int = 0, take: int | None = None, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+) -> Iterator[dict | Skip]:
     """Yields exactly `take` items (default: size - skip), samples skip.. of the
     shard: raw sample dicts, or Skip where the shard is short or broken or a
     sample holds a member over max_member_bytes.

@@ -59,7 +59,9 @@ def speak(text: str, *, voice: str, speed: int, pitch: int, espeak: str = ESPEAK
     # The text is passed as one argument after "--": never through a shell.
     wav_bytes = subprocess.run(
         [espeak, "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", "--", text],
-        check=True, capture_output=True, timeout=60,
+        check=True,
+        capture_output=True,
+        timeout=60,
     ).stdout
     wav, sr = soundfile.read(io.BytesIO(wav_bytes), dtype="float32", always_2d=True)
     wav = wav.mean(axis=1)
@@ -95,15 +97,24 @@ def write_raw(out: Path, *, split: str, n: int, seed: int, threads: int = 2) -> 
         row["text"] = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(**words)
         if not 0.05 <= drop < 0.10:
             voice = VOICES[int(rng.integers(len(VOICES)))]
-            jobs.append((key, row["text"], voice, int(rng.choice(SPEEDS)), int(rng.integers(30, 71)),
-                         int(rng.integers(1 << 31))))
+            jobs.append(
+                (
+                    key,
+                    row["text"],
+                    voice,
+                    int(rng.choice(SPEEDS)),
+                    int(rng.integers(30, 71)),
+                    int(rng.integers(1 << 31)),
+                )
+            )
             row["audio"] = f"{split}/{key}.flac"
         rows.append(row)
 
     def synth(job) -> None:
         key, text, voice, speed, pitch, clip_seed = job
-        clip = place(speak(text, voice=voice, speed=speed, pitch=pitch, espeak=espeak),
-                     np.random.default_rng(clip_seed))
+        clip = place(
+            speak(text, voice=voice, speed=speed, pitch=pitch, espeak=espeak), np.random.default_rng(clip_seed)
+        )
         soundfile.write(files / f"{key}.flac", clip, SAMPLE_RATE, format="FLAC")
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:

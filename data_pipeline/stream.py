@@ -159,8 +159,19 @@ class BatchStream:
     """Iterable over the batches of one (rank, worker); see module doc."""
 
     def __init__(
-        self, *, sources: list[Source], cfg: DataConfig, tokenizer, collate: Callable, batch_size: int,
-        rank: int, world_size: int, mode: str, epoch: int, start_batch: int, shuffle: bool,
+        self,
+        *,
+        sources: list[Source],
+        cfg: DataConfig,
+        tokenizer,
+        collate: Callable,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        mode: str,
+        epoch: int,
+        start_batch: int,
+        shuffle: bool,
         labels: LabelSpec | None = None,
     ):
         self.sources, self.cfg, self.tokenizer, self.collate = sources, cfg, tokenizer, collate
@@ -173,8 +184,15 @@ class BatchStream:
         urls = [u for s in self.sources for u in s.urls]
         sizes = [n for s in self.sources for n in s.sizes]
         plan = epoch_plan(
-            sizes, seed=self.cfg.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-            worker=worker, num_workers=num_workers, batch_size=self.batch_size, shuffle_shards=self.shuffle,
+            sizes,
+            seed=self.cfg.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=num_workers,
+            batch_size=self.batch_size,
+            shuffle_shards=self.shuffle,
         )
         done = consumed_by_worker(self.start_batch, worker=worker, num_workers=num_workers)
         total = sum(plan.real)
@@ -184,8 +202,13 @@ class BatchStream:
                 if pos >= seg.take:
                     pos -= seg.take
                     continue
-                yield from read_shard(urls[seg.shard], size=sizes[seg.shard], skip=seg.skip + pos, take=seg.take - pos,
-                                      max_member_bytes=self.cfg.max_member_bytes)
+                yield from read_shard(
+                    urls[seg.shard],
+                    size=sizes[seg.shard],
+                    skip=seg.skip + pos,
+                    take=seg.take - pos,
+                    max_member_bytes=self.cfg.max_member_bytes,
+                )
                 pos = 0
 
         block = self.cfg.shuffle_buffer if self.shuffle else 1

@@ -63,8 +63,10 @@ class PretrainedTokenizer:
 
         path = Path(directory) / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"data.tokenizer={directory}: no tokenizer.json there (save the backbone's "
-                                    "tokenizer with save_pretrained into that directory)")
+            raise FileNotFoundError(
+                f"data.tokenizer={directory}: no tokenizer.json there (save the backbone's "
+                "tokenizer with save_pretrained into that directory)"
+            )
         self._tok = _Tokenizer.from_file(str(path))
         self._tok.encode_special_tokens = True  # a caption's literal "[SEP]" stays text
         self.source = str(path)

@@ -20,8 +20,8 @@ import os
 import re
 import tarfile
 from collections import Counter, deque
-from contextlib import closing
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -30,8 +30,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import soundfile
 import soxr
-from PIL import Image, ImageOps
 import webdataset as wds
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from data_pipeline.decode import AUDIO_EXTS, IMAGE_EXTS
@@ -40,8 +40,16 @@ from data_pipeline.manifest import RawSample
 INDEX_NAME = "index.json"
 REJECTS_NAME = "rejects.jsonl"
 REJECT_REASONS = (
-    "bad_row", "bad_meta", "bad_text", "empty", "missing_file", "unreadable",
-    "unsupported", "bad_image", "bad_audio", "duplicate_key",
+    "bad_row",
+    "bad_meta",
+    "bad_text",
+    "empty",
+    "missing_file",
+    "unreadable",
+    "unsupported",
+    "bad_image",
+    "bad_audio",
+    "duplicate_key",
 )
 DEFAULT_JPEG_QUALITY = 90
 _BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
@@ -276,12 +284,22 @@ class _ShardSink:
         self.shards: list[dict] = []
         self._file = None
         self._writer = wds.ShardWriter(
-            str(out_dir / f"{prefix}-%06d.tar"), maxcount=max_samples, maxsize=float("inf"),
-            opener=self._open, post=self._finish, verbose=0, mtime=_MTIME, user=_USER, group=_GROUP, mode=_MODE,
+            str(out_dir / f"{prefix}-%06d.tar"),
+            maxcount=max_samples,
+            maxsize=float("inf"),
+            opener=self._open,
+            post=self._finish,
+            verbose=0,
+            mtime=_MTIME,
+            user=_USER,
+            group=_GROUP,
+            mode=_MODE,
         )
 
     def _open(self, name: str):
-        self.shards.append({"name": os.path.basename(name), "samples": 0, "bytes": 0, "image": 0, "audio": 0, "text": 0})
+        self.shards.append(
+            {"name": os.path.basename(name), "samples": 0, "bytes": 0, "image": 0, "audio": 0, "text": 0}
+        )
         self._file = open(name + ".tmp", "wb")
         return self._file
 
@@ -329,7 +347,11 @@ class WriteReport:
 
 
 def check_limits(*, max_samples: int, max_bytes: int, workers: int) -> None:
-    for name, value, least in (("max samples per shard", max_samples, 1), ("max bytes per shard", max_bytes, 1), ("workers", workers, 0)):
+    for name, value, least in (
+        ("max samples per shard", max_samples, 1),
+        ("max bytes per shard", max_bytes, 1),
+        ("workers", workers, 0),
+    ):
         if value < least:
             raise ValueError(f"{name} must be at least {least}, got {value}")
 

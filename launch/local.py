@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         argv, overrides = argv[:i], argv[i + 1 :]
     parser = argparse.ArgumentParser(prog="python -m launch.local", description=__doc__)
     parser.add_argument("--nproc", type=int, default=None, help="processes (default: GPUs, or 2 on CPU)")
-    parser.add_argument("--max-restarts", type=int, default=0,
-                        help="restart all processes up to R times when one fails (default 0)")
+    parser.add_argument(
+        "--max-restarts", type=int, default=0, help="restart all processes up to R times when one fails (default 0)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the torchrun command and exit")
     args = parser.parse_args(argv)
     nproc = args.nproc or default_nproc()

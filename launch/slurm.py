@@ -177,7 +177,7 @@ def render(job: SlurmJob) -> str:
         "trap on_warning USR1",
         "",
         # `trap ''` makes torchrun ignore USR1, and survives exec; the trainers install their own handler.
-        f"{' '.join(srun)} bash -c 'trap \"\" USR1; exec \"$@\"' torchrun \\\n    {command} &",
+        f'{" ".join(srun)} bash -c \'trap "" USR1; exec "$@"\' torchrun \\\n    {command} &',
         "step=$!",
         "# A trapped signal interrupts `wait`: wait until srun has really ended.",
         'while kill -0 "$step" 2>/dev/null; do wait "$step"; done',
@@ -221,23 +221,32 @@ def parse_args(argv: list[str]) -> tuple[SlurmJob, bool]:
     if "--" in argv:
         i = argv.index("--")
         argv, overrides = argv[:i], argv[i + 1 :]
-    p = argparse.ArgumentParser(prog="python -m launch.slurm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one process each (0: CPU)")
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="processes per node (default: --gpus-per-node, or 1 on CPU)")
+    p.add_argument(
+        "--nproc-per-node", type=int, default=None, help="processes per node (default: --gpus-per-node, or 1 on CPU)"
+    )
     p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node for its processes")
     p.add_argument("--partition")
     p.add_argument("--time", help="time limit, e.g. 24:00:00 or 2-00:00:00")
     p.add_argument("--account")
     p.add_argument("--job-name", default="mmpretrain")
-    p.add_argument("--warning-seconds", type=int, default=300,
-                   help="USR1 this long before the time limit: checkpoint and requeue (default 300)")
+    p.add_argument(
+        "--warning-seconds",
+        type=int,
+        default=300,
+        help="USR1 this long before the time limit: checkpoint and requeue (default 300)",
+    )
     p.add_argument("--max-restarts", type=int, default=3, help="torchrun restarts after a failure (default 3)")
     p.add_argument("--port", type=int, default=29500, help="c10d rendezvous port on the first node")
-    p.add_argument("--output-dir", default="outputs/slurm",
-                   help="logs (JOBNAME-JOBID.out) and run directories (JOBID/) (default outputs/slurm)")
+    p.add_argument(
+        "--output-dir",
+        default="outputs/slurm",
+        help="logs (JOBNAME-JOBID.out) and run directories (JOBID/) (default outputs/slurm)",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate the overrides and print the script")
     a = p.parse_args(argv)
     for name in ("nodes", "nproc_per_node"):
@@ -251,10 +260,20 @@ def parse_args(argv: list[str]) -> tuple[SlurmJob, bool]:
     if a.gpus_per_node and a.nproc_per_node and a.nproc_per_node != a.gpus_per_node:
         p.error("--nproc-per-node must equal --gpus-per-node (one process per GPU)")
     job = SlurmJob(
-        nodes=a.nodes, gpus_per_node=a.gpus_per_node, nproc_per_node=a.nproc_per_node or a.gpus_per_node or 1,
-        cpus_per_task=a.cpus_per_task, partition=a.partition, time=a.time, account=a.account,
-        job_name=a.job_name, warning_seconds=a.warning_seconds, max_restarts=a.max_restarts, port=a.port,
-        output_dir=Path(a.output_dir).absolute(), workdir=Path.cwd(), overrides=overrides,
+        nodes=a.nodes,
+        gpus_per_node=a.gpus_per_node,
+        nproc_per_node=a.nproc_per_node or a.gpus_per_node or 1,
+        cpus_per_task=a.cpus_per_task,
+        partition=a.partition,
+        time=a.time,
+        account=a.account,
+        job_name=a.job_name,
+        warning_seconds=a.warning_seconds,
+        max_restarts=a.max_restarts,
+        port=a.port,
+        output_dir=Path(a.output_dir).absolute(),
+        workdir=Path.cwd(),
+        overrides=overrides,
     )
     return job, a.dry_run
 

@@ -43,9 +43,7 @@ class Attention(nn.Module):
             cos, sin = rotary_tables(n, d // self.heads, device=x.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         mask = keep[:, None, None, :] if keep is not None else None
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -68,8 +66,15 @@ class Transformer(nn.Module):
     activations in the backward pass (activation checkpointing)."""
 
     def __init__(
-        self, width: int, depth: int, heads: int, mlp_ratio: float, dropout: float = 0.0,
-        *, rotary: bool = False, checkpointing: bool = False,
+        self,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        dropout: float = 0.0,
+        *,
+        rotary: bool = False,
+        checkpointing: bool = False,
     ):
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, rotary) for _ in range(depth))

@@ -52,8 +52,10 @@ class ClassifierConfig:
         if self.head not in HEADS:
             raise ValueError(f"task.head={self.head!r}; choose one of {HEADS}")
         if self.num_classes < (1 if self.multi_label else 2):
-            raise ValueError(f"task.num_classes={self.num_classes} is too few for a "
-                             f"{'multi' if self.multi_label else 'single'}-label classifier")
+            raise ValueError(
+                f"task.num_classes={self.num_classes} is too few for a "
+                f"{'multi' if self.multi_label else 'single'}-label classifier"
+            )
         if self.class_weights and len(self.class_weights) != self.num_classes:
             raise ValueError(f"task.class_weights has {len(self.class_weights)} values for {self.num_classes} classes")
         if any(w < 0 for w in self.class_weights):
@@ -150,14 +152,16 @@ class ClassifierModel(nn.Module):
             target = batch["label_multi"].to(logits.device, torch.float32)
             if self.task.label_smoothing:
                 target = target * (1 - self.task.label_smoothing) + 0.5 * self.task.label_smoothing
-            per = F.binary_cross_entropy_with_logits(logits, target, pos_weight=self.class_weights,
-                                                     reduction="none").mean(dim=1)
+            per = F.binary_cross_entropy_with_logits(
+                logits, target, pos_weight=self.class_weights, reduction="none"
+            ).mean(dim=1)
             denom = keep.sum().clamp(min=1)
             return (per * keep).sum() / denom
         if not bool(keep.any()):
             return logits.sum() * 0.0  # no labelled sample here: grads of zero, the graph intact
-        return F.cross_entropy(logits[keep], batch["label"][keep], weight=self.class_weights,
-                               label_smoothing=self.task.label_smoothing)
+        return F.cross_entropy(
+            logits[keep], batch["label"][keep], weight=self.class_weights, label_smoothing=self.task.label_smoothing
+        )
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """{"loss", "loss/classify", "accuracy"}: scalars; accuracy is over
@@ -196,8 +200,10 @@ class StateDictWeights:
     @torch.no_grad()
     def load_into(self, module: nn.Module, name: str) -> None:
         skip = module._non_persistent_buffers_set
-        own = [*module.named_parameters(recurse=False),
-               *((n, b) for n, b in module.named_buffers(recurse=False) if n not in skip)]
+        own = [
+            *module.named_parameters(recurse=False),
+            *((n, b) for n, b in module.named_buffers(recurse=False) if n not in skip),
+        ]
         for local, t in own:
             key = f"{name}.{local}" if name else local
             value = self.state.get(key)
@@ -206,8 +212,10 @@ class StateDictWeights:
                 continue
             shape = tuple(getattr(t, "ds_shape", t.shape))
             if tuple(value.shape) != shape:
-                raise ValueError(f"{self.origin}: {key} has shape {tuple(value.shape)}, the model expects {shape}: "
-                                 "the model config differs from the one it was trained with")
+                raise ValueError(
+                    f"{self.origin}: {key} has shape {tuple(value.shape)}, the model expects {shape}: "
+                    "the model config differs from the one it was trained with"
+                )
             t.data.copy_(value.to(t.dtype))
             self.loaded.append(key)
 
@@ -215,6 +223,7 @@ class StateDictWeights:
 def attach_weights(root: nn.Module, source: StateDictWeights, prefixes: tuple[str, ...]) -> None:
     """Marks every module under `prefixes` (e.g. "model.") to take its initial values from `source`."""
     for name, module in root.named_modules():
-        if name.startswith(prefixes) and (any(True for _ in module.parameters(recurse=False))
-                                          or any(True for _ in module.buffers(recurse=False))):
+        if name.startswith(prefixes) and (
+            any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+        ):
             module.pretrained_weights = (source, name)

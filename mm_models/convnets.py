@@ -105,8 +105,11 @@ class CNNEncoder(nn.Module):
         widths = [max(16, cfg.width >> (cfg.depth - 1 - i)) for i in range(cfg.depth)]
         widths[-1] = cfg.width
         in_stem = max(0, halvings - cfg.depth)  # halvings the blocks cannot do
-        stem: list[nn.Module] = [Conv(in_chans, widths[0], 3, 2 if in_stem else 1),
-                                 nn.GroupNorm(_groups(widths[0]), widths[0]), nn.ReLU()]
+        stem: list[nn.Module] = [
+            Conv(in_chans, widths[0], 3, 2 if in_stem else 1),
+            nn.GroupNorm(_groups(widths[0]), widths[0]),
+            nn.ReLU(),
+        ]
         if in_stem > 1:
             stem.append(nn.MaxPool2d(2 ** (in_stem - 1)))
         self.stem = nn.Sequential(*stem)
@@ -169,7 +172,11 @@ class RNNEncoder(nn.Module):
             raise ValueError(f"model.text.width={cfg.width} must be even for arch=rnn (two directions of width/2)")
         self.embedding = nn.Embedding(vocab_size, cfg.width)
         self.rnn = RNN_CELLS[cfg.rnn_cell](
-            cfg.width, cfg.width // 2, num_layers=cfg.depth, batch_first=True, bidirectional=True,
+            cfg.width,
+            cfg.width // 2,
+            num_layers=cfg.depth,
+            batch_first=True,
+            bidirectional=True,
             dropout=dropout if cfg.depth > 1 else 0.0,
         )
         self.norm = nn.LayerNorm(cfg.width)

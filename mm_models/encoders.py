@@ -55,8 +55,13 @@ class Encoder(nn.Module):
         rotary = cfg.positions == "rotary"
         self.pos = None if rotary else nn.Parameter(torch.zeros(1, num_tokens + 1, cfg.width))
         self.transformer = Transformer(
-            cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, dropout,
-            rotary=rotary, checkpointing=cfg.activation_checkpointing,
+            cfg.width,
+            cfg.depth,
+            cfg.heads,
+            cfg.mlp_ratio,
+            dropout,
+            rotary=rotary,
+            checkpointing=cfg.activation_checkpointing,
         )
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         # Set to 0 by the trainer for a final unmasked phase (set_token_dropout).
@@ -110,11 +115,15 @@ def check_token_dropout(cfg: ModelConfig, modality: str) -> None:
         return
     arch = arch_name(cfg, modality)
     if modality == "text" or arch not in ("transformer", "conv_transformer"):
-        raise ValueError(f"model.{modality}.token_dropout drops image or audio patches before a transformer: "
-                         f"model.{modality}.arch={arch} has none; set it to 0")
+        raise ValueError(
+            f"model.{modality}.token_dropout drops image or audio patches before a transformer: "
+            f"model.{modality}.arch={arch} has none; set it to 0"
+        )
     if enc.positions == "rotary":
-        raise ValueError(f"model.{modality}.token_dropout needs positions=learned: rotary positions follow the "
-                         "token order, which dropping patches changes")
+        raise ValueError(
+            f"model.{modality}.token_dropout needs positions=learned: rotary positions follow the "
+            "token order, which dropping patches changes"
+        )
 
 
 def _grid(n: int, patch: int, what: str) -> int:
@@ -134,16 +143,24 @@ def _vit(cfg: ModelConfig, modality: str, *, conv_stem: bool) -> Encoder:
     enc = getattr(cfg, modality)
     channels = 3 if modality == "image" else 1
     if conv_stem:
-        sizes = {"image_size": cfg.image_size} if modality == "image" else {"n_mels": cfg.n_mels,
-                                                                            "audio_frames": cfg.audio_frames}
+        sizes = (
+            {"image_size": cfg.image_size}
+            if modality == "image"
+            else {"n_mels": cfg.n_mels, "audio_frames": cfg.audio_frames}
+        )
         for key, n in sizes.items():
             if n % enc.patch_size:
-                raise ValueError(f"model.{modality}.arch=conv_transformer needs data.{key} ({n}) to be a multiple "
-                                 f"of model.{modality}.patch_size ({enc.patch_size})")
+                raise ValueError(
+                    f"model.{modality}.arch=conv_transformer needs data.{key} ({n}) to be a multiple "
+                    f"of model.{modality}.patch_size ({enc.patch_size})"
+                )
         embedder: nn.Module = ConvStem(channels, enc.patch_size, enc.width, what=f"model.{modality}")
     else:
-        embedder = PatchEmbed(3, enc.patch_size, enc.width) if modality == "image" else \
-            SpectrogramPatchEmbed(enc.patch_size, enc.width)
+        embedder = (
+            PatchEmbed(3, enc.patch_size, enc.width)
+            if modality == "image"
+            else SpectrogramPatchEmbed(enc.patch_size, enc.width)
+        )
     return Encoder(embedder, _patch_tokens(cfg, modality), enc, embed_dim=cfg.embed_dim, dropout=cfg.dropout)
 
 
@@ -155,8 +172,9 @@ def _transformer(cfg: ModelConfig, modality: str) -> Encoder:
 
 
 def _cnn(cfg: ModelConfig, modality: str) -> nn.Module:
-    return CNNEncoder(3 if modality == "image" else 1, getattr(cfg, modality), embed_dim=cfg.embed_dim,
-                      what=f"model.{modality}")
+    return CNNEncoder(
+        3 if modality == "image" else 1, getattr(cfg, modality), embed_dim=cfg.embed_dim, what=f"model.{modality}"
+    )
 
 
 def _rnn(cfg: ModelConfig, modality: str) -> nn.Module:

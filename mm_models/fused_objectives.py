@@ -67,8 +67,16 @@ class MatchingLoss(nn.Module):
         scores[~valid] = 0.0  # any index will do for rows that are not used
         return torch.multinomial(torch.softmax(scores, dim=1), 1).squeeze(1), valid
 
-    def forward(self, *, fusion: nn.Module, features: dict, masks: dict, text_pad: torch.Tensor, fused: dict,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        *,
+        fusion: nn.Module,
+        features: dict,
+        masks: dict,
+        text_pad: torch.Tensor,
+        fused: dict,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """labels: B class indices (-1: unknown), or None; samples of one
         known class are never each other's negatives."""
         z = {m: F.normalize(features[m]["embed"].detach().float(), dim=-1) for m in MODALITIES}
@@ -90,10 +98,17 @@ class MatchingLoss(nn.Module):
         per_row = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         return (per_row * valid).sum() / valid.sum().clamp(min=1)
 
-
     @torch.no_grad()
-    def swap_scores(self, *, fusion: nn.Module, features: dict, masks: dict, text_pad: torch.Tensor,
-                    fused: dict, labels: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def swap_scores(
+        self,
+        *,
+        fusion: nn.Module,
+        features: dict,
+        masks: dict,
+        text_pad: torch.Tensor,
+        fused: dict,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """For evaluation: match logits (B each) and the rows that count, for
         the aligned tuples ("aligned") and, per modality m, for tuples whose m
         is swapped with the next sample that has m (a fixed negative, unlike
@@ -129,8 +144,16 @@ class MaskedTextLoss(nn.Module):
         self.mask_prob = mask_prob
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, vocab_size))
 
-    def forward(self, *, text_encoder: nn.Module, fusion: nn.Module, features: dict, masks: dict,
-                ids: torch.Tensor, text_pad: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        *,
+        text_encoder: nn.Module,
+        fusion: nn.Module,
+        features: dict,
+        masks: dict,
+        ids: torch.Tensor,
+        text_pad: torch.Tensor,
+    ) -> torch.Tensor:
         candidates = ~text_pad & (ids >= FIRST_TEXT_ID) & masks["text"][:, None]
         chosen = candidates & (torch.rand(ids.shape, device=ids.device) < self.mask_prob)
         masked = text_encoder(ids.masked_fill(chosen, MASK_ID), pad=text_pad)

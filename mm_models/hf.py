@@ -46,8 +46,10 @@ def pretrained_dir(cfg: ModelConfig, modality: str) -> Path:
         raise HFError(f"model.{modality}.arch=hf needs model.{modality}.pretrained=DIR (a save_pretrained directory)")
     path = Path(spec)
     if not (path / "config.json").is_file():
-        raise HFError(f"model.{modality}.pretrained={spec}: no config.json there (expected a directory written "
-                      "by save_pretrained)")
+        raise HFError(
+            f"model.{modality}.pretrained={spec}: no config.json there (expected a directory written "
+            "by save_pretrained)"
+        )
     return path
 
 
@@ -81,8 +83,9 @@ class PretrainedWeights:
             transformers.logging.set_verbosity_error()  # a task head's unused weights are expected
             transformers.logging.disable_progress_bar()
             try:
-                model, info = self.load_class.from_pretrained(str(self.directory), local_files_only=True,
-                                                               output_loading_info=True)
+                model, info = self.load_class.from_pretrained(
+                    str(self.directory), local_files_only=True, output_loading_info=True
+                )
             finally:
                 transformers.logging.set_verbosity(verbosity)
                 transformers.logging.enable_progress_bar()
@@ -101,8 +104,10 @@ class PretrainedWeights:
     def load_into(self, module: nn.Module, name: str) -> None:
         """Copies the module's own parameters and buffers (name: its path in the backbone)."""
         skip = module._non_persistent_buffers_set  # recomputed, never saved (position ids and the like)
-        own = [*module.named_parameters(recurse=False),
-               *((n, b) for n, b in module.named_buffers(recurse=False) if n not in skip)]
+        own = [
+            *module.named_parameters(recurse=False),
+            *((n, b) for n, b in module.named_buffers(recurse=False) if n not in skip),
+        ]
         for local, t in own:
             full = f"{name}.{local}" if name else local
             value = self.tensor(full)
@@ -112,8 +117,9 @@ class PretrainedWeights:
                     t.data.zero_()  # built without init (no_init_weights): never leave garbage
                 continue
             if tuple(value.shape) != tuple(getattr(t, "ds_shape", t.shape)):
-                raise HFError(f"{self.directory}: {full} has shape {tuple(value.shape)}, the model expects "
-                              f"{tuple(t.shape)}")
+                raise HFError(
+                    f"{self.directory}: {full} has shape {tuple(value.shape)}, the model expects {tuple(t.shape)}"
+                )
             t.data.copy_(value.to(t.dtype))
 
 
@@ -141,9 +147,11 @@ def _construct(transformers, modality: str, directory: Path) -> tuple[nn.Module,
         config = config.vision_config if modality != "text" else config.text_config
         kind = config.model_type
     if modality == "audio" and kind in _WAVEFORM_MODELS:
-        raise HFError(f"model.audio.pretrained={directory}: a {kind} model reads raw waveforms, and the audio "
-                      "pipeline gives log-mel spectrograms; use a spectrogram model (an Audio Spectrogram "
-                      "Transformer, a Whisper encoder)")
+        raise HFError(
+            f"model.audio.pretrained={directory}: a {kind} model reads raw waveforms, and the audio "
+            "pipeline gives log-mel spectrograms; use a spectrogram model (an Audio Spectrogram "
+            "Transformer, a Whisper encoder)"
+        )
     if kind == "clip_vision_model":
         return transformers.CLIPVisionModel(config), config
     if kind == "clip_text_model":
@@ -169,13 +177,17 @@ def check_geometry(modality: str, config, cfg: ModelConfig) -> None:
         wanted["data.audio_frames"] = (cfg.audio_frames, 2 * int(config.max_source_positions))
     if modality == "text" and hasattr(config, "max_position_embeddings"):
         if cfg.max_text_len > int(config.max_position_embeddings):
-            raise HFError(f"data.max_text_len={cfg.max_text_len} exceeds the text backbone's "
-                          f"max_position_embeddings={config.max_position_embeddings}")
+            raise HFError(
+                f"data.max_text_len={cfg.max_text_len} exceeds the text backbone's "
+                f"max_position_embeddings={config.max_position_embeddings}"
+            )
     bad = {k: v for k, v in wanted.items() if v[0] != v[1]}
     if bad:
         fixes = " ".join(f"{k}={want}" for k, (_, want) in bad.items())
         have = ", ".join(f"{k}={have}" for k, (have, _) in bad.items())
-        raise HFError(f"model.{modality}.arch=hf: the {kind} backbone expects other input geometry ({have}); set {fixes}")
+        raise HFError(
+            f"model.{modality}.arch=hf: the {kind} backbone expects other input geometry ({have}); set {fixes}"
+        )
 
 
 def _image_normalisation(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +198,9 @@ def _image_normalisation(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if path.is_file():
         pre = json.loads(path.read_text())
         mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
-    return torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), torch.tensor(std, dtype=torch.float32).view(
+        1, 3, 1, 1
+    )
 
 
 class HFEncoder(nn.Module):
@@ -206,8 +220,7 @@ class HFEncoder(nn.Module):
         self.backbone, config = _build_backbone(modality, directory)
         self.kind = config.model_type
         check_geometry(modality, config, cfg)
-        hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0)
-                     or config.hidden_sizes[-1])
+        hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0) or config.hidden_sizes[-1])
         width = getattr(cfg, modality).width
         self.resize = nn.Identity() if hidden == width else nn.Linear(hidden, width)
         # A learned pooler (BERT's or ViT's dense + tanh over [CLS]) is a task
@@ -219,8 +232,10 @@ class HFEncoder(nn.Module):
                 p.requires_grad_(False)
         if getattr(cfg, modality).activation_checkpointing:
             if not getattr(self.backbone, "supports_gradient_checkpointing", False):
-                raise HFError(f"model.{modality}.activation_checkpointing: the {self.kind} backbone does not "
-                              "support gradient checkpointing")
+                raise HFError(
+                    f"model.{modality}.activation_checkpointing: the {self.kind} backbone does not "
+                    "support gradient checkpointing"
+                )
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.proj = nn.Linear(width, cfg.embed_dim, bias=False)
         mean, std = _image_normalisation(directory)
@@ -236,8 +251,11 @@ class HFEncoder(nn.Module):
         weights = self.weights[0]
         weights.release()
         if weights.missing:
-            warnings.warn(f"{weights.directory}: {len(weights.missing)} tensors not in the checkpoint keep their "
-                          f"initial values: {weights.missing[:5]}", stacklevel=2)
+            warnings.warn(
+                f"{weights.directory}: {len(weights.missing)} tensors not in the checkpoint keep their "
+                f"initial values: {weights.missing[:5]}",
+                stacklevel=2,
+            )
             weights.missing.clear()
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -11,8 +11,8 @@ from torch import nn
 from mm_models.config import FusionConfig, ModelConfig, ObjectiveConfig
 from mm_models.convnets import init_recurrent
 from mm_models.encoders import build_encoder
-from mm_models.fusion import build_fusion
 from mm_models.fused_objectives import MaskedTextLoss, MatchingLoss
+from mm_models.fusion import build_fusion
 from mm_models.objectives import MODALITIES, Gather, build_contrastive_loss
 
 
@@ -133,17 +133,25 @@ class PretrainModel(nn.Module):
         self.matching = self.masked_text = None
         if fusion.name != "none" and objective.matching_weight <= 0 and objective.masked_text_weight <= 0:
             # Its parameters would get no gradient while weight decay shrinks them.
-            raise ValueError(f"fusion={fusion.name} with an objective that never uses the fused tuple "
-                             "(objective.matching_weight and masked_text_weight are 0): use objective=matching "
-                             "(or matching_mtm with fusion=attention), or fusion=none")
+            raise ValueError(
+                f"fusion={fusion.name} with an objective that never uses the fused tuple "
+                "(objective.matching_weight and masked_text_weight are 0): use objective=matching "
+                "(or matching_mtm with fusion=attention), or fusion=none"
+            )
         if objective.matching_weight > 0:
             if fusion.name == "none":
-                raise ValueError("objective.matching_weight > 0 needs a fused tuple: set fusion to concat, weighted_sum or attention")
+                raise ValueError(
+                    "objective.matching_weight > 0 needs a fused tuple: set fusion to concat, weighted_sum or attention"
+                )
             self.matching = MatchingLoss(model.embed_dim)
         if objective.masked_text_weight > 0:
             if fusion.name != "attention":
-                raise ValueError("objective.masked_text_weight > 0 needs fusion=attention (it predicts from fused text tokens)")
-            self.masked_text = MaskedTextLoss(width=fusion.width, vocab_size=model.vocab_size, mask_prob=objective.mask_prob)
+                raise ValueError(
+                    "objective.masked_text_weight > 0 needs fusion=attention (it predicts from fused text tokens)"
+                )
+            self.masked_text = MaskedTextLoss(
+                width=fusion.width, vocab_size=model.vocab_size, mask_prob=objective.mask_prob
+            )
 
     def init_weights(self) -> None:
         init_weights(self)
@@ -163,8 +171,14 @@ class PretrainModel(nn.Module):
             return embeds, None
         masks = {m: batch[f"{m}_mask"] for m in features}
         fused = self.fusion(features, masks, batch["text_pad"])
-        return embeds, self.matching.swap_scores(fusion=self.fusion, features=features, masks=masks,
-                                                 text_pad=batch["text_pad"], fused=fused, labels=batch.get("label"))
+        return embeds, self.matching.swap_scores(
+            fusion=self.fusion,
+            features=features,
+            masks=masks,
+            text_pad=batch["text_pad"],
+            fused=fused,
+            labels=batch.get("label"),
+        )
 
     def embed(self, batch: dict) -> dict[str, torch.Tensor | None]:
         """Shared-space embeddings per modality (unnormalised), with absence
@@ -192,13 +206,25 @@ class PretrainModel(nn.Module):
             # Zero-weighted: the fusion stays in the graph without a fused objective.
             total = total + 0.0 * fused["embed"].float().sum()
         if self.matching is not None:
-            matching = self.matching(fusion=self.fusion, features=features, masks=masks,
-                                     text_pad=batch["text_pad"], fused=fused, labels=batch.get("label"))
+            matching = self.matching(
+                fusion=self.fusion,
+                features=features,
+                masks=masks,
+                text_pad=batch["text_pad"],
+                fused=fused,
+                labels=batch.get("label"),
+            )
             out["loss/matching"] = matching.detach()
             total = total + cfg.matching_weight * matching
         if self.masked_text is not None:
-            masked = self.masked_text(text_encoder=self.model.encoders["text"], fusion=self.fusion, features=features,
-                                      masks=masks, ids=batch["text"], text_pad=batch["text_pad"])
+            masked = self.masked_text(
+                text_encoder=self.model.encoders["text"],
+                fusion=self.fusion,
+                features=features,
+                masks=masks,
+                ids=batch["text"],
+                text_pad=batch["text_pad"],
+            )
             out["loss/masked_text"] = masked.detach()
             total = total + cfg.masked_text_weight * masked
         out["loss"] = total

@@ -159,7 +159,5 @@ CONTRASTIVE_LOSSES: dict[str, type[_PairwiseLoss]] = {"infonce": ContrastiveLoss
 def build_contrastive_loss(cfg: ObjectiveConfig, gather: Gather | None = None) -> _PairwiseLoss:
     """The contrastive loss objective.contrastive names."""
     if cfg.contrastive not in CONTRASTIVE_LOSSES:
-        raise ValueError(
-            f"objective.contrastive={cfg.contrastive!r}; choose one of {sorted(CONTRASTIVE_LOSSES)}"
-        )
+        raise ValueError(f"objective.contrastive={cfg.contrastive!r}; choose one of {sorted(CONTRASTIVE_LOSSES)}")
     return CONTRASTIVE_LOSSES[cfg.contrastive](cfg, gather)

@@ -67,6 +67,7 @@ class HostSyncs:
                 if caller.co_filename.startswith(train_dir) and caller.co_qualname not in self.MODEL_MATH:
                     self.count += 1
                 return fn(*args, **kwargs)
+
             return wrapper
 
         for name in self.NAMES:
@@ -83,8 +84,9 @@ def main(out: Path, overrides: list[str]) -> None:
     validate(config)
     torch.set_num_threads(1)
     t_cfg = config.trainer
-    ds_config = build_deepspeed_config(ds=config.deepspeed, trainer=t_cfg, optimizer=config.optimizer,
-                                       world_size=info.world_size)
+    ds_config = build_deepspeed_config(
+        ds=config.deepspeed, trainer=t_cfg, optimizer=config.optimizer, world_size=info.world_size
+    )
 
     def build() -> PretrainModel:
         return PretrainModel(config.model, config.fusion, config.objective, gather=feature_gather(info))
@@ -95,8 +97,10 @@ def main(out: Path, overrides: list[str]) -> None:
     seed_everything(t_cfg.seed)
     model = build_model(build, ds_config=ds_config)
     # A ZeRO-3 parameter is an empty placeholder; this rank's shard is ds_tensor.
-    held = {"placeholder": sum(p.numel() for p in model.parameters()),
-            "shard": sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))}
+    held = {
+        "placeholder": sum(p.numel() for p in model.parameters()),
+        "shard": sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor")),
+    }
     locals_ = [None] * info.world_size
     dist.all_gather_object(locals_, held)
     reference = dict(plain.named_parameters())
@@ -104,8 +108,9 @@ def main(out: Path, overrides: list[str]) -> None:
 
     engine = build_engine(model, ds_config=ds_config, optimizer=config.optimizer, total_steps=t_cfg.max_steps)
     dtype = compute_dtype(ds_config)
-    loader = build_loader(config.data, split="train", batch_size=t_cfg.micro_batch_size,
-                          rank=info.rank, world_size=info.world_size)
+    loader = build_loader(
+        config.data, split="train", batch_size=t_cfg.micro_batch_size, rank=info.rank, world_size=info.world_size
+    )
     nan_rank, nan_step = os.environ.get("PROBE_NAN_RANK", "-1"), int(os.environ.get("PROBE_NAN_STEP", -1))
     nan_micro = os.environ.get("PROBE_NAN_MICRO", "0")
 
@@ -115,8 +120,11 @@ def main(out: Path, overrides: list[str]) -> None:
         for batch in loader:
             if current["of_step"] != current["step"]:
                 current["of_step"], current["micro"] = current["step"], 0
-            if (nan_rank in ("all", str(info.rank)) and current["step"] == nan_step
-                    and nan_micro in ("all", str(current["micro"]))):
+            if (
+                nan_rank in ("all", str(info.rank))
+                and current["step"] == nan_step
+                and nan_micro in ("all", str(current["micro"]))
+            ):
                 batch["image"] = torch.full_like(batch["image"], float("nan"))
             current["micro"] += 1
             yield batch
@@ -139,8 +147,9 @@ def main(out: Path, overrides: list[str]) -> None:
     for step in range(1, t_cfg.max_steps + 1):
         current["step"] = step
         before = syncs.count if syncs else 0
-        step_losses, _ = train_step(engine, batches, accum=ds_config["gradient_accumulation_steps"],
-                                    device=engine.device, dtype=dtype)
+        step_losses, _ = train_step(
+            engine, batches, accum=ds_config["gradient_accumulation_steps"], device=engine.device, dtype=dtype
+        )
         syncs_per_step.append(syncs.count - before if syncs else None)
         state_digests.append(state_digest())
         if step_losses is None:
@@ -158,16 +167,31 @@ def main(out: Path, overrides: list[str]) -> None:
     heldout = build_loader(config.data, split="heldout", batch_size=16)
     first = [next(iter(heldout))]
     embeds = embed_split(engine, first, device=engine.device, dtype=dtype)["embeds"]
-    save_checkpoint(engine, run_dir=out, step=t_cfg.max_steps, meta={"config": resolved},
-                    loader_state=loader.state_dict(), rank=info.rank)
+    save_checkpoint(
+        engine,
+        run_dir=out,
+        step=t_cfg.max_steps,
+        meta={"config": resolved},
+        loader_state=loader.state_dict(),
+        rank=info.rank,
+    )
     if info.is_main:
         torch.save(embeds, out / "live_embeddings.pt")
-        report = {"local_numel": locals_, "total_numel": parameter_total(model), "init_equal": init_equal,
-                  "losses": losses, "weight_digests": digests, "optimizer_steps": engine.global_steps,
-                  "micro_steps": engine.micro_steps, "skipped_steps": engine.skipped_steps, "state_digests": state_digests,
-                  "host_syncs_per_step": syncs_per_step,
-                  "lr": engine.get_lr()[0], "accum": ds_config["gradient_accumulation_steps"],
-                  "micro_batch": ds_config["train_micro_batch_size_per_gpu"]}
+        report = {
+            "local_numel": locals_,
+            "total_numel": parameter_total(model),
+            "init_equal": init_equal,
+            "losses": losses,
+            "weight_digests": digests,
+            "optimizer_steps": engine.global_steps,
+            "micro_steps": engine.micro_steps,
+            "skipped_steps": engine.skipped_steps,
+            "state_digests": state_digests,
+            "host_syncs_per_step": syncs_per_step,
+            "lr": engine.get_lr()[0],
+            "accum": ds_config["gradient_accumulation_steps"],
+            "micro_batch": ds_config["train_micro_batch_size_per_gpu"],
+        }
         (out / "probe.json").write_text(json.dumps(report) + "\n")
     dist.barrier()
     dist.destroy_process_group()

@@ -44,7 +44,9 @@ def write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-def text_shards(root: Path, sizes: list[int], *, prefix: str = "s", with_images: bool = False, index: bool = False) -> list[str]:
+def text_shards(
+    root: Path, sizes: list[int], *, prefix: str = "s", with_images: bool = False, index: bool = False
+) -> list[str]:
     """Shards of the given sizes; every key is unique across them."""
     root.mkdir(parents=True, exist_ok=True)
     keys = []

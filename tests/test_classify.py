@@ -35,17 +35,20 @@ def test_labels_by_index_or_name():
     assert read(multi, {"label": []}) == []
 
 
-@pytest.mark.parametrize("meta,reason", [
-    ({"other": 1}, "missing_label"),
-    ({"label": 3}, "label_out_of_range"),
-    ({"label": -1}, "label_out_of_range"),
-    ({"label": "purple"}, "unknown_class"),
-    ({"label": True}, "bad_label"),
-    ({"label": 1.5}, "bad_label"),
-    ({"label": [0, 1]}, "bad_label"),  # a list for a single-label task
-    (b"{not json", "bad_json"),
-    ([1, 2], "missing_label"),
-])
+@pytest.mark.parametrize(
+    "meta,reason",
+    [
+        ({"other": 1}, "missing_label"),
+        ({"label": 3}, "label_out_of_range"),
+        ({"label": -1}, "label_out_of_range"),
+        ({"label": "purple"}, "unknown_class"),
+        ({"label": True}, "bad_label"),
+        ({"label": 1.5}, "bad_label"),
+        ({"label": [0, 1]}, "bad_label"),  # a list for a single-label task
+        (b"{not json", "bad_json"),
+        ([1, 2], "missing_label"),
+    ],
+)
 def test_a_bad_label_names_its_reason(meta, reason):
     with pytest.raises(LabelError) as e:
         read(LabelSpec(num_classes=3, classes=tuple(COLORS)), meta)
@@ -63,8 +66,9 @@ def test_label_spec_refuses_what_cannot_work():
 
 def tiny() -> ModelConfig:
     enc = EncoderConfig(width=32, depth=2, heads=2, patch_size=8)
-    return ModelConfig(image=enc, audio=enc, text=enc, embed_dim=16, image_size=16, n_mels=16, audio_frames=16,
-                       max_text_len=12)
+    return ModelConfig(
+        image=enc, audio=enc, text=enc, embed_dim=16, image_size=16, n_mels=16, audio_frames=16, max_text_len=12
+    )
 
 
 def batch(b: int = 6, seed: int = 0) -> dict:
@@ -72,8 +76,10 @@ def batch(b: int = 6, seed: int = 0) -> dict:
     text_pad = torch.zeros(b, 12, dtype=torch.bool)
     text_pad[:, 8:] = True
     return {
-        "image": torch.randn(b, 3, 16, 16, generator=g), "audio": torch.randn(b, 16, 16, generator=g),
-        "text": torch.randint(4, 260, (b, 12), generator=g), "text_pad": text_pad,
+        "image": torch.randn(b, 3, 16, 16, generator=g),
+        "audio": torch.randn(b, 16, 16, generator=g),
+        "text": torch.randint(4, 260, (b, 12), generator=g),
+        "text_pad": text_pad,
         **{f"{m}_mask": torch.ones(b, dtype=torch.bool) for m in ("image", "audio", "text")},
         "label": torch.arange(b) % 3,
     }
@@ -208,14 +214,24 @@ def test_auto_class_weights_balance_the_classes():
 
 def split(probs, labels, valid=None):
     probs = torch.tensor(probs, dtype=torch.float32)
-    return {"probs": probs, "labels": torch.tensor(labels), "skipped": {},
-            "valid": torch.ones(len(probs), dtype=torch.bool) if valid is None else torch.tensor(valid)}
+    return {
+        "probs": probs,
+        "labels": torch.tensor(labels),
+        "skipped": {},
+        "valid": torch.ones(len(probs), dtype=torch.bool) if valid is None else torch.tensor(valid),
+    }
 
 
 def test_metrics_match_hand_computed_values():
     spec = LabelSpec(num_classes=3, classes=tuple(COLORS))
-    r = classification_metrics(split([[.8, .1, .1], [.1, .8, .1], [.6, .3, .1], [.1, .2, .7], [.3, .3, .4]],
-                                     [0, 1, 1, 2, 0], valid=[True, True, True, True, False]), spec)
+    r = classification_metrics(
+        split(
+            [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4]],
+            [0, 1, 1, 2, 0],
+            valid=[True, True, True, True, False],
+        ),
+        spec,
+    )
     assert r["n"] == 4 and r["no_modality"] == 1
     assert r["accuracy"] == pytest.approx(0.75)
     # red: P 1/2 R 1 F 2/3; green: P 1 R 1/2 F 2/3; blue: P 1 R 1 F 1
@@ -223,18 +239,21 @@ def test_metrics_match_hand_computed_values():
     assert r["confusion"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
     assert [row["support"] for row in r["per_class"]] == [1, 2, 1]
     assert "roc_auc" not in r
-    binary = classification_metrics(split([[.9, .1], [.4, .6], [.3, .7], [.6, .4]], [0, 1, 1, 1]),
-                                     LabelSpec(num_classes=2))
+    binary = classification_metrics(
+        split([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.6, 0.4]], [0, 1, 1, 1]), LabelSpec(num_classes=2)
+    )
     assert binary["roc_auc"] == pytest.approx(1.0)  # every positive scored above the negative
-    multi = classification_metrics(split([[.9, .2], [.8, .7], [.1, .8]], [[1, 0], [1, 1], [0, 0]]),
-                                   LabelSpec(num_classes=2, multi_label=True))
+    multi = classification_metrics(
+        split([[0.9, 0.2], [0.8, 0.7], [0.1, 0.8]], [[1, 0], [1, 1], [0, 0]]),
+        LabelSpec(num_classes=2, multi_label=True),
+    )
     assert multi["accuracy"] == pytest.approx(2 / 3)  # exact label sets: the third predicts class 1
     assert multi["roc_auc"] == pytest.approx(0.75)  # class 0: 1.0, class 1: 0.5
 
 
 def test_nothing_to_evaluate_is_a_clear_error():
     with pytest.raises(ValueError, match="nothing to evaluate"):
-        classification_metrics(split([[.5, .5]], [0], valid=[False]), LabelSpec(num_classes=2))
+        classification_metrics(split([[0.5, 0.5]], [0], valid=[False]), LabelSpec(num_classes=2))
 
 
 def test_a_labelled_subset_keeps_the_first_n_per_class():
@@ -253,8 +272,14 @@ def test_the_demo_report_adds_the_fine_tuning_figures(tmp_path):
     (tmp_path / "pretrain" / "results.json").write_text(json.dumps({"step": 300, "heldout": {}}))
     for name, acc in (("pretrained", 0.8), ("scratch", 0.4)):
         (tmp_path / f"finetune_{name}").mkdir()
-        (tmp_path / f"finetune_{name}" / "results.json").write_text(json.dumps(
-            {"task": "classify", "heldout": {"accuracy": acc, "macro_f1": round(acc - 0.05, 4), "classes": 72, "n": 500}}))
+        (tmp_path / f"finetune_{name}" / "results.json").write_text(
+            json.dumps(
+                {
+                    "task": "classify",
+                    "heldout": {"accuracy": acc, "macro_f1": round(acc - 0.05, 4), "classes": 72, "n": 500},
+                }
+            )
+        )
     import contextlib
     import io
 
@@ -264,9 +289,12 @@ def test_the_demo_report_adds_the_fine_tuning_figures(tmp_path):
     out = buf.getvalue().strip().splitlines()
     last = json.loads(out[-1])
     assert last["step"] == 300
-    assert last["finetune"] == {"labels_per_class": 10, "chance": round(1 / 72, 5),
-                                "pretrained": {"accuracy": 0.8, "macro_f1": 0.75},
-                                "scratch": {"accuracy": 0.4, "macro_f1": 0.35}}
+    assert last["finetune"] == {
+        "labels_per_class": 10,
+        "chance": round(1 / 72, 5),
+        "pretrained": {"accuracy": 0.8, "macro_f1": 0.75},
+        "scratch": {"accuracy": 0.4, "macro_f1": 0.35},
+    }
     assert any("+0.400" in line for line in out)
     (tmp_path / "finetune_scratch" / "results.json").unlink()
     assert main([str(tmp_path)]) == 2

@@ -10,7 +10,6 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import REPO, clean_env, copy_as_stopped, python, venv_bin
 from shardkit import flac, jpeg, write_tar
 
@@ -21,11 +20,23 @@ TIMEOUT_S = 600
 
 
 def torchrun(tmp_path, *overrides: str, name: str = "run", nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [venv_bin("torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "train",
-           f"hydra.run.dir={tmp_path / name}", "trainer.log_every=10", "trainer.eval_batch_size=64",
-           "deepspeed.precision=fp32", "data.num_workers=1", "logger.mode=disabled", *overrides]
-    return subprocess.run(cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    cmd = [
+        venv_bin("torchrun"),
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "train",
+        f"hydra.run.dir={tmp_path / name}",
+        "trainer.log_every=10",
+        "trainer.eval_batch_size=64",
+        "deepspeed.precision=fp32",
+        "data.num_workers=1",
+        "logger.mode=disabled",
+        *overrides,
+    ]
+    return subprocess.run(
+        cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
@@ -37,18 +48,34 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
 def pretrained(demo_shards, tmp_path_factory):
     """A short pretraining run's export (model=tiny, the demo's CNN image encoder)."""
     tmp = tmp_path_factory.mktemp("pretrain")
-    proc = torchrun(tmp, f"data.train={demo_shards['train']}", f"data.heldout={demo_shards['heldout']}",
-                    "experiment=demo", "trainer.max_steps=40", "trainer.micro_batch_size=32",
-                    "optimizer.warmup_steps=5")
+    proc = torchrun(
+        tmp,
+        f"data.train={demo_shards['train']}",
+        f"data.heldout={demo_shards['heldout']}",
+        "experiment=demo",
+        "trainer.max_steps=40",
+        "trainer.micro_batch_size=32",
+        "optimizer.warmup_steps=5",
+    )
     last_json(proc)
     return tmp / "run" / "export" / "model.safetensors"
 
 
 def colour_task(demo_shards, pretrained, *extra: str) -> list[str]:
-    return [f"data.train={demo_shards['train']}", f"data.heldout={demo_shards['heldout']}", "data=demo",
-            "task=classify", f"task.init={pretrained}", "data.label_key=color",
-            f"task.classes=[{','.join(COLORS)}]", "trainer.max_steps=30", "trainer.micro_batch_size=16",
-            "optimizer.lr=3e-3", "optimizer.warmup_steps=3", *extra]
+    return [
+        f"data.train={demo_shards['train']}",
+        f"data.heldout={demo_shards['heldout']}",
+        "data=demo",
+        "task=classify",
+        f"task.init={pretrained}",
+        "data.label_key=color",
+        f"task.classes=[{','.join(COLORS)}]",
+        "trainer.max_steps=30",
+        "trainer.micro_batch_size=16",
+        "optimizer.lr=3e-3",
+        "optimizer.warmup_steps=3",
+        *extra,
+    ]
 
 
 # (concat, full fine-tuning, ZeRO-3) is the `concat_run` fixture below.
@@ -56,8 +83,9 @@ CASES = [("none", "encoders", "zero2"), ("weighted_sum", "encoders", "zero2"), (
 
 
 @pytest.mark.parametrize("fusion,freeze,zero", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
-def test_a_fused_classifier_fine_tunes_and_beats_the_majority_class(demo_shards, pretrained, tmp_path, fusion,
-                                                                     freeze, zero):
+def test_a_fused_classifier_fine_tunes_and_beats_the_majority_class(
+    demo_shards, pretrained, tmp_path, fusion, freeze, zero
+):
     extra = [f"fusion={fusion}", "fusion.width=64", "fusion.depth=1", f"task.freeze={freeze}", f"deepspeed={zero}"]
     if freeze == "none":
         extra.append("task.lr_decay=0.7")
@@ -68,7 +96,7 @@ def test_a_fused_classifier_fine_tunes_and_beats_the_majority_class(demo_shards,
     assert heldout["classes"] == 6 and heldout["n"] > 0
     assert heldout["accuracy"] > heldout["majority"] + 0.15, heldout
     log = proc.stdout + proc.stderr
-    assert f"initialised" in log and "task.init=" in log  # the encoders came from the export
+    assert "initialised" in log and "task.init=" in log  # the encoders came from the export
     assert ("linear probe" in log) == (freeze == "encoders")
 
 
@@ -76,8 +104,12 @@ def test_a_fused_classifier_fine_tunes_and_beats_the_majority_class(demo_shards,
 def concat_run(demo_shards, pretrained, tmp_path_factory):
     """Concat fusion, full fine-tuning with layer-wise decay, under ZeRO-3."""
     tmp = tmp_path_factory.mktemp("concat")
-    proc = torchrun(tmp, *colour_task(demo_shards, pretrained, "fusion=concat", "fusion.width=64",
-                                      "task.lr_decay=0.7", "deepspeed=zero3"))
+    proc = torchrun(
+        tmp,
+        *colour_task(
+            demo_shards, pretrained, "fusion=concat", "fusion.width=64", "task.lr_decay=0.7", "deepspeed=zero3"
+        ),
+    )
     return tmp, proc, last_json(proc)
 
 
@@ -108,9 +140,14 @@ def test_the_export_loads_as_a_classifier_and_evaluate_reads_it(demo_shards, con
     assert probs.shape == (8, 6)
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(8))
     for checkpoint in (export, tmp_path / "run"):
-        proc = subprocess.run([python(), "-m", "train.evaluate", f"checkpoint={checkpoint}",
-                               f"data.heldout={demo_shards['heldout']}"], cwd=tmp_path, env=clean_env(),
-                              capture_output=True, text=True, timeout=TIMEOUT_S)
+        proc = subprocess.run(
+            [python(), "-m", "train.evaluate", f"checkpoint={checkpoint}", f"data.heldout={demo_shards['heldout']}"],
+            cwd=tmp_path,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
         again = last_json(proc)
         assert again["task"] == "classify"
         assert again["heldout"]["accuracy"] == pytest.approx(result["heldout"]["accuracy"], abs=1e-4)
@@ -119,14 +156,30 @@ def test_the_export_loads_as_a_classifier_and_evaluate_reads_it(demo_shards, con
 
 def test_multi_label_and_binary_tasks_train_and_evaluate(demo_shards, pretrained, tmp_path):
     tags = ["circle", "square", "triangle", "diamond", "cross", "star", *COLORS, "small", "large"]
-    multi = last_json(torchrun(tmp_path, *colour_task(demo_shards, pretrained), "data.label_key=tags",
-                               f"task.classes=[{','.join(tags)}]", "task.multi_label=true",
-                               "task.class_weights=auto", name="multi"))
+    multi = last_json(
+        torchrun(
+            tmp_path,
+            *colour_task(demo_shards, pretrained),
+            "data.label_key=tags",
+            f"task.classes=[{','.join(tags)}]",
+            "task.multi_label=true",
+            "task.class_weights=auto",
+            name="multi",
+        )
+    )
     assert multi["heldout"]["classes"] == 14 and 0.0 <= multi["heldout"]["accuracy"] <= 1.0
     assert multi["heldout"]["roc_auc"] > 0.6, multi
-    binary = last_json(torchrun(tmp_path, *colour_task(demo_shards, pretrained), "data.label_key=size",
-                                "task.classes=[small,large]", "task.head=mlp", "task.head_hidden=[32]",
-                                name="binary"))
+    binary = last_json(
+        torchrun(
+            tmp_path,
+            *colour_task(demo_shards, pretrained),
+            "data.label_key=size",
+            "task.classes=[small,large]",
+            "task.head=mlp",
+            "task.head_hidden=[32]",
+            name="binary",
+        )
+    )
     assert binary["heldout"]["classes"] == 2 and "roc_auc" in binary["heldout"]
 
 
@@ -135,8 +188,15 @@ def _labelled_shards(root, labels: list) -> None:
     samples = []
     for i, label in enumerate(labels):
         meta = {} if label is None else {"label": label}
-        samples.append({"__key__": f"s{i:04d}", "jpg": jpeg(i, size=32), "flac": flac(i, n=16000),
-                        "txt": f"sample {i % 3}".encode(), "json": json.dumps(meta).encode()})
+        samples.append(
+            {
+                "__key__": f"s{i:04d}",
+                "jpg": jpeg(i, size=32),
+                "flac": flac(i, n=16000),
+                "txt": f"sample {i % 3}".encode(),
+                "json": json.dumps(meta).encode(),
+            }
+        )
     write_tar(root / "shard-000000.tar", samples)
 
 
@@ -144,19 +204,30 @@ def test_bad_labels_are_counted_skips_and_all_bad_is_a_clear_error(tmp_path):
     good = ["red", "green", "blue"] * 16
     mixed = good + [None] * 4 + [7] * 3 + ["purple"] * 2
     _labelled_shards(tmp_path / "mixed", mixed)
-    common = ["task=classify", "task.classes=[red,green,blue]", "trainer.max_steps=4", "trainer.micro_batch_size=8",
-              "data.image_size=32", "data.n_mels=32", "data.audio_frames=48", "data.max_consecutive_errors=20"]
-    result = last_json(torchrun(tmp_path, f"data.train={tmp_path / 'mixed'}", f"data.heldout={tmp_path / 'mixed'}",
-                                *common, name="mixed"))
+    common = [
+        "task=classify",
+        "task.classes=[red,green,blue]",
+        "trainer.max_steps=4",
+        "trainer.micro_batch_size=8",
+        "data.image_size=32",
+        "data.n_mels=32",
+        "data.audio_frames=48",
+        "data.max_consecutive_errors=20",
+    ]
+    result = last_json(
+        torchrun(
+            tmp_path, f"data.train={tmp_path / 'mixed'}", f"data.heldout={tmp_path / 'mixed'}", *common, name="mixed"
+        )
+    )
     assert result["heldout"]["n"] == len(good)
     rows = [json.loads(line) for line in (tmp_path / "mixed" / "metrics.jsonl").read_text().splitlines()]
     skipped = {k: v for row in rows for k, v in row.items() if k.startswith("data/skipped/")}
     assert {"data/skipped/missing_label", "data/skipped/label_out_of_range", "data/skipped/unknown_class"} <= set(
-        skipped), skipped
+        skipped
+    ), skipped
 
     _labelled_shards(tmp_path / "bad", [None] * 24 + ["purple"] * 24)
-    proc = torchrun(tmp_path, f"data.train={tmp_path / 'bad'}", f"data.heldout={tmp_path / 'bad'}", *common,
-                    name="bad")
+    proc = torchrun(tmp_path, f"data.train={tmp_path / 'bad'}", f"data.heldout={tmp_path / 'bad'}", *common, name="bad")
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
     assert "missing_label" in err or "unknown_class" in err, err[-3000:]
@@ -170,8 +241,14 @@ def test_a_fine_tune_resumes_exactly_and_logs_to_wandb(demo_shards, pretrained, 
 
     from train.export import consolidate
 
-    args = [*colour_task(demo_shards, pretrained, "fusion=concat", "fusion.width=64"), "trainer.max_steps=6",
-            "trainer.checkpoint_every=3", "trainer.log_every=1", "trainer.deterministic=true", "logger.mode=offline"]
+    args = [
+        *colour_task(demo_shards, pretrained, "fusion=concat", "fusion.width=64"),
+        "trainer.max_steps=6",
+        "trainer.checkpoint_every=3",
+        "trainer.log_every=1",
+        "trainer.deterministic=true",
+        "logger.mode=offline",
+    ]
     straight = tmp_path / "straight"
     first = last_json(torchrun(tmp_path, *args, name="straight"))
     stopped = tmp_path / "stopped"
@@ -190,8 +267,13 @@ def test_a_fine_tune_resumes_exactly_and_logs_to_wandb(demo_shards, pretrained, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     [wandb_run] = sorted((straight / "wandb").glob("offline-run-*"))
-    out = subprocess.run([venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
-                         capture_output=True, text=True, timeout=120, env=clean_env())
+    out = subprocess.run(
+        [venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)["summary"]
     assert summary["final/heldout/accuracy"] == pytest.approx(first["heldout"]["accuracy"], abs=1e-4)

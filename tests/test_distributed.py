@@ -8,7 +8,6 @@ import math
 import subprocess
 
 import pytest
-
 from conftest import REPO, clean_env, venv_bin
 from shardkit import write_tar
 
@@ -20,19 +19,35 @@ STEPS = 9  # one full epoch: (256 + 4 samples) / (2 ranks × 16) rounds up to 9 
 def run(demo_shards, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("run")
     # A second source with bad samples: they must be skipped and counted.
-    write_tar(cwd / "bad-000000.tar", [
-        {"__key__": "b0", "txt": b"broken", "jpg": b"not a jpeg"},
-        {"__key__": "b1", "txt": b"broken too", "jpg": b"\xff\xd8 still not"},
-        {"__key__": "b2", "txt": b"  "},
-        {"__key__": "b3", "txt": b"a small red circle"},
-    ])
+    write_tar(
+        cwd / "bad-000000.tar",
+        [
+            {"__key__": "b0", "txt": b"broken", "jpg": b"not a jpeg"},
+            {"__key__": "b1", "txt": b"broken too", "jpg": b"\xff\xd8 still not"},
+            {"__key__": "b2", "txt": b"  "},
+            {"__key__": "b3", "txt": b"a small red circle"},
+        ],
+    )
     cmd = [
-        venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train",
-        f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=16", "trainer.log_every=2",
-        "trainer.eval_batch_size=32", "trainer.eval_every=4", "trainer.checkpoint_every=4", "logger.table_rows=4",
-        "deepspeed=zero2", "deepspeed.precision=bf16",
-        f"data.train={demo_shards['train']}::{cwd / 'bad-000000.tar'}", f"data.heldout={demo_shards['heldout']}",
-        "data.num_workers=1", "logger.mode=offline", "logger.project=mm-test",
+        venv_bin("torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "train",
+        f"trainer.max_steps={STEPS}",
+        "trainer.micro_batch_size=16",
+        "trainer.log_every=2",
+        "trainer.eval_batch_size=32",
+        "trainer.eval_every=4",
+        "trainer.checkpoint_every=4",
+        "logger.table_rows=4",
+        "deepspeed=zero2",
+        "deepspeed.precision=bf16",
+        f"data.train={demo_shards['train']}::{cwd / 'bad-000000.tar'}",
+        f"data.heldout={demo_shards['heldout']}",
+        "data.num_workers=1",
+        "logger.mode=offline",
+        "logger.project=mm-test",
     ]
     proc = subprocess.run(
         cmd, cwd=cwd, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=900
@@ -93,7 +108,10 @@ def test_wandb_offline_run_holds_config_and_metrics(run):
     (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
     out = subprocess.run(
         [venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
-        capture_output=True, text=True, timeout=120, env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
     )
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
@@ -119,8 +137,13 @@ def test_wandb_offline_run_holds_config_and_metrics(run):
 
 
 def _records(wandb_run) -> list[dict]:
-    out = subprocess.run([venv_bin("wandb"), "leet", "inspect", "--json", str(wandb_run)],
-                         capture_output=True, text=True, timeout=120, env=clean_env())
+    out = subprocess.run(
+        [venv_bin("wandb"), "leet", "inspect", "--json", str(wandb_run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
@@ -128,8 +151,11 @@ def _records(wandb_run) -> list[dict]:
 def test_wandb_records_checkpoint_artifacts_the_export_and_a_retrieval_table(run):
     run_dir = run["run_dirs"][0]
     (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
-    run_id = json.loads((run_dir / "checkpoints" / "latest").parent.joinpath(
-        (run_dir / "checkpoints" / "latest").read_text(), "meta.json").read_text())["wandb_run_id"]
+    run_id = json.loads(
+        (run_dir / "checkpoints" / "latest")
+        .parent.joinpath((run_dir / "checkpoints" / "latest").read_text(), "meta.json")
+        .read_text()
+    )["wandb_run_id"]
     artifacts = [r["artifact"] for r in _records(wandb_run) if r.get("type") == "artifact"]
     checkpoints = [a for a in artifacts if a["name"] == f"checkpoint-{run_id}"]
     assert all(a["type"] == "model" for a in checkpoints)
@@ -144,7 +170,9 @@ def test_wandb_records_checkpoint_artifacts_the_export_and_a_retrieval_table(run
     assert best and best[0] is checkpoints[0]  # the first evaluated checkpoint is the best so far
     (export,) = [a for a in artifacts if a["name"] == f"model-{run_id}"]
     assert export["type"] == "model" and {c["path"] for c in export["manifest"]["contents"]} == {
-        "model.safetensors", "model.json"}
+        "model.safetensors",
+        "model.json",
+    }
     assert (run_dir / "export" / "model.safetensors").is_file()
 
     tables = sorted((wandb_run / "files" / "media" / "table" / "eval").glob("retrieval_samples_*.table.json"))

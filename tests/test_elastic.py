@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from conftest import REPO, clean_env, python
+
 from train.export import consolidate
 from train.watchdog import describe_stall
 
@@ -33,10 +33,21 @@ def _launch(shards, *extra: str, restarts: int = 0, faults: bool = False) -> lis
         head = [python(), "-m", "launch.local", "--nproc", "2", "--max-restarts", str(restarts), "--"]
     return [
         *head,
-        f"trainer.max_steps={STEPS}", "trainer.checkpoint_every=3", "trainer.keep_last=0", "trainer.log_every=1",
-        "trainer.micro_batch_size=16", "trainer.eval_batch_size=32", "trainer.threads=1", "trainer.deterministic=true",
-        "deepspeed=zero2", "deepspeed.precision=fp32", f"data.train={shards['train']}",
-        f"data.heldout={shards['heldout']}", "data.num_workers=0", "logger.mode=disabled", *extra,
+        f"trainer.max_steps={STEPS}",
+        "trainer.checkpoint_every=3",
+        "trainer.keep_last=0",
+        "trainer.log_every=1",
+        "trainer.micro_batch_size=16",
+        "trainer.eval_batch_size=32",
+        "trainer.threads=1",
+        "trainer.deterministic=true",
+        "deepspeed=zero2",
+        "deepspeed.precision=fp32",
+        f"data.train={shards['train']}",
+        f"data.heldout={shards['heldout']}",
+        "data.num_workers=0",
+        "logger.mode=disabled",
+        *extra,
     ]
 
 
@@ -63,18 +74,24 @@ def test_killed_worker_restarts_from_the_latest_checkpoint_and_ends_as_an_uninte
     straight_cwd, elastic_cwd = tmp_path / "straight", tmp_path / "elastic"
     straight_cwd.mkdir()
     elastic_cwd.mkdir()
-    straight = subprocess.run(_launch(demo_shards), cwd=straight_cwd, env=env, capture_output=True, text=True,
-                              timeout=900)
+    straight = subprocess.run(
+        _launch(demo_shards), cwd=straight_cwd, env=env, capture_output=True, text=True, timeout=900
+    )
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
 
     log = elastic_cwd / "torchrun.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(_launch(demo_shards, restarts=2), cwd=elastic_cwd, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            _launch(demo_shards, restarts=2), cwd=elastic_cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
         try:
             # The first checkpoint (step 3) is complete once `latest` names it.
-            _wait_for(lambda: any((d / "checkpoints" / "latest").is_file() for d in _run_dirs(elastic_cwd)),
-                      timeout=600, what="the first checkpoint", proc=proc)
+            _wait_for(
+                lambda: any((d / "checkpoints" / "latest").is_file() for d in _run_dirs(elastic_cwd)),
+                timeout=600,
+                what="the first checkpoint",
+                proc=proc,
+            )
             workers = [p for p in psutil.Process(proc.pid).children() if "train" in p.cmdline()]
             (rank0,) = [p for p in workers if p.environ().get("RANK") == "0"]
             os.kill(rank0.pid, signal.SIGKILL)
@@ -100,11 +117,20 @@ def test_a_stalled_rank_makes_every_rank_exit_naming_it_and_its_operation(demo_s
     env = clean_env(PYTHONPATH=str(REPO), MM_TEST_STALL_RANK="1", MM_TEST_STALL_AT_STEP="3")
     log = tmp_path / "torchrun.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(_launch(demo_shards, f"trainer.collective_timeout={timeout_s}", faults=True),
-                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            _launch(demo_shards, f"trainer.collective_timeout={timeout_s}", faults=True),
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
-            _wait_for(lambda: "fault injection: rank 1 stalls" in log.read_text(), timeout=600,
-                      what="rank 1 to stall", proc=proc)
+            _wait_for(
+                lambda: "fault injection: rank 1 stalls" in log.read_text(),
+                timeout=600,
+                what="rank 1 to stall",
+                proc=proc,
+            )
             # The bound: every rank gone within the timeout + 30 s of the stall.
             rc = proc.wait(timeout=timeout_s + 30)
         finally:
@@ -126,18 +152,26 @@ def _rec(step: int, op: str, *, micro: int = 1, since: float = 0.0, beat: float 
 
 def test_stall_report_names_the_rank_behind_or_says_none_is():
     now = 100.0
-    behind = describe_stall(me=0, now=now, timeout_s=10, stale_after=5, records={
-        0: _rec(5, "training step", since=89), 1: _rec(5, "training step", since=89),
-        2: _rec(5, "loading data", since=88), 3: _rec(4, "checkpoint", since=87, beat=90),
-    })
+    behind = describe_stall(
+        me=0,
+        now=now,
+        timeout_s=10,
+        stale_after=5,
+        records={
+            0: _rec(5, "training step", since=89),
+            1: _rec(5, "training step", since=89),
+            2: _rec(5, "loading data", since=88),
+            3: _rec(4, "checkpoint", since=87, beat=90),
+        },
+    )
     assert "rank 2 is behind: stalled in 'loading data' at step 5, no progress for 12 s" in behind
     assert "rank 3 is behind: no heartbeat for 10 s, last seen in 'checkpoint' at step 4" in behind
     assert "ranks 0, 1 waiting in 'training step' at step 5" in behind and behind.endswith("(detected by rank 0).")
 
-    missing = describe_stall(me=1, now=now, timeout_s=10, stale_after=5,
-                             records={0: None, 1: _rec(2, "evaluation")})
+    missing = describe_stall(me=1, now=now, timeout_s=10, stale_after=5, records={0: None, 1: _rec(2, "evaluation")})
     assert "rank 0 is behind: it never reported progress" in missing
 
-    same = describe_stall(me=1, now=now, timeout_s=10, stale_after=5,
-                          records={0: _rec(7, "training step"), 1: _rec(7, "training step")})
+    same = describe_stall(
+        me=1, now=now, timeout_s=10, stale_after=5, records={0: _rec(7, "training step"), 1: _rec(7, "training step")}
+    )
     assert "no rank is behind: every rank is in 'training step' at step 7" in same

@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import saved_activation_bytes
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import saved_activation_bytes
 from mm_models import EncoderConfig, FusionConfig, ModelConfig, ObjectiveConfig, PretrainModel
 from mm_models.encoders import arch_name
 from mm_models.flops import flops_per_sample
@@ -25,9 +25,14 @@ ARCHS = [  # (image, audio, text)
 def config(image: str, audio: str, text: str, *, text_options: dict | None = None) -> ModelConfig:
     enc = dict(width=32, depth=2, heads=2, patch_size=8)
     return ModelConfig(
-        embed_dim=16, image=EncoderConfig(arch=image, **enc), audio=EncoderConfig(arch=audio, **enc),
+        embed_dim=16,
+        image=EncoderConfig(arch=image, **enc),
+        audio=EncoderConfig(arch=audio, **enc),
         text=EncoderConfig(arch=text, **{**enc, **(text_options or {})}),
-        image_size=32, n_mels=16, audio_frames=32, max_text_len=12,
+        image_size=32,
+        n_mels=16,
+        audio_frames=32,
+        max_text_len=12,
     )
 
 
@@ -50,10 +55,15 @@ def batch(cfg: ModelConfig, b: int = 4, *, seed: int = 0) -> dict:
 
 
 @pytest.mark.parametrize("archs", ARCHS, ids="-".join)
-@pytest.mark.parametrize("fusion,objective", [
-    ("none", {}), ("concat", {"matching_weight": 1.0}), ("weighted_sum", {"matching_weight": 1.0}),
-    ("attention", {"matching_weight": 1.0, "masked_text_weight": 1.0}),
-])
+@pytest.mark.parametrize(
+    "fusion,objective",
+    [
+        ("none", {}),
+        ("concat", {"matching_weight": 1.0}),
+        ("weighted_sum", {"matching_weight": 1.0}),
+        ("attention", {"matching_weight": 1.0, "masked_text_weight": 1.0}),
+    ],
+)
 def test_every_arch_trains_with_every_fusion(archs, fusion, objective):
     cfg = config(*archs)
     torch.manual_seed(0)
@@ -79,7 +89,7 @@ def test_outputs_have_the_configured_width_and_ignore_padding(archs):
     model.eval()
     x = batch(cfg)
     features = model.model(x)
-    for m, f in features.items():
+    for f in features.values():
         assert f["pooled"].shape == (4, 32) and f["embed"].shape == (4, 16) and f["tokens"].shape[-1] == 32
     # Changing the ids under the padding changes no present caption's embedding.
     y = dict(x, text=x["text"].masked_fill(x["text_pad"], 77))
@@ -109,8 +119,11 @@ def test_unknown_or_unsuitable_arch_names_the_choices():
     with pytest.raises(ValueError, match=r"model\.image\.arch='resnet'"):
         arch_name(config("resnet", "cnn", "rnn"), "image")
     with pytest.raises(ValueError, match="power of two"):
-        PretrainModel(replace(config("cnn", "cnn", "rnn"), image=EncoderConfig(arch="cnn", patch_size=6)),
-                      FusionConfig(), ObjectiveConfig())
+        PretrainModel(
+            replace(config("cnn", "cnn", "rnn"), image=EncoderConfig(arch="cnn", patch_size=6)),
+            FusionConfig(),
+            ObjectiveConfig(),
+        )
 
 
 def test_conv_stem_refuses_sizes_the_patch_does_not_divide():
@@ -223,11 +236,14 @@ def test_dropped_tokens_keep_their_order_and_positions():
     assert (kept[:, 1:, 0] > kept[:, :-1, 0]).all()  # increasing: original order, no repeats
 
 
-@pytest.mark.parametrize("override,message", [
-    ("model.text.token_dropout=0.5", "model.text.token_dropout drops image or audio patches"),
-    ("model.image.token_dropout=1.0", "model.image.token_dropout=1.0: give a fraction in"),
-    ("model.image.token_dropout=-0.1", "give a fraction in"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.text.token_dropout=0.5", "model.text.token_dropout drops image or audio patches"),
+        ("model.image.token_dropout=1.0", "model.image.token_dropout=1.0: give a fraction in"),
+        ("model.image.token_dropout=-0.1", "give a fraction in"),
+    ],
+)
 def test_token_dropout_settings_are_checked_at_start(override, message):
     from omegaconf import OmegaConf
 

@@ -10,17 +10,21 @@ import subprocess
 
 import pytest
 import torch
+from conftest import REPO, clean_env, venv_bin
 
 import mm_models
-from conftest import REPO, clean_env, venv_bin
 from train.config import DeepSpeedConfig, OptimizerConfig, TrainerConfig
 from train.engine import batch_sizes, build_deepspeed_config, param_groups, resolve_precision
 from train.export import export
 
 
 def _ds_json(world_size: int = 2, **ds) -> dict:
-    return build_deepspeed_config(ds=DeepSpeedConfig(**ds), trainer=TrainerConfig(micro_batch_size=8),
-                                  optimizer=OptimizerConfig(), world_size=world_size)
+    return build_deepspeed_config(
+        ds=DeepSpeedConfig(**ds),
+        trainer=TrainerConfig(micro_batch_size=8),
+        optimizer=OptimizerConfig(),
+        world_size=world_size,
+    )
 
 
 def test_global_batch_is_derived_or_derives_the_accumulation():
@@ -34,10 +38,17 @@ def test_global_batch_is_derived_or_derives_the_accumulation():
 
 
 def test_deepspeed_json_carries_batch_precision_and_offload():
-    cfg = build_deepspeed_config(ds=DeepSpeedConfig(stage=3, precision="bf16", offload_optimizer="cpu"),
-                                 trainer=TrainerConfig(micro_batch_size=4, global_batch_size=32),
-                                 optimizer=OptimizerConfig(grad_clip=0.5), world_size=2)
-    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (32, 4, 4)
+    cfg = build_deepspeed_config(
+        ds=DeepSpeedConfig(stage=3, precision="bf16", offload_optimizer="cpu"),
+        trainer=TrainerConfig(micro_batch_size=4, global_batch_size=32),
+        optimizer=OptimizerConfig(grad_clip=0.5),
+        world_size=2,
+    )
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (
+        32,
+        4,
+        4,
+    )
     assert cfg["bf16"] == {"enabled": True} and cfg["fp16"] == {"enabled": False}
     assert cfg["zero_optimization"]["stage"] == 3
     assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -58,12 +69,15 @@ def test_fp16_without_cuda_is_a_clear_error():
         resolve_precision("fp16")
 
 
-@pytest.mark.parametrize("flags,fast", [
-    ("fpu sse avx avx2 fma", False),                                           # AVX2 only: bf16 is emulated
-    ("avx2 avx512f avx512bw avx512vl avx512_vnni", False),                     # AVX512 without BF16
-    ("avx2 avx512f avx512bw avx512_bf16", True),                              # Cooper Lake, Zen 4
-    ("avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", True),            # Sapphire Rapids
-])
+@pytest.mark.parametrize(
+    "flags,fast",
+    [
+        ("fpu sse avx avx2 fma", False),  # AVX2 only: bf16 is emulated
+        ("avx2 avx512f avx512bw avx512vl avx512_vnni", False),  # AVX512 without BF16
+        ("avx2 avx512f avx512bw avx512_bf16", True),  # Cooper Lake, Zen 4
+        ("avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", True),  # Sapphire Rapids
+    ],
+)
 def test_auto_precision_reads_the_cpu_flags(tmp_path, flags, fast):
     """torch reports every AVX512 CPU as "AVX512": the flags decide bf16."""
     from train.engine import cpu_flags, cpu_has_fast_bf16
@@ -98,14 +112,29 @@ def _tiny_configs():
 def _train(run_dir, shards, *extra: str) -> list[float]:
     """Losses per step of a 2-process `python -m train` run."""
     cmd = [
-        venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train",
-        f"hydra.run.dir={run_dir}", "trainer.max_steps=8", "trainer.log_every=1", "trainer.micro_batch_size=16",
-        "trainer.eval_batch_size=64", "trainer.threads=1", "optimizer.lr=2e-3", "optimizer.warmup_steps=2",
-        f"data.train={shards['train']}", f"data.heldout={shards['heldout']}", "data.num_workers=0",
-        "logger.mode=disabled", "trainer.fail_on_export_error=true", *extra,
+        venv_bin("torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "train",
+        f"hydra.run.dir={run_dir}",
+        "trainer.max_steps=8",
+        "trainer.log_every=1",
+        "trainer.micro_batch_size=16",
+        "trainer.eval_batch_size=64",
+        "trainer.threads=1",
+        "optimizer.lr=2e-3",
+        "optimizer.warmup_steps=2",
+        f"data.train={shards['train']}",
+        f"data.heldout={shards['heldout']}",
+        "data.num_workers=0",
+        "logger.mode=disabled",
+        "trainer.fail_on_export_error=true",
+        *extra,
     ]
-    proc = subprocess.run(cmd, cwd=run_dir.parent, env=clean_env(PYTHONPATH=str(REPO)),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        cmd, cwd=run_dir.parent, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["train/loss"] for r in rows if "train/loss" in r]
@@ -137,20 +166,36 @@ def _probe(out, shards, *overrides: str, **env: str) -> dict:
     """Runs tests/engine_probe.py on 2 processes; returns its report."""
     out.mkdir()
     cmd = [
-        venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "engine_probe.py"), str(out),
-        "model=tiny", "deepspeed.precision=fp32", "trainer.micro_batch_size=16", f"data.train={shards['train']}",
-        f"data.heldout={shards['heldout']}", "data.num_workers=0", *overrides,
+        venv_bin("torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests" / "engine_probe.py"),
+        str(out),
+        "model=tiny",
+        "deepspeed.precision=fp32",
+        "trainer.micro_batch_size=16",
+        f"data.train={shards['train']}",
+        f"data.heldout={shards['heldout']}",
+        "data.num_workers=0",
+        *overrides,
     ]
-    proc = subprocess.run(cmd, cwd=out.parent, env=clean_env(PYTHONPATH=str(REPO), **env),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        cmd, cwd=out.parent, env=clean_env(PYTHONPATH=str(REPO), **env), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads((out / "probe.json").read_text())
 
 
 @pytest.mark.integration
 def test_a_nan_on_one_rank_is_skipped_by_every_rank(demo_shards, tmp_path):
-    report = _probe(tmp_path / "probe", demo_shards, "deepspeed=zero2", "trainer.max_steps=4",
-                    PROBE_NAN_RANK="1", PROBE_NAN_STEP="2")
+    report = _probe(
+        tmp_path / "probe",
+        demo_shards,
+        "deepspeed=zero2",
+        "trainer.max_steps=4",
+        PROBE_NAN_RANK="1",
+        PROBE_NAN_STEP="2",
+    )
     losses = report["losses"]
     assert losses[1] is None and all(v is not None for i, v in enumerate(losses) if i != 1), losses
     digests = report["weight_digests"]
@@ -164,8 +209,16 @@ def test_a_nan_inside_an_accumulation_keeps_every_count_in_step(demo_shards, tmp
     bad micro batch contributes nothing (its gradients are zeroed on the
     device) and the step completes from the good ones. DeepSpeed's
     optimizer steps equal the loop's, and both replicas hold the same weights."""
-    report = _probe(tmp_path / "probe", demo_shards, "deepspeed=zero2", "trainer.max_steps=4",
-                    "trainer.grad_accum_steps=2", PROBE_NAN_RANK="1", PROBE_NAN_STEP="2", PROBE_NAN_MICRO=str(micro))
+    report = _probe(
+        tmp_path / "probe",
+        demo_shards,
+        "deepspeed=zero2",
+        "trainer.max_steps=4",
+        "trainer.grad_accum_steps=2",
+        PROBE_NAN_RANK="1",
+        PROBE_NAN_STEP="2",
+        PROBE_NAN_MICRO=str(micro),
+    )
     losses = report["losses"]
     assert all(v is not None for v in losses), losses
     # The NaN never reached the gradients: DeepSpeed would skip a step whose gradients
@@ -184,9 +237,17 @@ def test_a_step_with_no_finite_micro_batch_changes_nothing(demo_shards, tmp_path
     """Accumulation 2, every micro batch of step 2 NaN on every rank: the
     step is skipped, and the weights, the optimizer's state and the
     learning-rate schedule are exactly as after step 1."""
-    report = _probe(tmp_path / "probe", demo_shards, f"deepspeed={stage}", "trainer.max_steps=4",
-                    "trainer.grad_accum_steps=2", "optimizer.warmup_steps=2", PROBE_NAN_RANK="all",
-                    PROBE_NAN_STEP="2", PROBE_NAN_MICRO="all")
+    report = _probe(
+        tmp_path / "probe",
+        demo_shards,
+        f"deepspeed={stage}",
+        "trainer.max_steps=4",
+        "trainer.grad_accum_steps=2",
+        "optimizer.warmup_steps=2",
+        PROBE_NAN_RANK="all",
+        PROBE_NAN_STEP="2",
+        PROBE_NAN_MICRO="all",
+    )
     losses, states = report["losses"], report["state_digests"]
     assert losses[1] is None and all(math.isfinite(v) for i, v in enumerate(losses) if i != 1), losses
     assert states[1] == states[0] and states[2] != states[1], states  # nothing moved; the next step does
@@ -205,8 +266,15 @@ def test_the_step_waits_on_the_device_once_whatever_the_accumulation(demo_shards
     optimizer step (the non-finite decision), not once per micro batch."""
     counts = {}
     for accum in (1, 4):
-        report = _probe(tmp_path / f"probe{accum}", demo_shards, "deepspeed=zero2", "trainer.max_steps=2",
-                        f"trainer.grad_accum_steps={accum}", "trainer.micro_batch_size=4", PROBE_COUNT_SYNCS="1")
+        report = _probe(
+            tmp_path / f"probe{accum}",
+            demo_shards,
+            "deepspeed=zero2",
+            "trainer.max_steps=2",
+            f"trainer.grad_accum_steps={accum}",
+            "trainer.micro_batch_size=4",
+            PROBE_COUNT_SYNCS="1",
+        )
         counts[accum] = report["host_syncs_per_step"]
     assert counts[1] == counts[4] == [2, 2], counts  # one all-reduce of the bad count, one read of it
 
@@ -227,8 +295,9 @@ def test_zero3_is_built_partitioned_and_exports_the_live_model(demo_shards, tmp_
     loaded = mm_models.load(weights)
     live = torch.load(out / "live_embeddings.pt", weights_only=True)
     config = json.loads((tmp_path / "model.json").read_text())
-    from data_pipeline import DataConfig, build_loader
     from omegaconf import OmegaConf
+
+    from data_pipeline import DataConfig, build_loader
 
     data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), config["data"]))
     batch = next(iter(build_loader(data, split="heldout", batch_size=16)))

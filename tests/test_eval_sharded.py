@@ -24,9 +24,18 @@ WORLD = 2
 
 
 def _setup(shards: dict[str, str]):
-    cfg = OmegaConf.to_object(compose(["experiment=demo", "fusion=concat", "objective=matching",
-                                       f"data.train={shards['train']}", f"data.heldout={shards['heldout']}",
-                                       "data.num_workers=0"]))
+    cfg = OmegaConf.to_object(
+        compose(
+            [
+                "experiment=demo",
+                "fusion=concat",
+                "objective=matching",
+                f"data.train={shards['train']}",
+                f"data.heldout={shards['heldout']}",
+                "data.num_workers=0",
+            ]
+        )
+    )
     torch.manual_seed(0)
     model = PretrainModel(cfg.model, cfg.fusion, cfg.objective)
     model.init_weights()
@@ -36,8 +45,16 @@ def _setup(shards: dict[str, str]):
 def _evaluate(shards: dict[str, str], *, rank: int = 0, world: int = 1) -> dict:
     cfg, model = _setup(shards)
     # 64 held-out samples, batches of 12: each rank gets 32 in 3 batches, the last one padded.
-    return evaluate_heldout(model, data=cfg.data, batch_size=12, device=torch.device("cpu"), dtype=torch.float32,
-                            keep_split=True, rank=rank, world_size=world)
+    return evaluate_heldout(
+        model,
+        data=cfg.data,
+        batch_size=12,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        keep_split=True,
+        rank=rank,
+        world_size=world,
+    )
 
 
 def _worker(rank: int, port: int, shards: dict[str, str], tmp: str) -> None:
@@ -60,8 +77,9 @@ def test_two_ranks_evaluate_as_one_process(demo_shards, tmp_path):
         # ...and the same rows in the same order, then the same figures.
         assert sharded["split"]["keys"] == single["split"]["keys"]
         for m in MODALITIES:
-            torch.testing.assert_close(sharded["split"]["embeds"][m], single["split"]["embeds"][m],
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                sharded["split"]["embeds"][m], single["split"]["embeds"][m], rtol=1e-5, atol=1e-6
+            )
             assert torch.equal(sharded["split"]["masks"][m], single["split"]["masks"][m])
         assert torch.equal(sharded["split"]["labels"], single["split"]["labels"])
         # The matching head's swap partner is the next sample of the same

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, clean_env, python, venv_bin
 from omegaconf import OmegaConf
 
 import mm_models
-from conftest import REPO, clean_env, python, venv_bin
 from data_pipeline import DataConfig, build_loader
 from mm_models import PretrainModel
 from mm_models.io import configs_from_dict, from_dict
@@ -28,14 +28,27 @@ def trained(request, demo_shards, tmp_path_factory) -> dict:
     run_dir = tmp_path_factory.mktemp(f"run_{request.param}") / "run"
     run_dir.mkdir()
     cmd = [
-        venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train",
-        f"hydra.run.dir={run_dir}", "model=tiny", f"deepspeed={request.param}", "deepspeed.precision=fp32",
-        "trainer.max_steps=3", "trainer.log_every=1", "trainer.micro_batch_size=16", "trainer.eval_batch_size=32",
-        f"data.train={demo_shards['train']}", f"data.heldout={demo_shards['heldout']}", "data.num_workers=0",
+        venv_bin("torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "train",
+        f"hydra.run.dir={run_dir}",
+        "model=tiny",
+        f"deepspeed={request.param}",
+        "deepspeed.precision=fp32",
+        "trainer.max_steps=3",
+        "trainer.log_every=1",
+        "trainer.micro_batch_size=16",
+        "trainer.eval_batch_size=32",
+        f"data.train={demo_shards['train']}",
+        f"data.heldout={demo_shards['heldout']}",
+        "data.num_workers=0",
         "logger.mode=disabled",
     ]
-    proc = subprocess.run(cmd, cwd=run_dir.parent, env=clean_env(PYTHONPATH=str(REPO)),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        cmd, cwd=run_dir.parent, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     step_dir = run_dir / "checkpoints" / "step_000003"
     assert (step_dir / "meta.json").is_file()
@@ -43,8 +56,14 @@ def trained(request, demo_shards, tmp_path_factory) -> dict:
 
 
 def _run(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([python(), "-m", module, *args], cwd=REPO, env=clean_env(PYTHONPATH=str(REPO)),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [python(), "-m", module, *args],
+        cwd=REPO,
+        env=clean_env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _heldout_batch(config: dict) -> dict:
@@ -162,6 +181,7 @@ def test_a_checkpoint_carrying_a_malicious_pickle_runs_no_code(tmp_path):
     import sys
 
     from conftest import REPO, clean_env
+
     from train.checkpoint import UntrustedCheckpoint, verify_checkpoint
     from train.export import CheckpointError, consolidate
 
@@ -179,8 +199,14 @@ def test_a_checkpoint_carrying_a_malicious_pickle_runs_no_code(tmp_path):
         consolidate(step)
     for module in ("train.export", "train.evaluate"):
         args = [f"checkpoint={tmp_path / 'run'}"] + (["out=x.safetensors"] if module == "train.export" else [])
-        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path,
-                              env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=tmp_path,
+            env=clean_env(PYTHONPATH=str(REPO)),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 2 and "trust_checkpoint" in proc.stderr, proc.stderr[-2000:]
     assert not marker.exists()
 
@@ -190,6 +216,8 @@ def test_a_genuine_checkpoint_passes_the_check(tmp_path):
 
     step = tmp_path / "step_000001"
     step.mkdir()
-    torch.save({"module": {"w": torch.ones(3)}, "ds_version": "0.19", "shapes": [torch.Size([3])]},
-               step / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"module": {"w": torch.ones(3)}, "ds_version": "0.19", "shapes": [torch.Size([3])]},
+        step / "mp_rank_00_model_states.pt",
+    )
     verify_checkpoint(step)

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model import batch, tiny
 
 from mm_models import FusionConfig, ObjectiveConfig, PretrainModel
 from mm_models.fusion import FUSIONS
-from test_model import batch, tiny
 
 # (fusion, objective overrides): late fusion with contrastive only, and every
 # fusion with each fused-tuple objective it supports (a fusion without one is refused).
-COMBOS = [("none", {})] + [
-    (f, {"matching_weight": 1.0}) for f in FUSIONS if f != "none"
-] + [("attention", {"matching_weight": 1.0, "masked_text_weight": 1.0}), ("none", {"contrastive": "siglip"}),
-     ("concat", {"contrastive": "siglip", "matching_weight": 1.0})]
+COMBOS = (
+    [("none", {})]
+    + [(f, {"matching_weight": 1.0}) for f in FUSIONS if f != "none"]
+    + [
+        ("attention", {"matching_weight": 1.0, "masked_text_weight": 1.0}),
+        ("none", {"contrastive": "siglip"}),
+        ("concat", {"contrastive": "siglip", "matching_weight": 1.0}),
+    ]
+)
 IDS = [f"{f}-{'+'.join(f'{k}={v}' for k, v in o.items()) or 'infonce'}" for f, o in COMBOS]
 
 

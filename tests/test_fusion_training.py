@@ -9,7 +9,6 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import REPO, clean_env, python
 
 pytestmark = pytest.mark.integration
@@ -20,14 +19,29 @@ CASES = [("concat", "matching"), ("weighted_sum", "matching"), ("attention", "ma
 @pytest.mark.parametrize("fusion,objective", CASES, ids=[c[0] for c in CASES])
 def test_fusion_trains_and_beats_chance(demo_shards, tmp_path, fusion, objective):
     cmd = [
-        python(), "-m", "train", f"fusion={fusion}", f"objective={objective}", "fusion.width=64",
-        "fusion.depth=1", "trainer.max_steps=100", "trainer.micro_batch_size=64", "trainer.log_every=20",
-        "trainer.eval_batch_size=64", "optimizer.lr=2e-3", "optimizer.warmup_steps=10", "deepspeed.precision=fp32",
-        f"data.train={demo_shards['train']}", f"data.heldout={demo_shards['heldout']}", "data.num_workers=1",
-        "logger.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}",
+        python(),
+        "-m",
+        "train",
+        f"fusion={fusion}",
+        f"objective={objective}",
+        "fusion.width=64",
+        "fusion.depth=1",
+        "trainer.max_steps=100",
+        "trainer.micro_batch_size=64",
+        "trainer.log_every=20",
+        "trainer.eval_batch_size=64",
+        "optimizer.lr=2e-3",
+        "optimizer.warmup_steps=10",
+        "deepspeed.precision=fp32",
+        f"data.train={demo_shards['train']}",
+        f"data.heldout={demo_shards['heldout']}",
+        "data.num_workers=1",
+        "logger.mode=disabled",
+        f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     final = json.loads(proc.stdout.strip().splitlines()[-1])
     # The fused objective, judged on held-out tuples: does the matching head

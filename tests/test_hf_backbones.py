@@ -30,7 +30,8 @@ def _save_tokenizer(path: Path) -> None:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
     transformers.BertTokenizerFast(tokenizer_object=tok).save_pretrained(str(path))
 
 
@@ -39,28 +40,66 @@ def backbones(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
     # Saved as task models, so the weight names carry a prefix ("resnet.", "bert.") to be matched.
-    transformers.ResNetForImageClassification(transformers.ResNetConfig(
-        embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=3,
-    )).save_pretrained(str(root / "resnet"))
-    transformers.ViTModel(transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8,
-    ), add_pooling_layer=False).save_pretrained(str(root / "vit"))
-    (root / "vit" / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
-    transformers.ASTModel(transformers.ASTConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_mel_bins=16,
-        max_length=32, patch_size=8, frequency_stride=8, time_stride=8,
-    )).save_pretrained(str(root / "ast"))
+    transformers.ResNetForImageClassification(
+        transformers.ResNetConfig(
+            embedding_size=16,
+            hidden_sizes=[16, 32],
+            depths=[1, 1],
+            layer_type="basic",
+            num_labels=3,
+        )
+    ).save_pretrained(str(root / "resnet"))
+    transformers.ViTModel(
+        transformers.ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(str(root / "vit"))
+    (root / "vit" / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]})
+    )
+    transformers.ASTModel(
+        transformers.ASTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_mel_bins=16,
+            max_length=32,
+            patch_size=8,
+            frequency_stride=8,
+            time_stride=8,
+        )
+    ).save_pretrained(str(root / "ast"))
     vocab = len(WORDS.split()) + 5
-    transformers.BertModel(transformers.BertConfig(
-        vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32,
-    )).save_pretrained(str(root / "bert"))
+    transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    ).save_pretrained(str(root / "bert"))
     _save_tokenizer(root / "bert")
-    transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
-        conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2,
-    )).save_pretrained(str(root / "wav2vec2"))
+    transformers.Wav2Vec2Model(
+        transformers.Wav2Vec2Config(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            conv_dim=(8, 8),
+            conv_stride=(5, 2),
+            conv_kernel=(10, 3),
+            num_feat_extract_layers=2,
+        )
+    ).save_pretrained(str(root / "wav2vec2"))
     return {p.name: p for p in root.iterdir()}
 
 
@@ -70,7 +109,10 @@ def model_config(backbones, *, image="resnet", freeze=False) -> ModelConfig:
         image=EncoderConfig(arch="hf", pretrained=str(backbones[image]), width=32, freeze=freeze),
         audio=EncoderConfig(arch="hf", pretrained=str(backbones["ast"]), width=24, freeze=freeze),
         text=EncoderConfig(arch="hf", pretrained=str(backbones["bert"]), width=32, freeze=freeze),
-        image_size=32, n_mels=16, audio_frames=32, max_text_len=16,
+        image_size=32,
+        n_mels=16,
+        audio_frames=32,
+        max_text_len=16,
     )
 
 
@@ -112,11 +154,13 @@ def test_outputs_equal_the_library_forward(backbones, image):
             ref = lib_image(pixel_values=pixels).last_hidden_state
         torch.testing.assert_close(ours["image"]["tokens"], ref)
         ref = transformers.ASTModel.from_pretrained(str(backbones["ast"])).eval()(
-            input_values=x["audio"].transpose(1, 2))
+            input_values=x["audio"].transpose(1, 2)
+        )
         torch.testing.assert_close(model.model.encoders["audio"].resize.weight.shape, torch.Size([24, 32]))
         torch.testing.assert_close(ours["audio"]["pooled"], model.model.encoders["audio"].resize(ref.pooler_output))
         ref = transformers.BertModel.from_pretrained(str(backbones["bert"])).eval()(
-            input_ids=x["text"], attention_mask=(~x["text_pad"]).long())
+            input_ids=x["text"], attention_mask=(~x["text_pad"]).long()
+        )
         torch.testing.assert_close(ours["text"]["tokens"], ref.last_hidden_state)
         # BERT's pooler (dense + tanh) is a task head: pooled is the mean over the caption's tokens instead.
         keep = (~x["text_pad"]).unsqueeze(-1).float()
@@ -171,8 +215,9 @@ def test_masked_text_with_a_pretrained_tokenizer_is_refused(backbones):
 
     from train.config import compose, validate
 
-    cfg = OmegaConf.to_object(compose(["fusion=attention", "objective=matching_mtm",
-                                       f"data.tokenizer={backbones['bert']}"]))
+    cfg = OmegaConf.to_object(
+        compose(["fusion=attention", "objective=matching_mtm", f"data.tokenizer={backbones['bert']}"])
+    )
     with pytest.raises(ValueError, match="MASK"):
         validate(cfg)
 
@@ -212,9 +257,10 @@ def test_mm_models_imports_no_transformers():
 
 def test_export_loads_without_the_original_directory(backbones, tmp_path):
     """An export bundles each backbone's config and tokenizer: it loads after the directories are gone."""
+    from safetensors.torch import save_file
+
     from mm_models import load
     from train.export import bundle_pretrained_configs
-    from safetensors.torch import save_file
 
     copies = {}
     for name in ("resnet", "ast", "bert"):
@@ -227,8 +273,12 @@ def test_export_loads_without_the_original_directory(backbones, tmp_path):
     model.eval()
     import dataclasses
 
-    config = {"model": dataclasses.asdict(cfg), "fusion": dataclasses.asdict(FusionConfig()),
-              "objective": dataclasses.asdict(ObjectiveConfig()), "data": {"tokenizer": str(copies["bert"])}}
+    config = {
+        "model": dataclasses.asdict(cfg),
+        "fusion": dataclasses.asdict(FusionConfig()),
+        "objective": dataclasses.asdict(ObjectiveConfig()),
+        "data": {"tokenizer": str(copies["bert"])},
+    }
     out = tmp_path / "export" / "model.safetensors"
     out.parent.mkdir()
     bundle_pretrained_configs(config, out.parent)
@@ -240,8 +290,8 @@ def test_export_loads_without_the_original_directory(backbones, tmp_path):
     with torch.no_grad():
         for m, e in loaded.encode(x).items():
             torch.testing.assert_close(e, model.encode(x)[m], atol=1e-5, rtol=1e-5)
-    from mm_models.io import read_config
     from data_pipeline.tokenizer import load_tokenizer
+    from mm_models.io import read_config
 
     tok = load_tokenizer(read_config(out)["data"]["tokenizer"])
     assert tok.encode("a red star", max_len=16).tolist()[0] == tok.bos_id
@@ -251,22 +301,57 @@ def test_clip_vision_tower_and_whisper_encoder(tmp_path):
     """A CLIP vision tower taken from a full CLIP save, and a Whisper encoder
     taken from a full Whisper save, equal the library's forward."""
     torch.manual_seed(0)
-    transformers.CLIPModel(transformers.CLIPConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=99, max_position_embeddings=16, pad_token_id=1, bos_token_id=2, eos_token_id=3),
-        projection_dim=16,
-    )).save_pretrained(str(tmp_path / "clip"))
-    transformers.WhisperModel(transformers.WhisperConfig(
-        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16, vocab_size=99,
-        pad_token_id=1, bos_token_id=2, eos_token_id=3, decoder_start_token_id=2,
-    )).save_pretrained(str(tmp_path / "whisper"))
+    transformers.CLIPModel(
+        transformers.CLIPConfig(
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            ),
+            text_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                vocab_size=99,
+                max_position_embeddings=16,
+                pad_token_id=1,
+                bos_token_id=2,
+                eos_token_id=3,
+            ),
+            projection_dim=16,
+        )
+    ).save_pretrained(str(tmp_path / "clip"))
+    transformers.WhisperModel(
+        transformers.WhisperConfig(
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            num_mel_bins=16,
+            max_source_positions=16,
+            vocab_size=99,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=3,
+            decoder_start_token_id=2,
+        )
+    ).save_pretrained(str(tmp_path / "whisper"))
     cfg = ModelConfig(
-        embed_dim=16, image=EncoderConfig(arch="hf", pretrained=str(tmp_path / "clip"), width=32),
+        embed_dim=16,
+        image=EncoderConfig(arch="hf", pretrained=str(tmp_path / "clip"), width=32),
         audio=EncoderConfig(arch="hf", pretrained=str(tmp_path / "whisper"), width=32),
-        text=EncoderConfig(width=32, depth=1, heads=2), image_size=32, n_mels=16, audio_frames=32, max_text_len=16,
+        text=EncoderConfig(width=32, depth=1, heads=2),
+        image_size=32,
+        n_mels=16,
+        audio_frames=32,
+        max_text_len=16,
     )
     model = PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
     model.init_weights()

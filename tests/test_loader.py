@@ -13,8 +13,14 @@ from data_pipeline.sources import expand_shards
 
 def _cfg(shards, **kw) -> DataConfig:
     base = dict(
-        train=str(shards["train"]), heldout=str(shards["heldout"]), num_workers=0, shuffle_buffer=16,
-        image_size=32, n_mels=32, audio_frames=48, max_text_len=48,
+        train=str(shards["train"]),
+        heldout=str(shards["heldout"]),
+        num_workers=0,
+        shuffle_buffer=16,
+        image_size=32,
+        n_mels=32,
+        audio_frames=48,
+        max_text_len=48,
     )
     return DataConfig(**{**base, **kw})
 
@@ -204,7 +210,7 @@ def test_only_the_audio_and_text_a_sample_uses_are_decoded(monkeypatch):
         read = soundfile.SoundFile.read
         frames_read = []
 
-        def spy(self, frames=-1, *args, **kwargs):  # the real read, recording how much it was asked for
+        def spy(self, frames=-1, *args, read=read, frames_read=frames_read, **kwargs):  # the real read, recorded
             out = read(self, frames, *args, **kwargs)
             frames_read.append(len(out))
             return out

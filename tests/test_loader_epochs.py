@@ -3,28 +3,38 @@
 from __future__ import annotations
 
 import functools
-import io
 import http.server
+import io
 import json
 import socket
 import threading
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 import torch
 from PIL import Image
+from shardkit import flac, jpeg, png, text_shards, write_tar
 
 from data_pipeline import DataConfig, build_loader
 from data_pipeline.config import SourceConfig
-from shardkit import flac, jpeg, png, text_shards, write_tar
 
 
 def _cfg(train, **kw) -> DataConfig:
-    base = dict(train=str(train), heldout=str(train), num_workers=0, shuffle_buffer=8,
-                image_size=16, n_mels=16, audio_frames=16, hop_length=160, n_fft=256, max_text_len=32)
+    base = dict(
+        train=str(train),
+        heldout=str(train),
+        num_workers=0,
+        shuffle_buffer=8,
+        image_size=16,
+        n_mels=16,
+        audio_frames=16,
+        hop_length=160,
+        n_fft=256,
+        max_text_len=32,
+    )
     return DataConfig(**{**base, **kw})
 
 
@@ -94,8 +104,12 @@ def test_resume_gives_the_batches_an_uninterrupted_loader_gives(tmp_path, worker
 def test_resume_in_resampled_mode(tmp_path):
     text_shards(tmp_path / "a", [30, 50], prefix="a")
     text_shards(tmp_path / "b", [40], prefix="b")
-    cfg = _cfg(tmp_path, mode="resampled", num_workers=2,
-               sources=[SourceConfig(str(tmp_path / "a"), 0.5), SourceConfig(str(tmp_path / "b"), 0.5)])
+    cfg = _cfg(
+        tmp_path,
+        mode="resampled",
+        num_workers=2,
+        sources=[SourceConfig(str(tmp_path / "a"), 0.5), SourceConfig(str(tmp_path / "b"), 0.5)],
+    )
     _, resumed, expected = _stop_and_resume(cfg, stop_at=25, then=6)
     _assert_same_batches(resumed, expected)
 
@@ -112,8 +126,13 @@ def test_resume_refuses_a_changed_setup(tmp_path):
 def test_mixing_weights_hold_over_5000_samples(tmp_path):
     text_shards(tmp_path / "a", [100, 100], prefix="a")
     text_shards(tmp_path / "b", [100, 100], prefix="b")
-    cfg = _cfg(tmp_path, mode="resampled", num_workers=2, shuffle_buffer=64,
-               sources=[SourceConfig(str(tmp_path / "a"), 0.8), SourceConfig(str(tmp_path / "b"), 0.2)])
+    cfg = _cfg(
+        tmp_path,
+        mode="resampled",
+        num_workers=2,
+        shuffle_buffer=64,
+        sources=[SourceConfig(str(tmp_path / "a"), 0.8), SourceConfig(str(tmp_path / "b"), 0.2)],
+    )
     it = iter(build_loader(cfg, split="train", batch_size=50))
     keys = [k for _ in range(100) for k in next(it)["__key__"]]
     assert len(keys) == 5000
@@ -159,18 +178,22 @@ def test_bad_data_is_skipped_counted_and_the_rest_arrives(tmp_path):
 
 
 def test_required_modality_filters_and_counts(tmp_path):
-    write_tar(tmp_path / "s-000000.tar", [
-        {"__key__": "with", "txt": b"a", "png": png(1)},
-        {"__key__": "without", "txt": b"b"},
-    ])
+    write_tar(
+        tmp_path / "s-000000.tar",
+        [
+            {"__key__": "with", "txt": b"a", "png": png(1)},
+            {"__key__": "without", "txt": b"b"},
+        ],
+    )
     loader = build_loader(_cfg(tmp_path, require=["image"]), split="heldout", batch_size=4)
     keys = [k for b in loader for k in b["__key__"] if k]
     assert keys == ["with"] and loader.skipped == Counter({"missing_image": 1})
 
 
 def test_too_many_consecutive_errors_stop_naming_the_shard(tmp_path):
-    write_tar(tmp_path / "broken-000000.tar",
-              [{"__key__": f"k{j}", "txt": b"c", "jpg": b"not a jpeg"} for j in range(10)])
+    write_tar(
+        tmp_path / "broken-000000.tar", [{"__key__": f"k{j}", "txt": b"c", "jpg": b"not a jpeg"} for j in range(10)]
+    )
     loader = build_loader(_cfg(tmp_path, max_consecutive_errors=5), split="heldout", batch_size=4)
     with pytest.raises(RuntimeError, match="broken-000000.tar"):
         list(loader)
@@ -183,7 +206,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 def test_http_source_reads_like_local(tmp_path):
     text_shards(tmp_path, [25, 25, 25], with_images=True, index=True)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(tmp_path)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(tmp_path))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -200,7 +225,9 @@ def test_http_source_reads_like_local(tmp_path):
 def _encoded(fmt: str, seed: int) -> bytes:
     buf = io.BytesIO()
     if fmt in ("webp", "png", "jpeg"):
-        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(buf, fmt.upper())
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+            buf, fmt.upper()
+        )
     else:
         wav = np.random.default_rng(seed).normal(0, 0.1, 8000).astype(np.float32)
         soundfile.write(buf, wav, 22050, format=fmt.upper())
@@ -209,17 +236,23 @@ def _encoded(fmt: str, seed: int) -> bytes:
 
 def test_shards_from_other_tools_read_without_conversion(tmp_path):
     # img2dataset layout: KEY.jpg|png|webp + KEY.txt + KEY.json.
-    write_tar(tmp_path / "img-000000.tar", [
-        {"__key__": "000000000", "jpg": _encoded("jpeg", 1), "txt": b"a cat", "json": b'{"url": "x"}'},
-        {"__key__": "000000001", "webp": _encoded("webp", 2), "txt": b"a dog", "json": b"{}"},
-        {"__key__": "000000002", "png": _encoded("png", 3), "txt": b"a cow", "json": b"{}"},
-    ])
+    write_tar(
+        tmp_path / "img-000000.tar",
+        [
+            {"__key__": "000000000", "jpg": _encoded("jpeg", 1), "txt": b"a cat", "json": b'{"url": "x"}'},
+            {"__key__": "000000001", "webp": _encoded("webp", 2), "txt": b"a dog", "json": b"{}"},
+            {"__key__": "000000002", "png": _encoded("png", 3), "txt": b"a cow", "json": b"{}"},
+        ],
+    )
     # Audio-set layout: KEY.flac|wav|ogg + KEY.json, no caption.
-    write_tar(tmp_path / "aud-000000.tar", [
-        {"__key__": "clip_a", "wav": _encoded("wav", 4), "json": b'{"label": 1}'},
-        {"__key__": "clip_b", "ogg": _encoded("ogg", 5), "json": b'{"label": 2}'},
-        {"__key__": "clip_c", "flac": _encoded("flac", 6), "json": b'{"label": 3}'},
-    ])
+    write_tar(
+        tmp_path / "aud-000000.tar",
+        [
+            {"__key__": "clip_a", "wav": _encoded("wav", 4), "json": b'{"label": 1}'},
+            {"__key__": "clip_b", "ogg": _encoded("ogg", 5), "json": b'{"label": 2}'},
+            {"__key__": "clip_c", "flac": _encoded("flac", 6), "json": b'{"label": 3}'},
+        ],
+    )
     loader = build_loader(_cfg(tmp_path), split="heldout", batch_size=8)
     (batch,) = list(loader)
     rows = {k: i for i, k in enumerate(batch["__key__"]) if k}

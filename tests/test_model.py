@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import saved_activation_bytes
+
 from mm_models import EncoderConfig, FusionConfig, ModelConfig, ObjectiveConfig, PretrainModel
 from mm_models.objectives import ContrastiveLoss
 from train.metrics import retrieval_metrics
@@ -16,7 +16,9 @@ from train.metrics import retrieval_metrics
 
 def tiny(**kw) -> ModelConfig:
     enc = EncoderConfig(width=32, depth=1, heads=2, patch_size=8)
-    return ModelConfig(image=enc, audio=enc, text=enc, embed_dim=16, image_size=16, n_mels=16, audio_frames=16, max_text_len=12, **kw)
+    return ModelConfig(
+        image=enc, audio=enc, text=enc, embed_dim=16, image_size=16, n_mels=16, audio_frames=16, max_text_len=12, **kw
+    )
 
 
 def batch(b: int = 8, seed: int = 0) -> dict:
@@ -59,8 +61,13 @@ def test_initial_loss_is_near_log_batch():
     out = build()(batch(16))
     # Random embeddings at temperature 0.07: InfoNCE starts near log(B) = 2.77.
     assert 1.5 < out["loss"].item() < 5.0
-    assert set(out) >= {"loss", "loss/contrastive", "loss/contrastive/image_text",
-                        "loss/contrastive/audio_text", "loss/contrastive/image_audio"}
+    assert set(out) >= {
+        "loss",
+        "loss/contrastive",
+        "loss/contrastive/image_text",
+        "loss/contrastive/audio_text",
+        "loss/contrastive/image_audio",
+    }
 
 
 def test_absent_modality_content_changes_nothing():
@@ -148,7 +155,9 @@ def test_mm_models_imports_torch_only():
 def test_rotary_positions_replace_learned_ones_and_see_order():
     torch.manual_seed(0)
     enc = EncoderConfig(width=32, depth=1, heads=2, patch_size=8, positions="rotary")
-    cfg = ModelConfig(image=enc, audio=enc, text=enc, embed_dim=16, image_size=16, n_mels=16, audio_frames=16, max_text_len=12)
+    cfg = ModelConfig(
+        image=enc, audio=enc, text=enc, embed_dim=16, image_size=16, n_mels=16, audio_frames=16, max_text_len=12
+    )
     model = PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
     model.init_weights()
     model.eval()
@@ -167,7 +176,9 @@ def test_activation_checkpointing_changes_memory_not_results():
     def run(checkpointing: bool):
         torch.manual_seed(0)
         enc = EncoderConfig(width=32, depth=4, heads=2, patch_size=8, activation_checkpointing=checkpointing)
-        cfg = ModelConfig(image=enc, audio=enc, text=enc, embed_dim=16, image_size=16, n_mels=16, audio_frames=16, max_text_len=12)
+        cfg = ModelConfig(
+            image=enc, audio=enc, text=enc, embed_dim=16, image_size=16, n_mels=16, audio_frames=16, max_text_len=12
+        )
         model = PretrainModel(cfg, FusionConfig(), ObjectiveConfig())
         model.init_weights()
         kept = saved_activation_bytes(model, batch(8))
@@ -189,11 +200,13 @@ def test_init_keeps_the_scale_at_every_width(width):
     whatever the width. A fixed 0.02 was 5x too small at width 96 and made
     audio-text learning lag a plain PyTorch model (benchmarks/README.md)."""
     enc = EncoderConfig(width=width, depth=1, heads=4)
-    cfg = ModelConfig(embed_dim=64, image=enc, audio=enc, text=enc, image_size=32, n_mels=32, audio_frames=32,
-                      max_text_len=16)
+    cfg = ModelConfig(
+        embed_dim=64, image=enc, audio=enc, text=enc, image_size=32, n_mels=32, audio_frames=32, max_text_len=16
+    )
     torch.manual_seed(0)
-    model = PretrainModel(cfg, FusionConfig(name="attention", width=width),
-                          ObjectiveConfig(matching_weight=1.0, masked_text_weight=1.0))
+    model = PretrainModel(
+        cfg, FusionConfig(name="attention", width=width), ObjectiveConfig(matching_weight=1.0, masked_text_weight=1.0)
+    )
     model.init_weights()
     checked = 0
     for name, module in model.named_modules():

@@ -16,8 +16,9 @@ def test_every_position_is_read_once_and_batch_counts_match(sizes, world, worker
     read: Counter = Counter()
     counts = []
     for rank, worker in itertools.product(range(world), range(workers)):
-        plan = epoch_plan(sizes, seed=3, epoch=1, rank=rank, world_size=world, worker=worker,
-                          num_workers=workers, batch_size=batch)
+        plan = epoch_plan(
+            sizes, seed=3, epoch=1, rank=rank, world_size=world, worker=worker, num_workers=workers, batch_size=batch
+        )
         assert all(0 <= r <= batch for r in plan.real)
         assert sum(plan.real) == sum(s.take for s in plan.segments)
         for seg in plan.segments:
@@ -30,9 +31,14 @@ def test_every_position_is_read_once_and_batch_counts_match(sizes, world, worker
 
 def test_shard_order_changes_with_epoch_and_seed():
     orders = {
-        (seed, epoch): [s.shard for s in epoch_plan([2] * 8, seed=seed, epoch=epoch, rank=0, world_size=1,
-                                                    worker=0, num_workers=1, batch_size=16).segments]
-        for seed in (0, 1) for epoch in (0, 1)
+        (seed, epoch): [
+            s.shard
+            for s in epoch_plan(
+                [2] * 8, seed=seed, epoch=epoch, rank=0, world_size=1, worker=0, num_workers=1, batch_size=16
+            ).segments
+        ]
+        for seed in (0, 1)
+        for epoch in (0, 1)
     }
     assert len({tuple(o) for o in orders.values()}) == 4
 

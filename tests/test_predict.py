@@ -12,7 +12,6 @@ import tarfile
 
 import pytest
 import torch
-
 from conftest import REPO, clean_env, python, venv_bin
 from shardkit import write_tar
 
@@ -30,16 +29,26 @@ def export_model(path, model: torch.nn.Module, config: dict) -> None:
 def demo_geometry():
     from data_pipeline import DataConfig
 
-    return DataConfig(image_size=32, n_mels=32, audio_frames=48, max_text_len=48, n_fft=512, hop_length=320,
-                      log_mel_mean=-8.0, log_mel_std=2.5, num_workers=2)
+    return DataConfig(
+        image_size=32,
+        n_mels=32,
+        audio_frames=48,
+        max_text_len=48,
+        n_fft=512,
+        hop_length=320,
+        log_mel_mean=-8.0,
+        log_mel_std=2.5,
+        num_workers=2,
+    )
 
 
 def tiny_config():
     from mm_models import EncoderConfig, ModelConfig
 
     enc = EncoderConfig(width=32, depth=1, heads=2, patch_size=8)
-    return ModelConfig(image=enc, audio=enc, text=enc, embed_dim=16, image_size=32, n_mels=32, audio_frames=48,
-                       max_text_len=48)
+    return ModelConfig(
+        image=enc, audio=enc, text=enc, embed_dim=16, image_size=32, n_mels=32, audio_frames=48, max_text_len=48
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +57,27 @@ def classifier_export(tmp_path_factory):
     from mm_models import FusionConfig, ObjectiveConfig
     from mm_models.classifier import ClassifierModel, classifier_config
 
-    task = {"name": "classify", "classes": ["red", "green", "blue", "yellow", "magenta", "cyan"],
-            "modalities": ["image"], "head": "linear"}
+    task = {
+        "name": "classify",
+        "classes": ["red", "green", "blue", "yellow", "magenta", "cyan"],
+        "modalities": ["image"],
+        "head": "linear",
+    }
     torch.manual_seed(0)
     model = ClassifierModel(tiny_config(), FusionConfig(), classifier_config(task))
     model.init_weights()
     path = tmp_path_factory.mktemp("classifier") / "model.safetensors"
-    export_model(path, model, {"model": dataclasses.asdict(tiny_config()), "fusion": dataclasses.asdict(FusionConfig()),
-                               "objective": dataclasses.asdict(ObjectiveConfig()), "task": task,
-                               "data": dataclasses.asdict(demo_geometry())})
+    export_model(
+        path,
+        model,
+        {
+            "model": dataclasses.asdict(tiny_config()),
+            "fusion": dataclasses.asdict(FusionConfig()),
+            "objective": dataclasses.asdict(ObjectiveConfig()),
+            "task": task,
+            "data": dataclasses.asdict(demo_geometry()),
+        },
+    )
     return path
 
 
@@ -66,8 +87,9 @@ def corpus(demo_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("predict_corpus")
     for shard in sorted(demo_shards["train"].glob("*.tar")):
         shutil.copy(shard, root / shard.name)
-    write_tar(root / "zz-bad-000000.tar", [{"__key__": f"bad{i}", "jpg": b"not an image", "txt": b"broken"}
-                                           for i in range(2)])
+    write_tar(
+        root / "zz-bad-000000.tar", [{"__key__": f"bad{i}", "jpg": b"not an image", "txt": b"broken"} for i in range(2)]
+    )
     keys, no_image = set(), set()
     for shard in sorted(root.glob("*.tar")):
         members: dict[str, set] = {}
@@ -82,20 +104,27 @@ def corpus(demo_shards, tmp_path_factory):
 
 def run_predict(tmp_path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [venv_bin("torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "train.predict", *args]
-    return subprocess.run(cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    return subprocess.run(
+        cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
 def read_rows(out) -> list[dict]:
-    return [json.loads(line) for f in sorted(out.glob("predictions-rank*.jsonl")) for line in f.read_text().splitlines()]
+    return [
+        json.loads(line) for f in sorted(out.glob("predictions-rank*.jsonl")) for line in f.read_text().splitlines()
+    ]
 
 
 @pytest.mark.integration
-def test_every_sample_is_predicted_exactly_once_and_a_rerun_skips_finished_shards(classifier_export, corpus,
-                                                                                   tmp_path):
+def test_every_sample_is_predicted_exactly_once_and_a_rerun_skips_finished_shards(classifier_export, corpus, tmp_path):
     out = tmp_path / "pred"
-    args = [f"checkpoint={classifier_export}", f"shards={corpus['root']}", f"out={out}", "data.num_workers=2",
-            "batch_size=16"]
+    args = [
+        f"checkpoint={classifier_export}",
+        f"shards={corpus['root']}",
+        f"out={out}",
+        "data.num_workers=2",
+        "batch_size=16",
+    ]
     proc = run_predict(tmp_path, *args)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_rows(out)
@@ -136,16 +165,49 @@ def test_embed_writes_each_modality_and_a_pretrained_model_needs_it(demo_shards,
     model = PretrainModel(tiny_config(), FusionConfig(), ObjectiveConfig())
     model.init_weights()
     export = tmp_path / "export" / "model.safetensors"
-    export_model(export, model, {"model": dataclasses.asdict(tiny_config()), "fusion": dataclasses.asdict(FusionConfig()),
-                                 "objective": dataclasses.asdict(ObjectiveConfig()),
-                                 "data": dataclasses.asdict(demo_geometry())})
-    proc = subprocess.run([python(), "-m", "train.predict", f"checkpoint={export}", f"shards={demo_shards['heldout']}",
-                           f"out={tmp_path / 'cls'}"], cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    export_model(
+        export,
+        model,
+        {
+            "model": dataclasses.asdict(tiny_config()),
+            "fusion": dataclasses.asdict(FusionConfig()),
+            "objective": dataclasses.asdict(ObjectiveConfig()),
+            "data": dataclasses.asdict(demo_geometry()),
+        },
+    )
+    proc = subprocess.run(
+        [
+            python(),
+            "-m",
+            "train.predict",
+            f"checkpoint={export}",
+            f"shards={demo_shards['heldout']}",
+            f"out={tmp_path / 'cls'}",
+        ],
+        cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode == 2 and "--embed" in proc.stderr
-    proc = subprocess.run([python(), "-m", "train.predict", f"checkpoint={export}", f"shards={demo_shards['heldout']}",
-                           f"out={tmp_path / 'emb'}", "--embed", "data.num_workers=0"], cwd=tmp_path,
-                          env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        [
+            python(),
+            "-m",
+            "train.predict",
+            f"checkpoint={export}",
+            f"shards={demo_shards['heldout']}",
+            f"out={tmp_path / 'emb'}",
+            "--embed",
+            "data.num_workers=0",
+        ],
+        cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_rows(tmp_path / "emb")
     assert len(rows) == 64
@@ -181,21 +243,34 @@ def test_a_base_model_offloaded_to_disk_gives_the_full_models_outputs(tmp_path):
     from train.config import CONF_DIR
     from train.inference import load_dispatched
 
-    base = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model" / "base.yaml")))
+    base = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model" / "base.yaml"))
+    )
     base.image_size, base.n_mels, base.audio_frames, base.max_text_len = 32, 32, 32, 16
     torch.manual_seed(0)
     model = PretrainModel(base, FusionConfig(), ObjectiveConfig())
     model.init_weights()
     export = tmp_path / "model.safetensors"
-    export_model(export, model, {"model": dataclasses.asdict(base), "fusion": dataclasses.asdict(FusionConfig()),
-                                 "objective": dataclasses.asdict(ObjectiveConfig())})
+    export_model(
+        export,
+        model,
+        {
+            "model": dataclasses.asdict(base),
+            "fusion": dataclasses.asdict(FusionConfig()),
+            "objective": dataclasses.asdict(ObjectiveConfig()),
+        },
+    )
     del model
     g = torch.Generator().manual_seed(1)
     pad = torch.zeros(2, 16, dtype=torch.bool)
     pad[:, 10:] = True
-    batch = {"image": torch.randn(2, 3, 32, 32, generator=g), "audio": torch.randn(2, 32, 32, generator=g),
-             "text": torch.randint(4, 260, (2, 16), generator=g), "text_pad": pad,
-             **{f"{m}_mask": torch.ones(2, dtype=torch.bool) for m in ("image", "audio", "text")}}
+    batch = {
+        "image": torch.randn(2, 3, 32, 32, generator=g),
+        "audio": torch.randn(2, 32, 32, generator=g),
+        "text": torch.randint(4, 260, (2, 16), generator=g),
+        "text_pad": pad,
+        **{f"{m}_mask": torch.ones(2, dtype=torch.bool) for m in ("image", "audio", "text")},
+    }
     with torch.no_grad():
         full = mm_models.load(export).encode(batch)
         offloaded = load_dispatched(export, max_memory={"cpu": "150MB"}, offload_dir=tmp_path / "offload")
@@ -236,8 +311,16 @@ def test_threads_sets_the_models_thread_count(classifier_export, demo_shards, tm
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     before = torch.get_num_threads()
     try:
-        predict({"checkpoint": str(classifier_export), "shards": str(demo_shards["heldout"]), "out": str(tmp_path),
-                 "threads": "1"}, ["data.num_workers=0"], embed=False)
+        predict(
+            {
+                "checkpoint": str(classifier_export),
+                "shards": str(demo_shards["heldout"]),
+                "out": str(tmp_path),
+                "threads": "1",
+            },
+            ["data.num_workers=0"],
+            embed=False,
+        )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -259,15 +342,24 @@ def test_read_ahead_yields_each_shards_batches_then_its_end_and_passes_errors_on
     with pytest.raises(OSError, match="shard 2 is unreadable"):
         for shard, batch, skipped in ShardBatches([0, 1, 2], Loader, ahead=1):
             got.append((shard, batch["n"] if batch is not None else None, skipped))
-    assert got == [(0, (0, 0), None), (0, (0, 1), None), (0, (0, 2), None), (0, None, {"bad_image": 0}),
-                   (1, (1, 0), None), (1, (1, 1), None), (1, (1, 2), None), (1, None, {"bad_image": 1})]
+    assert got == [
+        (0, (0, 0), None),
+        (0, (0, 1), None),
+        (0, (0, 2), None),
+        (0, None, {"bad_image": 0}),
+        (1, (1, 0), None),
+        (1, (1, 1), None),
+        (1, (1, 2), None),
+        (1, None, {"bad_image": 1}),
+    ]
 
 
 def test_loading_skips_random_init_but_keeps_computed_buffers(classifier_export):
     """Parameters are built on the meta device and replaced by the weights;
     a non-persistent buffer (computed in __init__, never saved) stays real."""
-    import mm_models
     from safetensors.torch import load_file
+
+    import mm_models
 
     model = mm_models.load(classifier_export)
     assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())

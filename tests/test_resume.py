@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import REPO, clean_env, copy_as_stopped, venv_bin
+
 from train.checkpoint import find_checkpoint
 from train.export import consolidate
 
@@ -19,21 +19,39 @@ pytestmark = pytest.mark.integration
 
 def _train(run_dir, shards, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
-        venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train",
-        f"hydra.run.dir={run_dir}", "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.log_every=1",
-        "trainer.eval_batch_size=32", "deepspeed.precision=fp32",
-        "trainer.deterministic=true", f"data.train={shards['train']}", f"data.heldout={shards['heldout']}", "data.num_workers=2",
-        "logger.mode=offline", *extra,
+        venv_bin("torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "train",
+        f"hydra.run.dir={run_dir}",
+        "trainer.max_steps=6",
+        "trainer.checkpoint_every=3",
+        "trainer.log_every=1",
+        "trainer.eval_batch_size=32",
+        "deepspeed.precision=fp32",
+        "trainer.deterministic=true",
+        f"data.train={shards['train']}",
+        f"data.heldout={shards['heldout']}",
+        "data.num_workers=2",
+        "logger.mode=offline",
+        *extra,
     ]
-    proc = subprocess.run(cmd, cwd=run_dir.parent, env=clean_env(PYTHONPATH=str(REPO)),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        cmd, cwd=run_dir.parent, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
 def _wandb_summary(wandb_run) -> dict:
-    out = subprocess.run([venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
-                         capture_output=True, text=True, timeout=120, env=clean_env())
+    out = subprocess.run(
+        [venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import soundfile
 from PIL import Image
+from shardkit import read_tars
 
 from data_pipeline.__main__ import main as cli
 from data_pipeline.writer import INDEX_NAME
-from shardkit import read_tars
 
 
 def _make_raw(root: Path, n: int) -> list[dict]:
@@ -49,6 +49,7 @@ def _check_round_trip(rows: list[dict], raw: Path, out: Path) -> None:
                 assert members[ext] == (raw / r[field]).read_bytes()
             else:
                 assert not exts & set(members)
+
 
 def test_jsonl_round_trip_keeps_every_key_and_byte(tmp_path):
     raw = tmp_path / "raw"

@@ -14,9 +14,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import REPO, clean_env, python
 
 import launch.slurm as slurm
-from conftest import REPO, clean_env, python
 from train.sample_log import read_sample_logs
 from train.signals import STOPPED_FILE
 
@@ -26,25 +26,63 @@ DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMO
 
 def _overrides(shards, *extra: str) -> list[str]:
     return [
-        "model=tiny", "deepspeed=zero2", "deepspeed.precision=fp32", "trainer.deterministic=true",
-        "trainer.threads=1", "trainer.log_every=1", "trainer.micro_batch_size=16", "trainer.eval_batch_size=32",
-        f"data.train={shards['train']}", f"data.heldout={shards['heldout']}", "data.num_workers=0", *extra,
+        "model=tiny",
+        "deepspeed=zero2",
+        "deepspeed.precision=fp32",
+        "trainer.deterministic=true",
+        "trainer.threads=1",
+        "trainer.log_every=1",
+        "trainer.micro_batch_size=16",
+        "trainer.eval_batch_size=32",
+        f"data.train={shards['train']}",
+        f"data.heldout={shards['heldout']}",
+        "data.num_workers=0",
+        *extra,
     ]
 
 
 # -- the script and the checks before submission (no cluster needed) ---------
 
+
 def test_dry_run_renders_one_torchrun_per_node_with_c10d_restarts_and_preemption(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = ["--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time", "2-00:00:00",
-            "--account", "proj", "--job-name", "big", "--warning-seconds", "600", "--max-restarts", "2",
-            "--dry-run", "--", "model=small", "trainer.max_steps=100"]
+    argv = [
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--partition",
+        "gpu",
+        "--time",
+        "2-00:00:00",
+        "--account",
+        "proj",
+        "--job-name",
+        "big",
+        "--warning-seconds",
+        "600",
+        "--max-restarts",
+        "2",
+        "--dry-run",
+        "--",
+        "model=small",
+        "trainer.max_steps=100",
+    ]
     assert slurm.main(argv) == 0
     script = capsys.readouterr().out
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=2-00:00:00", "#SBATCH --account=proj",
-                 "#SBATCH --job-name=big", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@600",
-                 f"#SBATCH --output={tmp_path}/outputs/slurm/big-%j.out", "#SBATCH --open-mode=append"):
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=2-00:00:00",
+        "#SBATCH --account=proj",
+        "#SBATCH --job-name=big",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@600",
+        f"#SBATCH --output={tmp_path}/outputs/slurm/big-%j.out",
+        "#SBATCH --open-mode=append",
+    ):
         assert line + "\n" in script
     assert "--nnodes=$SLURM_NNODES --nproc_per_node=8 --max-restarts=2" in script
     assert "--rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID --rdzv_endpoint=$HEAD_NODE:29500" in script
@@ -61,13 +99,16 @@ def test_dry_run_renders_one_torchrun_per_node_with_c10d_restarts_and_preemption
     assert f"RUN_DIR={tmp_path}/runs/a\n" in script and script.count("hydra.run.dir") == 1
 
 
-@pytest.mark.parametrize("overrides,reason", [
-    (["trainer.max_stesp=3"], "max_stesp"),
-    (["deepspeed=zero9"], "zero2"),
-    (["deepspeed.precision=fp8"], "deepspeed.precision"),
-    (["hydra.rn.dir=x"], "hydra.rn.dir"),
-    (["trainer.resume=none"], "trainer.resume=auto"),
-])
+@pytest.mark.parametrize(
+    "overrides,reason",
+    [
+        (["trainer.max_stesp=3"], "max_stesp"),
+        (["deepspeed=zero9"], "zero2"),
+        (["deepspeed.precision=fp8"], "deepspeed.precision"),
+        (["hydra.rn.dir=x"], "hydra.rn.dir"),
+        (["trainer.resume=none"], "trainer.resume=auto"),
+    ],
+)
 def test_overrides_that_would_fail_are_rejected_before_submission(capsys, overrides, reason):
     # No --dry-run: it would submit if the overrides passed (and there is no sbatch call before them).
     assert slurm.main(["--nodes", "2", "--", *overrides]) == 2
@@ -77,7 +118,13 @@ def test_overrides_that_would_fail_are_rejected_before_submission(capsys, overri
 
 def test_time_limits_in_slurm_formats():
     assert [slurm.time_limit_seconds(t) for t in ("90", "5:30", "1:00:00", "2-0", "1-2:3", "1-0:0:5")] == [
-        5400, 330, 3600, 172800, 93780, 86405]
+        5400,
+        330,
+        3600,
+        172800,
+        93780,
+        86405,
+    ]
     with pytest.raises(slurm.LaunchError, match="--time"):
         slurm.time_limit_seconds("soon")
     assert slurm.main(["--nodes", "1", "--time", "4:00", "--warning-seconds", "300", "--dry-run"]) == 2
@@ -88,6 +135,7 @@ def test_the_script_and_the_trainer_agree_on_the_stopped_file():
 
 
 # -- a real cluster ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -105,10 +153,24 @@ def cluster():
 
 def _submit(cwd: Path, overrides: list[str], *, name: str) -> tuple[str, Path, Path]:
     """Submits through `python -m launch.slurm --nodes 2`; returns (job id, run dir, log)."""
-    cmd = [python(), "-m", "launch.slurm", "--nodes", "2", "--job-name", name, "--output-dir", "out",
-           "--port", "29511", "--", *overrides]
-    proc = subprocess.run(cmd, cwd=cwd, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
-                          timeout=300)
+    cmd = [
+        python(),
+        "-m",
+        "launch.slurm",
+        "--nodes",
+        "2",
+        "--job-name",
+        name,
+        "--output-dir",
+        "out",
+        "--port",
+        "29511",
+        "--",
+        *overrides,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     lines = dict(line.split(": ", 1) if ": " in line else ("job", line) for line in proc.stdout.splitlines())
     job_id = lines["job"].removeprefix("submitted job ")
@@ -139,6 +201,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+@pytest.mark.slurm
 @pytest.mark.integration
 def test_two_node_job_trains_zero2_and_matches_a_single_node_run(cluster, demo_shards, tmp_path):
     steps = 8  # one epoch: 256 samples / (2 ranks × 16)
@@ -162,9 +225,14 @@ def test_two_node_job_trains_zero2_and_matches_a_single_node_run(cluster, demo_s
 
     # The same config on one node, 2 processes, as torchrun --standalone runs it.
     reference = tmp_path / "one-node"
-    proc = subprocess.run([python(), "-m", "launch.local", "--nproc", "2", "--", f"hydra.run.dir={reference}",
-                           *overrides], cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [python(), "-m", "launch.local", "--nproc", "2", "--", f"hydra.run.dir={reference}", *overrides],
+        cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two_nodes, one_node = _losses(run_dir), _losses(reference)
     assert sorted(two_nodes) == list(range(1, steps + 1))
@@ -179,17 +247,21 @@ def _train_keys(shards: Path) -> Counter:
     return keys
 
 
+@pytest.mark.slurm
 @pytest.mark.integration
 def test_preemption_warning_checkpoints_requeues_and_the_job_resumes_to_the_end(cluster, demo_shards, tmp_path):
     steps, per_epoch = 16, 8  # two epochs
-    overrides = _overrides(demo_shards, f"trainer.max_steps={steps}", "trainer.log_samples=true",
-                           "logger.mode=offline")
+    overrides = _overrides(demo_shards, f"trainer.max_steps={steps}", "trainer.log_samples=true", "logger.mode=offline")
     job_id, run_dir, log = _submit(tmp_path, overrides, name="preempted")
     metrics = run_dir / "metrics.jsonl"
     try:
         # Counts '"train/loss":' (not its per-objective sub-keys); a line still being written counts at most once.
-        _wait(lambda: metrics.exists() and metrics.read_text().count('"train/loss":') >= 2, timeout=600,
-              what="step 2", log=log)
+        _wait(
+            lambda: metrics.exists() and metrics.read_text().count('"train/loss":') >= 2,
+            timeout=600,
+            what="step 2",
+            log=log,
+        )
         # What SLURM sends --warning-seconds before the time limit: USR1 to the batch script.
         subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
         job = _wait_done(job_id, log)
@@ -211,8 +283,10 @@ def test_preemption_warning_checkpoints_requeues_and_the_job_resumes_to_the_end(
     assert sum(line.startswith('{"heldout"') for line in text.splitlines()) == 1
 
     # One W&B run: the stop checkpoint's id is the final one's, and the resumed attempt logged into it.
-    run_ids = {json.loads((run_dir / "checkpoints" / f"step_{s:06d}" / "meta.json").read_text())["wandb_run_id"]
-               for s in (stopped_at, steps)}
+    run_ids = {
+        json.loads((run_dir / "checkpoints" / f"step_{s:06d}" / "meta.json").read_text())["wandb_run_id"]
+        for s in (stopped_at, steps)
+    }
     assert len(run_ids) == 1
     attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2 and {p.name.rsplit("-", 1)[1] for p in attempts} == run_ids
@@ -227,15 +301,35 @@ def test_preemption_warning_checkpoints_requeues_and_the_job_resumes_to_the_end(
             positions = [r["batch"] for r in records if r["epoch"] == epoch]
             assert positions == list(range(1, per_epoch + 1)), (rank, epoch, positions)
             seen.update(k for r in records if r["epoch"] == epoch for k in r["keys"])
-        assert seen == expected, f"epoch {epoch}: {len(seen)} distinct of {len(expected)}, max count {max(seen.values())}"
+        assert seen == expected, (
+            f"epoch {epoch}: {len(seen)} distinct of {len(expected)}, max count {max(seen.values())}"
+        )
 
 
+@pytest.mark.slurm
 @pytest.mark.integration
 def test_slurm_rejects_an_unknown_partition_before_anything_is_submitted(cluster, tmp_path):
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    proc = subprocess.run([python(), "-m", "launch.slurm", "--nodes", "2", "--partition", "nope", "--output-dir",
-                           "out", "--", "trainer.max_steps=1"], cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            python(),
+            "-m",
+            "launch.slurm",
+            "--nodes",
+            "2",
+            "--partition",
+            "nope",
+            "--output-dir",
+            "out",
+            "--",
+            "trainer.max_steps=1",
+        ],
+        cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "SLURM rejects the job: invalid partition specified: nope" in proc.stderr
     assert not (tmp_path / "out").exists()
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before

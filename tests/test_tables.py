@@ -12,8 +12,11 @@ def test_top_matches_prefer_complete_samples_and_skip_absent_candidates():
     e = torch.eye(4)
     split = {
         "embeds": {"image": e, "audio": e, "text": torch.stack([e[1], e[0], e[2], e[3]])},
-        "masks": {"image": torch.tensor([True, True, True, False]), "audio": torch.tensor([False, True, True, True]),
-                  "text": torch.tensor([True, True, True, True])},
+        "masks": {
+            "image": torch.tensor([True, True, True, False]),
+            "audio": torch.tensor([False, True, True, True]),
+            "text": torch.tensor([True, True, True, True]),
+        },
     }
     matches = top_matches(split, rows=3)
     assert [i for i, _ in matches] == [1, 2, 0]  # samples 1 and 2 hold all three modalities

@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.bpe import SPECIAL_TOKENS, BPETokenizer, CaptionStats, add_cli, iter_captions, train_bpe
+from data_pipeline.bpe import (
+    SPECIAL_TOKENS,
+    BPETokenizer,
+    CaptionStats,
+    add_cli,
+    iter_captions,
+    shard_captions,
+    train_bpe,
+)
 from data_pipeline.tokenizer import ByteTokenizer, load_tokenizer
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "Größe-Kreis", "三角形", "звезда"]
@@ -33,10 +41,7 @@ UNSEEN = [
 
 def _captions(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [
-        f"a {rng.choice(SIZES)} {rng.choice(COLOURS)} {rng.choice(SHAPES)} on a plain background"
-        for _ in range(n)
-    ]
+    return [f"a {rng.choice(SIZES)} {rng.choice(COLOURS)} {rng.choice(SHAPES)} on a plain background" for _ in range(n)]
 
 
 def _write_tar(path: Path, members: dict[str, bytes]) -> Path:
@@ -133,7 +138,10 @@ def test_pickled_copy_encodes_the_same(corpus):
         assert copy.encode(text, max_len=64).tolist() == tok.encode(text, max_len=64).tolist()
 
 
-def test_corrupt_shards_are_skipped_and_counted(corpus, tmp_path, caplog):
+def test_broken_shards_give_what_the_loader_reads_of_them(corpus, tmp_path, caplog):
+    """BPE training reads shards with the loader's reader: a shard cut
+    part-way gives the captions of its whole samples before the cut (as
+    training sees it), and one with none is skipped and logged."""
     good = corpus["shards"][:2]
     truncated = tmp_path / "truncated.tar"
     truncated.write_bytes(Path(good[0]).read_bytes()[:5000])
@@ -146,10 +154,14 @@ def test_corrupt_shards_are_skipped_and_counted(corpus, tmp_path, caplog):
     stats = CaptionStats()
     with caplog.at_level(logging.WARNING, logger="data_pipeline.bpe"):
         captions = list(iter_captions(shards, stats))
-    assert captions == corpus["captions"][:200]
-    assert stats.captions == 200 and stats.shards_read == 2
-    assert stats.shards_skipped == [str(truncated), str(garbage), str(cut_at_header)]
-    assert sum("skipping unreadable shard" in r.message for r in caplog.records) == 3
+    first = corpus["captions"][:100]
+    cut = shard_captions(str(truncated), CaptionStats())
+    cut_header = shard_captions(str(cut_at_header), CaptionStats())
+    assert cut and cut == first[: len(cut)] and cut_header and cut_header == first[: len(cut_header)]
+    assert captions == first + cut + corpus["captions"][100:200] + cut_header
+    assert stats.captions == len(captions) and stats.shards_read == 4
+    assert stats.shards_skipped == [str(garbage)]
+    assert sum("skipping shard" in r.message for r in caplog.records) == 1
 
     tok = train_bpe(shards, str(tmp_path / "tok.json"), vocab_size=400)
     assert tok.decode(tok.encode(corpus["captions"][0], max_len=256)) == corpus["captions"][0]

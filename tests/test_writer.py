@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import soundfile
 from PIL import Image
+from shardkit import read_tars
 
 from data_pipeline.__main__ import main as cli
 from data_pipeline.writer import INDEX_NAME, REJECT_REASONS, REJECTS_NAME
-from shardkit import read_tars
 
 
 def _image(w: int, h: int, fmt: str, seed: int = 0) -> bytes:
@@ -52,18 +52,21 @@ def messy(tmp_path) -> Path:
     (raw / "only.wav").write_bytes(_sound(800, 16000, "WAV", channels=2))
     (raw / "cut.jpg").write_bytes(_image(64, 40, "JPEG")[:1500])  # a truncated real JPEG
     (raw / "noise.flac").write_bytes(np.random.default_rng(0).bytes(2000))
-    return _manifest(raw, [
-        {"key": "full", "image": "full.jpg", "audio": "full.flac", "text": "a full row", "label": 1},
-        {"key": "no_audio", "image": "small.png", "text": "no audio column"},
-        {"key": "no_text", "image": "other.jpg", "audio": "full.flac", "text": ""},
-        {"key": "audio_only", "audio": "only.wav"},
-        {"key": "missing", "image": "nope.jpg", "text": "its image is gone"},
-        {"key": "bad_jpeg", "image": "cut.jpg", "text": "truncated"},
-        {"key": "bad_flac", "audio": "noise.flac", "text": "random bytes"},
-        {"key": "empty", "text": "  ", "label": 3},
-        "{not json",
-        {"key": "full", "text": "the same key again"},
-    ])
+    return _manifest(
+        raw,
+        [
+            {"key": "full", "image": "full.jpg", "audio": "full.flac", "text": "a full row", "label": 1},
+            {"key": "no_audio", "image": "small.png", "text": "no audio column"},
+            {"key": "no_text", "image": "other.jpg", "audio": "full.flac", "text": ""},
+            {"key": "audio_only", "audio": "only.wav"},
+            {"key": "missing", "image": "nope.jpg", "text": "its image is gone"},
+            {"key": "bad_jpeg", "image": "cut.jpg", "text": "truncated"},
+            {"key": "bad_flac", "audio": "noise.flac", "text": "random bytes"},
+            {"key": "empty", "text": "  ", "label": 3},
+            "{not json",
+            {"key": "full", "text": "the same key again"},
+        ],
+    )
 
 
 def test_bad_rows_are_rejected_with_reasons_and_good_rows_round_trip(messy, tmp_path):
@@ -72,8 +75,12 @@ def test_bad_rows_are_rejected_with_reasons_and_good_rows_round_trip(messy, tmp_
     raw = messy.parent
     got = read_tars(out)
     assert got == {
-        "full": {"jpg": (raw / "full.jpg").read_bytes(), "flac": (raw / "full.flac").read_bytes(),
-                 "txt": b"a full row", "json": b'{"label": 1}'},
+        "full": {
+            "jpg": (raw / "full.jpg").read_bytes(),
+            "flac": (raw / "full.flac").read_bytes(),
+            "txt": b"a full row",
+            "json": b'{"label": 1}',
+        },
         "no_audio": {"png": (raw / "small.png").read_bytes(), "txt": b"no audio column", "json": b"{}"},
         "no_text": {"jpg": (raw / "other.jpg").read_bytes(), "flac": (raw / "full.flac").read_bytes(), "json": b"{}"},
         "audio_only": {"wav": (raw / "only.wav").read_bytes(), "json": b"{}"},
@@ -100,12 +107,13 @@ def test_summary_line_counts_modalities_and_reject_reasons(messy, tmp_path, caps
     assert cli(["write", str(messy), str(out), "--workers", "0", "--max-samples", "3"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"wrote 4 samples in 2 shards to {out} (image 3, audio 3, text 2); rejected 6 "
-        f"(bad_audio 1, bad_image 1, bad_row 1, duplicate_key 1, empty 1, missing_file 1), listed in {out / REJECTS_NAME}"
+        "(bad_audio 1, bad_image 1, bad_row 1, duplicate_key 1, empty 1, missing_file 1), "
+        f"listed in {out / REJECTS_NAME}"
     ]
 
 
 def test_two_workers_write_the_same_bytes_as_one_process(messy, tmp_path):
-    rows = [json.loads(line) for line in messy.read_text().splitlines() if line.startswith("{\"")]
+    rows = [json.loads(line) for line in messy.read_text().splitlines() if line.startswith('{"')]
     # 27 rows: several chunks in flight at once, so order has to be restored.
     _manifest(messy.parent, [{**r, "key": f"{r['key']}_{n}"} for n in range(3) for r in rows])
     outs = {}
@@ -172,8 +180,11 @@ def test_rewriting_removes_shards_an_earlier_run_left(messy, tmp_path):
     assert len(list(out.glob("*.tar"))) == 4
     assert cli(["write", str(messy), str(out), "--workers", "0", "--max-samples", "2"]) == 0
     index = json.loads((out / INDEX_NAME).read_text())
-    assert sorted(p.name for p in out.glob("*.tar")) == [s["name"] for s in index["shards"]] == [
-        "shard-000000.tar", "shard-000001.tar"]
+    assert (
+        sorted(p.name for p in out.glob("*.tar"))
+        == [s["name"] for s in index["shards"]]
+        == ["shard-000000.tar", "shard-000001.tar"]
+    )
 
 
 def test_directory_input_rejects_unreadable_text_and_stray_metadata(tmp_path):
@@ -199,7 +210,11 @@ def test_an_extension_the_loader_cannot_read_is_rejected_unless_reencoded(tmp_pa
 
 @pytest.mark.parametrize(
     "option, named",
-    [(["--image-max-side", "0"], "image max side"), (["--jpeg-quality", "101"], "JPEG quality"), (["--workers", "-1"], "workers")],
+    [
+        (["--image-max-side", "0"], "image max side"),
+        (["--jpeg-quality", "101"], "JPEG quality"),
+        (["--workers", "-1"], "workers"),
+    ],
 )
 def test_bad_options_are_refused_before_writing(messy, tmp_path, capsys, option, named):
     assert cli(["write", str(messy), str(tmp_path / "out"), *option]) == 2

@@ -14,11 +14,11 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import REPO, clean_env, venv_bin
-from data_pipeline import build_loader
+from omegaconf import OmegaConf
 from shardkit import flac, jpeg, write_tar
+
+from data_pipeline import build_loader
 from train.config import compose
 
 pytestmark = pytest.mark.integration
@@ -48,9 +48,17 @@ def _write_shards(root: Path) -> Path:
 
 def _overrides(shards: Path) -> list[str]:
     return [
-        f"trainer.max_steps={STEPS}", f"trainer.micro_batch_size={MICRO}", "trainer.log_every=1",
-        "trainer.eval_batch_size=32", "model=tiny", "deepspeed=zero3", "deepspeed.precision=fp32",
-        f"data.train={shards}", f"data.heldout={shards}", "data.num_workers=0", "logger.mode=disabled",
+        f"trainer.max_steps={STEPS}",
+        f"trainer.micro_batch_size={MICRO}",
+        "trainer.log_every=1",
+        "trainer.eval_batch_size=32",
+        "model=tiny",
+        "deepspeed=zero3",
+        "deepspeed.precision=fp32",
+        f"data.train={shards}",
+        f"data.heldout={shards}",
+        "data.num_workers=0",
+        "logger.mode=disabled",
     ]
 
 
@@ -66,13 +74,23 @@ def run(tmp_path_factory):
     shards = _write_shards(tmp / "shards")
     run_dir = tmp / "run"
     cmd = [
-        venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train",
-        f"hydra.run.dir={run_dir}", *_overrides(shards),
+        venv_bin("torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "train",
+        f"hydra.run.dir={run_dir}",
+        *_overrides(shards),
     ]
     # Own session: on a timeout the whole group (torchrun and its workers) is killed.
     proc = subprocess.Popen(
-        cmd, cwd=tmp, env=clean_env(PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
+        cmd,
+        cwd=tmp,
+        env=clean_env(PYTHONPATH=str(REPO)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         stdout, stderr = proc.communicate(timeout=TIMEOUT_S)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model import tiny
 
 from data_pipeline import DataConfig
 from data_pipeline.stream import BadSample, read_label
 from data_pipeline.tokenizer import ByteTokenizer
 from mm_models import PretrainModel
 from mm_models.config import FusionConfig, ObjectiveConfig
-from test_model import tiny
 from train.evaluate import class_embeddings, class_names, zero_shot_metrics
 
 
@@ -21,7 +21,7 @@ def test_labels_come_from_the_json_or_are_absent():
     assert read_label(b'{"label": 3, "class": " red circle "}', cfg) == (3, "red circle")
     assert read_label(b'{"label": 3}', cfg) == (3, "")
     assert read_label(None, cfg) == (-1, "")
-    for meta in (b'{"label": true}', b'{"label": -2}', b'{"label": "3"}', b'[3]', b'{}'):
+    for meta in (b'{"label": true}', b'{"label": -2}', b'{"label": "3"}', b"[3]", b"{}"):
         assert read_label(meta, cfg) == (-1, ""), meta
     assert read_label(b'{"label": 3}', DataConfig(label_key="")) == (-1, "")
     assert read_label(b'{"y": 7, "name": "dog"}', DataConfig(label_key="y", class_key="name")) == (7, "dog")
@@ -38,8 +38,11 @@ def _split(embeds: torch.Tensor, labels: list[int], audio_present: list[bool]) -
     n = len(labels)
     return {
         "embeds": {"image": embeds, "audio": embeds, "text": embeds},
-        "masks": {"image": torch.ones(n, dtype=torch.bool), "audio": torch.tensor(audio_present),
-                  "text": torch.ones(n, dtype=torch.bool)},
+        "masks": {
+            "image": torch.ones(n, dtype=torch.bool),
+            "audio": torch.tensor(audio_present),
+            "text": torch.ones(n, dtype=torch.bool),
+        },
         "labels": torch.tensor(labels),
     }
 
@@ -65,16 +68,24 @@ def test_class_embeddings_average_the_prompts_text_embeddings():
     model.eval()
     data = DataConfig(max_text_len=12, image_size=16, n_mels=16, audio_frames=16, prompts=["{}", "a {}"])
     tok = ByteTokenizer()
-    got = class_embeddings(model, ["red circle", "blue square"], data=data, tokenizer=tok, batch_size=3,
-                           device=torch.device("cpu"), dtype=torch.float32)
+    got = class_embeddings(
+        model,
+        ["red circle", "blue square"],
+        data=data,
+        tokenizer=tok,
+        batch_size=3,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
     assert got.shape == (2, tiny().embed_dim)
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(2))
 
     from data_pipeline.loader import collate
 
     def text_embed(text: str) -> torch.Tensor:
-        batch = collate([{"__key__": "t", "image": None, "audio": None, "text": tok.encode(text, max_len=12)}],
-                        cfg=data)
+        batch = collate(
+            [{"__key__": "t", "image": None, "audio": None, "text": tok.encode(text, max_len=12)}], cfg=data
+        )
         with torch.no_grad():
             return F.normalize(model.embed(batch)["text"][0], dim=-1)
 

@@ -33,7 +33,8 @@ def _main(cfg: DictConfig) -> None:
     from train.engine import quiet_deepspeed_startup
 
     quiet_deepspeed_startup()  # before anything imports DeepSpeed
-    from train.loop import final_json, train  # heavy imports after config errors surface
+    from train.evaluate import final_json
+    from train.loop import train  # heavy imports after config errors surface
     from train.watchdog import stall_watchdog
 
     redact_logging()  # credentials in URLs never reach the console or the run's log files
@@ -49,8 +50,9 @@ def _main(cfg: DictConfig) -> None:
         stopped_file.unlink(missing_ok=True)  # left by an earlier, stopped attempt of this run
     with stall_watchdog(timeout_s=config.trainer.collective_timeout, info=_INFO):
         # `resolved` is what gets written (W&B, checkpoints, the export): secrets redacted.
-        results = train(config, info=_INFO, run_dir=run_dir, resolved=redact(OmegaConf.to_container(cfg, resolve=True)),
-                        stop=_STOP)
+        results = train(
+            config, info=_INFO, run_dir=run_dir, resolved=redact(OmegaConf.to_container(cfg, resolve=True)), stop=_STOP
+        )
     if _INFO.is_main and results.get("stopped"):
         # Checkpointed but not finished: a job script (launch.slurm) requeues on this file.
         stopped_file.write_text(json.dumps({"step": results["step"], "checkpoint": results["checkpoint"]}) + "\n")

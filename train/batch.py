@@ -1,6 +1,9 @@
-"""Moving a batch dict onto the device in the compute dtype."""
+"""Moving a batch dict onto the device in the compute dtype, and a model
+into eval mode for a block."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -17,3 +20,16 @@ def to_device(batch: dict, *, device: torch.device, dtype: torch.dtype) -> dict:
                 value = value.to(dtype)
         out[key] = value
     return out
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The PretrainModel in `model` (itself, or the one a DeepSpeed engine
+    wraps) in eval mode for the block; its training flag is restored after."""
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

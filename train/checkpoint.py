@@ -48,8 +48,10 @@ def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
     # By step number: as strings, step_1000000 would sort before step_999999 and be deleted.
-    steps = sorted((p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name)),
-                   key=lambda p: int(p.name.removeprefix("step_")))
+    steps = sorted(
+        (p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name)),
+        key=lambda p: int(p.name.removeprefix("step_")),
+    )
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -15,9 +15,9 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.labels import LabelError, LabelSpec
-from mm_models.classifier import ClassifierConfig, StateDictWeights, classifier_config
-from mm_models.io import from_dict
+from mm_models.classifier import StateDictWeights, classifier_config
 from mm_models.config import FusionConfig, ModelConfig
+from mm_models.io import from_dict
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,16 @@ def check_task(task) -> None:
     if not (isinstance(weights, str) and weights in ("none", "auto")) and not isinstance(weights, (list, tuple)):
         raise ValueError(f"task.class_weights={weights!r}; choose none, auto or a list of one weight per class")
     label_spec(task)  # the classes, checked
-    classifier_config(dataclasses.asdict(task) if dataclasses.is_dataclass(task) else dict(task),
-                      class_weights=list(weights) if isinstance(weights, (list, tuple)) else ()).check()
+    classifier_config(
+        dataclasses.asdict(task) if dataclasses.is_dataclass(task) else dict(task),
+        class_weights=list(weights) if isinstance(weights, (list, tuple)) else (),
+    ).check()
     if task.init not in ("", "none"):
         read_init(task.init, peek=True)
 
 
 # -- where the encoders start ------------------------------------------------------------------
+
 
 def read_init(init: str, *, peek: bool = False, trust: bool = False) -> tuple[dict | None, dict]:
     """(state dict, training config) of task.init: an exported .safetensors
@@ -71,8 +74,10 @@ def read_init(init: str, *, peek: bool = False, trust: bool = False) -> tuple[di
 
         return load_file(str(path), device="cpu"), config
     if not path.is_dir():
-        raise ValueError(f"task.init={init}: neither an exported .safetensors file nor a checkpoint directory "
-                         "(or set task.init=none to start from random weights)")
+        raise ValueError(
+            f"task.init={init}: neither an exported .safetensors file nor a checkpoint directory "
+            "(or set task.init=none to start from random weights)"
+        )
     try:
         step_dir = resolve_step_dir(path)
         config = read_meta(step_dir)["config"]
@@ -92,19 +97,29 @@ def adopt_pretrained_config(cfg, pretrained: dict, *, init: str) -> None:
     must use the same tokenizer."""
     model = from_dict(ModelConfig, pretrained["model"], where=f"{init}: model")
     data = pretrained.get("data", {})
-    wrong = [f"data.{k}={getattr(cfg.data, k)} (pretrained with {data[k]})" for k in GEOMETRY
-             if k in data and data[k] != getattr(cfg.data, k)]
+    wrong = [
+        f"data.{k}={getattr(cfg.data, k)} (pretrained with {data[k]})"
+        for k in GEOMETRY
+        if k in data and data[k] != getattr(cfg.data, k)
+    ]
     if wrong:
-        raise ValueError(f"task.init={init} was pretrained on other input geometry: " + ", ".join(wrong)
-                         + "; set these to the pretrained values")
+        raise ValueError(
+            f"task.init={init} was pretrained on other input geometry: "
+            + ", ".join(wrong)
+            + "; set these to the pretrained values"
+        )
     theirs, ours = str(data.get("tokenizer", "byte")), cfg.data.tokenizer
     if (theirs == "byte") != (ours == "byte"):
-        raise ValueError(f"task.init={init} was pretrained with data.tokenizer={theirs!r}, this run uses {ours!r}: "
-                         "captions would map to other tokens; use the pretraining tokenizer")
+        raise ValueError(
+            f"task.init={init} was pretrained with data.tokenizer={theirs!r}, this run uses {ours!r}: "
+            "captions would map to other tokens; use the pretraining tokenizer"
+        )
     cfg.model = model
 
 
-def init_weights_from(state: dict, pretrained: dict, *, fusion: FusionConfig, init: str) -> tuple[StateDictWeights, tuple]:
+def init_weights_from(
+    state: dict, pretrained: dict, *, fusion: FusionConfig, init: str
+) -> tuple[StateDictWeights, tuple]:
     """The source of initial values, and the module prefixes it covers: the
     encoders always, the fusion too when it is the pretrained one (same
     strategy and sizes)."""
@@ -117,6 +132,7 @@ def init_weights_from(state: dict, pretrained: dict, *, fusion: FusionConfig, in
 
 
 # -- class weights -----------------------------------------------------------------------------
+
 
 def count_labels(loader, spec: LabelSpec) -> tuple[np.ndarray, int, Counter]:
     """Per-class counts over every training shard (labels only: the .json
@@ -136,7 +152,7 @@ def count_labels(loader, spec: LabelSpec) -> tuple[np.ndarray, int, Counter]:
                 except LabelError as e:
                     skipped[e.reason] += 1
                     continue
-                for c in (value if spec.multi_label else [value]):
+                for c in value if spec.multi_label else [value]:
                     counts[c] += 1
                 labelled += 1
     return counts, labelled, skipped
@@ -160,12 +176,17 @@ def resolve_class_weights(task, loader, spec: LabelSpec, *, is_main: bool) -> li
     if isinstance(weights, str) and weights == "auto":
         counts, labelled, skipped = count_labels(loader, spec)
         if labelled == 0:
-            raise ValueError(f"task.class_weights=auto: no training sample has a usable label "
-                             f"(skipped: {dict(skipped)}); check data.label_key={loader.cfg.label_key!r}")
+            raise ValueError(
+                f"task.class_weights=auto: no training sample has a usable label "
+                f"(skipped: {dict(skipped)}); check data.label_key={loader.cfg.label_key!r}"
+            )
         out = auto_class_weights(counts, labelled, multi_label=spec.multi_label)
         if is_main:
-            log.info("class weights (auto, from %d labelled training samples): %s", labelled,
-                     ", ".join(f"{spec.name(i)} {w:.2f}" for i, w in enumerate(out)))
+            log.info(
+                "class weights (auto, from %d labelled training samples): %s",
+                labelled,
+                ", ".join(f"{spec.name(i)} {w:.2f}" for i, w in enumerate(out)),
+            )
         return out
     return [float(w) for w in weights]
 
@@ -209,13 +230,13 @@ def lr_scales(model: torch.nn.Module, decay: float) -> dict[str, float]:
 
 # -- evaluation --------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def predict_split(model, loader, *, device: torch.device, dtype: torch.dtype) -> dict:
     """Probabilities and labels over a loader's samples (padding rows dropped):
     {"probs": N×C, "labels": N (or N×C multi-hot), "valid": N (has one of the
     task's modalities), "keys": [N], "skipped": Counter}."""
-    from train.batch import to_device
-    from train.evaluate import eval_mode
+    from train.batch import eval_mode, to_device
 
     probs, labels, valid, keys, names = [], [], [], [], {}
     with eval_mode(model) as module:
@@ -231,25 +252,43 @@ def predict_split(model, loader, *, device: torch.device, dtype: torch.dtype) ->
             valid.append(out["valid"].cpu()[real])
             labels.append(target[real])
             keys += [k for k in batch["__key__"] if k]
-    return {"probs": torch.cat(probs), "labels": torch.cat(labels), "valid": torch.cat(valid), "keys": keys,
-            "skipped": Counter(loader.skipped), "names": names}
+    return {
+        "probs": torch.cat(probs),
+        "labels": torch.cat(labels),
+        "valid": torch.cat(valid),
+        "keys": keys,
+        "skipped": Counter(loader.skipped),
+        "names": names,
+    }
 
 
 def classification_metrics(split: dict, spec: LabelSpec, *, threshold: float = 0.5) -> dict:
     """Scikit-learn's metrics over the samples that have a task modality."""
-    from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
-                                 roc_auc_score)
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     keep = split["valid"].numpy().astype(bool)
     probs, y = split["probs"].numpy()[keep], split["labels"].numpy()[keep]
     n, classes = int(keep.sum()), list(range(spec.num_classes))
     seen = split.get("names", {})  # the names the samples' .json give, where task.classes does not
     names = [spec.classes[c] if spec.classes else seen.get(c, str(c)) for c in classes]
-    out: dict = {"n": n, "classes": spec.num_classes, "names": names,
-                 "no_modality": int((~keep).sum()), "skipped": dict(split["skipped"])}
+    out: dict = {
+        "n": n,
+        "classes": spec.num_classes,
+        "names": names,
+        "no_modality": int((~keep).sum()),
+        "skipped": dict(split["skipped"]),
+    }
     if n == 0:
-        raise ValueError("no held-out sample has a label and one of task.modalities: nothing to evaluate "
-                         f"(skipped: {dict(split['skipped'])})")
+        raise ValueError(
+            "no held-out sample has a label and one of task.modalities: nothing to evaluate "
+            f"(skipped: {dict(split['skipped'])})"
+        )
     if spec.multi_label:
         y = y.astype(int)
         pred = (probs > threshold).astype(int)
@@ -270,8 +309,16 @@ def classification_metrics(split: dict, spec: LabelSpec, *, threshold: float = 0
         out["confusion"] = confusion_matrix(y, pred, labels=classes).tolist()
         out["y_true"], out["y_pred"] = y.tolist(), pred.tolist()  # for W&B's confusion-matrix plot
         out["majority"] = float(np.bincount(y, minlength=spec.num_classes).max() / n)
-    out["per_class"] = [{"class": names[c], "support": int(support[c]), "precision": float(p[c]),
-                         "recall": float(r[c]), "f1": float(f[c])} for c in classes]
+    out["per_class"] = [
+        {
+            "class": names[c],
+            "support": int(support[c]),
+            "precision": float(p[c]),
+            "recall": float(r[c]),
+            "f1": float(f[c]),
+        }
+        for c in classes
+    ]
     return out
 
 
@@ -284,8 +331,10 @@ def flat_metrics(results: dict, prefix: str) -> dict[str, float]:
 def classify_table(results: dict, *, max_rows: int = 20) -> str:
     """The console summary: overall metrics, then per class (the worst F1 first when there are many)."""
     auc = f"  ROC-AUC {results['roc_auc']:.3f}" if "roc_auc" in results else ""
-    lines = [f"n {results['n']}  classes {results['classes']}  accuracy {results['accuracy']:.3f}  "
-             f"macro-F1 {results['macro_f1']:.3f}{auc}  (majority class {results['majority']:.3f})"]
+    lines = [
+        f"n {results['n']}  classes {results['classes']}  accuracy {results['accuracy']:.3f}  "
+        f"macro-F1 {results['macro_f1']:.3f}{auc}  (majority class {results['majority']:.3f})"
+    ]
     rows = results["per_class"]
     if len(rows) > max_rows:
         rows = sorted(rows, key=lambda r: r["f1"])[:max_rows]
@@ -293,7 +342,9 @@ def classify_table(results: dict, *, max_rows: int = 20) -> str:
     width = max(12, *(len(r["class"]) for r in rows))
     lines.append(f"{'class':<{width}} {'support':>7} {'precision':>9} {'recall':>7} {'f1':>7}")
     for r in rows:
-        lines.append(f"{r['class']:<{width}} {r['support']:>7} {r['precision']:>9.3f} {r['recall']:>7.3f} {r['f1']:>7.3f}")
+        lines.append(
+            f"{r['class']:<{width}} {r['support']:>7} {r['precision']:>9.3f} {r['recall']:>7.3f} {r['f1']:>7.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -303,14 +354,18 @@ def log_to_wandb(tracker, results: dict, *, step: int) -> None:
         return
     import wandb
 
-    table = wandb.Table(columns=["class", "support", "precision", "recall", "f1"],
-                        data=[[r["class"], r["support"], r["precision"], r["recall"], r["f1"]]
-                              for r in results["per_class"]])
+    table = wandb.Table(
+        columns=["class", "support", "precision", "recall", "f1"],
+        data=[[r["class"], r["support"], r["precision"], r["recall"], r["f1"]] for r in results["per_class"]],
+    )
     logged = {"eval/per_class": table}
     if "y_true" in results:
         logged["eval/confusion_matrix"] = wandb.plot.confusion_matrix(
-            y_true=results["y_true"], preds=results["y_pred"], class_names=results["names"],
-            title=f"held-out confusion matrix, step {step}")
+            y_true=results["y_true"],
+            preds=results["y_pred"],
+            class_names=results["names"],
+            title=f"held-out confusion matrix, step {step}",
+        )
     tracker.log_media(logged, step=step)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -69,6 +69,10 @@ class TrainerConfig:
     # Deterministic kernels only (torch.use_deterministic_algorithms): with
     # it, a resumed or restarted run repeats the uninterrupted one bit for bit.
     deterministic: bool = False
+    # Compile the model with torch.compile through DeepSpeed's engine.compile()
+    # (inductor; on CPU it needs a C++ compiler, e.g. Debian's g++). The first
+    # steps pay the compilation.
+    compile: bool = False
 
 
 @dataclass
@@ -111,8 +115,8 @@ class LoggerConfig:
     # auto: online when WANDB_API_KEY is set, offline otherwise.
     mode: str = "auto"
     project: str = "mmpretrain"
-    entity: Optional[str] = None
-    name: Optional[str] = None
+    entity: str | None = None
+    name: str | None = None
     tags: List[str] = field(default_factory=list)
     # Each checkpoint is logged as a W&B artifact of type "model" (a reference
     # to its directory) with the aliases "latest" and, when the eval metric
@@ -221,7 +225,6 @@ def check_override_keys(overrides: list[str]) -> None:
     without Hydra's '+' (which would otherwise add it unused to the saved
     config), naming the closest key: "did you mean trainer.max_steps?"."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-
     from hydra.errors import HydraException
 
     known = set(schema_keys())
@@ -235,8 +238,11 @@ def check_override_keys(overrides: list[str]) -> None:
             continue
         if override.is_delete() or key in known:
             continue
-        if any(key.startswith(k + ".") for k in known if k in ("data.sources", "data.prompts", "data.require",
-                                                              "logger.tags")):
+        if any(
+            key.startswith(k + ".")
+            for k in known
+            if k in ("data.sources", "data.prompts", "data.require", "logger.tags")
+        ):
             continue
         guess = closest_key(key, known)
         hint = f"; did you mean {guess}?" if guess else " (see conf/ and train/config.py for the keys)"
@@ -286,13 +292,21 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"logger.mode={cfg.logger.mode!r}; choose one of {LOGGER_MODES}")
     if cfg.optimizer.name != "adamw":
         raise ValueError(f"optimizer.name={cfg.optimizer.name!r}; only 'adamw' is available")
-    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_batch_size",
-                "collective_timeout"):
+    for key in (
+        "max_steps",
+        "micro_batch_size",
+        "grad_accum_steps",
+        "log_every",
+        "eval_batch_size",
+        "collective_timeout",
+    ):
         if getattr(cfg.trainer, key) < 1:
             raise ValueError(f"trainer.{key} must be at least 1, got {getattr(cfg.trainer, key)}")
     if not 0 <= cfg.trainer.unmasked_steps <= cfg.trainer.max_steps:
-        raise ValueError(f"trainer.unmasked_steps={cfg.trainer.unmasked_steps}: give 0 to "
-                         f"trainer.max_steps ({cfg.trainer.max_steps})")
+        raise ValueError(
+            f"trainer.unmasked_steps={cfg.trainer.unmasked_steps}: give 0 to "
+            f"trainer.max_steps ({cfg.trainer.max_steps})"
+        )
     from mm_models.encoders import check_token_dropout
 
     for modality in ("image", "audio", "text"):
@@ -303,27 +317,38 @@ def validate(cfg: Config) -> None:
         arch = arch_name(cfg.model, modality)  # an unknown arch names the choices
         pretrained = getattr(cfg.model, modality).pretrained
         if arch == "hf" and not pretrained:
-            raise ValueError(f"model.{modality}.arch=hf needs model.{modality}.pretrained=DIR "
-                             "(a local save_pretrained directory)")
+            raise ValueError(
+                f"model.{modality}.arch=hf needs model.{modality}.pretrained=DIR (a local save_pretrained directory)"
+            )
         if arch == "hf" and not Path(pretrained, "config.json").is_file():
-            raise ValueError(f"model.{modality}.pretrained={pretrained}: no config.json there "
-                             "(expected a directory written by save_pretrained)")
+            raise ValueError(
+                f"model.{modality}.pretrained={pretrained}: no config.json there "
+                "(expected a directory written by save_pretrained)"
+            )
     pretrained_tokenizer = Path(cfg.data.tokenizer).is_dir()
     if arch_name(cfg.model, "text") == "hf":
         if not pretrained_tokenizer:
-            raise ValueError(f"model.text.arch=hf reads its own token ids, but data.tokenizer={cfg.data.tokenizer!r}; "
-                             f"set data.tokenizer={cfg.model.text.pretrained} (the backbone's tokenizer)")
+            raise ValueError(
+                f"model.text.arch=hf reads its own token ids, but data.tokenizer={cfg.data.tokenizer!r}; "
+                f"set data.tokenizer={cfg.model.text.pretrained} (the backbone's tokenizer)"
+            )
         backbone_vocab = json.loads(Path(cfg.model.text.pretrained, "config.json").read_text()).get("vocab_size")
         tokenizer_vocab = _tokenizer_vocab(cfg.data.tokenizer)
         if backbone_vocab and tokenizer_vocab and tokenizer_vocab > backbone_vocab:
-            raise ValueError(f"data.tokenizer={cfg.data.tokenizer} has {tokenizer_vocab} tokens, the text backbone "
-                             f"model.text.pretrained={cfg.model.text.pretrained} only {backbone_vocab}: "
-                             "use the backbone's own tokenizer")
+            raise ValueError(
+                f"data.tokenizer={cfg.data.tokenizer} has {tokenizer_vocab} tokens, the text backbone "
+                f"model.text.pretrained={cfg.model.text.pretrained} only {backbone_vocab}: "
+                "use the backbone's own tokenizer"
+            )
     if pretrained_tokenizer and cfg.objective.masked_text_weight > 0:
-        raise ValueError("objective.masked_text_weight > 0 needs our own text tokenizer (its MASK and first "
-                         f"text ids); data.tokenizer={cfg.data.tokenizer} is a pretrained model's")
+        raise ValueError(
+            "objective.masked_text_weight > 0 needs our own text tokenizer (its MASK and first "
+            f"text ids); data.tokenizer={cfg.data.tokenizer} is a pretrained model's"
+        )
     from data_pipeline.config import worker_count
 
     worker_count(cfg.data.num_workers)  # "auto" or an integer >= 0, else an error naming the key
     if cfg.trainer.global_batch_size < 0:
-        raise ValueError(f"trainer.global_batch_size must be 0 (derived) or positive, got {cfg.trainer.global_batch_size}")
+        raise ValueError(
+            f"trainer.global_batch_size must be 0 (derived) or positive, got {cfg.trainer.global_batch_size}"
+        )

@@ -30,9 +30,11 @@ def report(run_dir: Path, labels_per_class: int) -> tuple[str, dict]:
     classes = tuned["pretrained"]["classes"]
     finetune = {"labels_per_class": labels_per_class, "chance": round(1.0 / classes, 5)}
     finetune.update({name: {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"]} for name, r in tuned.items()})
-    lines = [f"fine-tuned on {labels_per_class} labelled samples per class ({classes} classes, image + audio), "
-             f"held-out n={tuned['pretrained']['n']}:",
-             f"{'start':<12} {'accuracy':>9} {'macro-F1':>9}"]
+    lines = [
+        f"fine-tuned on {labels_per_class} labelled samples per class ({classes} classes, image + audio), "
+        f"held-out n={tuned['pretrained']['n']}:",
+        f"{'start':<12} {'accuracy':>9} {'macro-F1':>9}",
+    ]
     for name, r in tuned.items():
         lines.append(f"{name:<12} {r['accuracy']:>9.3f} {r['macro_f1']:>9.3f}")
     lines.append(f"{'chance':<12} {1.0 / classes:>9.3f}")
@@ -42,8 +44,9 @@ def report(run_dir: Path, labels_per_class: int) -> tuple[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.demo_report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m train.demo_report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", help="the directory holding pretrain/, finetune_pretrained/, finetune_scratch/")
     parser.add_argument("--labels-per-class", type=int, default=10)
     args = parser.parse_args(argv)

@@ -57,9 +57,11 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     if info.rank == 0 and restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # Restarted workers find the failed ones' keys in torchrun's shared store and hang (pytorch#135712).
-        log.warning("torchrun --max-restarts: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 or restarted workers may "
-                    "hang, and MM_RUN_STAMP or hydra.run.dir to keep the run directory "
-                    "(python -m launch.local and launch.slurm do both)")
+        log.warning(
+            "torchrun --max-restarts: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 or restarted workers may "
+            "hang, and MM_RUN_STAMP or hydra.run.dir to keep the run directory "
+            "(python -m launch.local and launch.slurm do both)"
+        )
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(info.local_rank)

@@ -49,8 +49,12 @@ def start_deepspeed_comm(*, is_main: bool) -> None:
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False) \
-            and not _extension_built(builder.name) and is_main:
+    if (
+        builder is not None
+        and deepspeed.ops.__compatible_ops__.get(builder.NAME, False)
+        and not _extension_built(builder.name)
+        and is_main
+    ):
         log.info("building DeepSpeed's CPU communication op (first use only; about a minute) ...")
     captured = io.StringIO()
     try:
@@ -207,6 +211,7 @@ def build_model(build, *, ds_config: dict):
     # first imported then (transformers imports it), refuses the patched
     # signature. Imported here, before, it is left alone.
     import torch._dynamo  # noqa: F401
+
     # The dtype comes from the config (passing one explicitly is ignored on CPU).
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = build()
@@ -228,8 +233,9 @@ def parameter_total(model: nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
-def param_groups(model: nn.Module, weight_decay: float, *, lr: float | None = None,
-                 lr_scales: dict[str, float] | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, *, lr: float | None = None, lr_scales: dict[str, float] | None = None
+) -> list[dict]:
     """Decay matrices only: norms, biases, embeddings, positions and the
     temperature get no weight decay. With lr_scales (parameter name ->
     multiplier of lr; layer-wise decay), one group per distinct multiplier."""
@@ -262,8 +268,14 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_engine(model: nn.Module, *, ds_config: dict, optimizer: OptimizerConfig, total_steps: int,
-                 lr_scales: dict[str, float] | None = None):
+def build_engine(
+    model: nn.Module,
+    *,
+    ds_config: dict,
+    optimizer: OptimizerConfig,
+    total_steps: int,
+    lr_scales: dict[str, float] | None = None,
+):
     """Wraps the model in a DeepSpeed engine with AdamW and warmup-cosine."""
     import deepspeed
 
@@ -278,8 +290,13 @@ def build_engine(model: nn.Module, *, ds_config: dict, optimizer: OptimizerConfi
     return engine
 
 
-def build_optimizer(model: nn.Module, optimizer: OptimizerConfig, *, cpu_offload: bool = False,
-                    lr_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    optimizer: OptimizerConfig,
+    *,
+    cpu_offload: bool = False,
+    lr_scales: dict[str, float] | None = None,
+) -> torch.optim.Optimizer:
     """AdamW over param_groups.
 
     Normally torch AdamW with the fused kernel: one pass over each tensor
@@ -299,5 +316,6 @@ def build_optimizer(model: nn.Module, optimizer: OptimizerConfig, *, cpu_offload
 
 def build_schedule(opt: torch.optim.Optimizer, optimizer: OptimizerConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, warmup=optimizer.warmup_steps, total=total_steps, min_ratio=optimizer.min_lr_ratio)
+        opt,
+        lambda s: warmup_cosine(s, warmup=optimizer.warmup_steps, total=total_steps, min_ratio=optimizer.min_lr_ratio),
     )

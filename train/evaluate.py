@@ -3,7 +3,7 @@ and, where the shards carry class labels, zero-shot classification."""
 
 from __future__ import annotations
 
-import contextlib
+import json
 
 import torch
 import torch.nn.functional as F
@@ -11,22 +11,9 @@ import torch.nn.functional as F
 from data_pipeline import DataConfig, build_loader
 from data_pipeline.loader import collate
 from mm_models.objectives import MODALITIES
-from train.batch import to_device
+from train.batch import eval_mode, to_device
 from train.distributed import gather_lists, gather_rows, sum_counters
 from train.metrics import flatten, retrieval_metrics
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """The PretrainModel in `model` (itself, or the one a DeepSpeed engine
-    wraps) in eval mode for the block; its training flag is restored after."""
-    module = getattr(model, "module", model)
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 @torch.no_grad()
@@ -70,7 +57,10 @@ def embed_split(model, loader, *, device: torch.device, dtype: torch.dtype) -> d
     split = {
         "embeds": {m: torch.cat(v) for m, v in embeds.items()},
         "masks": {m: torch.cat(v) for m, v in masks.items()},
-        "labels": torch.cat(labels), "class_names": names, "keys": keys, "matching": matching,
+        "labels": torch.cat(labels),
+        "class_names": names,
+        "keys": keys,
+        "matching": matching,
         "embedded_here": len(keys),
     }
     if getattr(loader, "world_size", 1) == 1:  # a plain list of batches is one process's
@@ -81,7 +71,8 @@ def embed_split(model, loader, *, device: torch.device, dtype: torch.dtype) -> d
         "embeds": {m: gather_rows(v) for m, v in split["embeds"].items()},
         "masks": {m: gather_rows(v) for m, v in split["masks"].items()},
         "labels": gather_rows(split["labels"]),
-        "class_names": gather_lists(names), "keys": gather_lists(keys),
+        "class_names": gather_lists(names),
+        "keys": gather_lists(keys),
         "matching": {m: [right.get(m, 0), counted[m]] for m in sorted(counted)},
         "embedded_here": len(keys),
     }
@@ -95,8 +86,12 @@ def matching_metrics(tallies: dict[str, list[int]]) -> dict:
     if not any(n for _, n in tallies.values()):
         return {}
     right, n = sum(r for r, _ in tallies.values()), sum(c for _, c in tallies.values())
-    return {"n": n, "accuracy": right / n, **{f"swapped_{m}": r / c for m, (r, c) in tallies.items() if c},
-            "chance": 0.5}
+    return {
+        "n": n,
+        "accuracy": right / n,
+        **{f"swapped_{m}": r / c for m, (r, c) in tallies.items() if c},
+        "chance": 0.5,
+    }
 
 
 def class_names(labels: torch.Tensor, names: list[str]) -> dict[int, str]:
@@ -109,17 +104,21 @@ def class_names(labels: torch.Tensor, names: list[str]) -> dict[int, str]:
 
 
 @torch.no_grad()
-def class_embeddings(model, names: list[str], *, data: DataConfig, tokenizer, batch_size: int,
-                     device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def class_embeddings(
+    model, names: list[str], *, data: DataConfig, tokenizer, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """C×E unit vectors: per class, the normalised mean of its prompts' text embeddings."""
     texts = [p.format(name) for name in names for p in data.prompts]
-    samples = [{"__key__": "prompt", "image": None, "audio": None,
-                "text": tokenizer.encode(t, max_len=data.max_text_len)} for t in texts]
+    samples = [
+        {"__key__": "prompt", "image": None, "audio": None, "text": tokenizer.encode(t, max_len=data.max_text_len)}
+        for t in texts
+    ]
     chunks = []
     with eval_mode(model) as module:
         for i in range(0, len(samples), batch_size):
-            batch = to_device(collate(samples[i : i + batch_size], cfg=data, pad_id=tokenizer.pad_id),
-                              device=device, dtype=dtype)
+            batch = to_device(
+                collate(samples[i : i + batch_size], cfg=data, pad_id=tokenizer.pad_id), device=device, dtype=dtype
+            )
             chunks.append(F.normalize(module.encode(batch)["text"].float().cpu(), dim=-1))
     per_prompt = torch.cat(chunks).view(len(names), len(data.prompts), -1)
     return F.normalize(per_prompt.mean(dim=1), dim=-1)
@@ -141,16 +140,26 @@ def zero_shot_metrics(split: dict, classes: dict[int, str], class_embeds: torch.
         true = scores.gather(1, targets[keep][:, None])
         rank = (scores > true).sum(1)  # classes scored strictly above the true one
         out[m] = {
-            "n": n, "classes": n_classes,
+            "n": n,
+            "classes": n_classes,
             **{f"top{k}": (rank < k).float().mean().item() for k in (1, 5)},
             "chance": {f"top{k}": min(1.0, k / n_classes) for k in (1, 5)},
         }
     return out
 
 
-def evaluate_heldout(model, *, data: DataConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-                     keep_split: bool = False, sizes: dict[str, int] | None = None, rank: int = 0,
-                     world_size: int = 1) -> dict:
+def evaluate_heldout(
+    model,
+    *,
+    data: DataConfig,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    keep_split: bool = False,
+    sizes: dict[str, int] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
     """{"retrieval": per pair R@k (see retrieval_metrics), "zero_shot": per
     modality accuracy (empty where the held-out .json carries no labels),
     "matching": the matching head's accuracy (matching_metrics; empty
@@ -159,17 +168,26 @@ def evaluate_heldout(model, *, data: DataConfig, batch_size: int, device: torch.
     (a collective: every rank calls it) each rank embeds 1/world_size of the
     held-out set and the embeddings are gathered; every rank gets the same
     results as one process would."""
-    loader = build_loader(data, split="heldout", batch_size=batch_size, sizes=sizes, rank=rank,
-                          world_size=world_size)
+    loader = build_loader(data, split="heldout", batch_size=batch_size, sizes=sizes, rank=rank, world_size=world_size)
     split = embed_split(model, loader, device=device, dtype=dtype)
-    results = {"retrieval": retrieval_metrics(split["embeds"], split["masks"]), "zero_shot": {},
-               "matching": matching_metrics(split["matching"])}
+    results = {
+        "retrieval": retrieval_metrics(split["embeds"], split["masks"]),
+        "zero_shot": {},
+        "matching": matching_metrics(split["matching"]),
+    }
     if keep_split:
         results["split"] = split
     classes = class_names(split["labels"], split["class_names"])
     if len(classes) >= 2 and data.prompts:
-        class_embeds = class_embeddings(model, list(classes.values()), data=data, tokenizer=loader.tokenizer,
-                                         batch_size=batch_size, device=device, dtype=dtype)
+        class_embeds = class_embeddings(
+            model,
+            list(classes.values()),
+            data=data,
+            tokenizer=loader.tokenizer,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+        )
         results["zero_shot"] = zero_shot_metrics(split, classes, class_embeds)
     return results
 
@@ -177,8 +195,11 @@ def evaluate_heldout(model, *, data: DataConfig, batch_size: int, device: torch.
 def eval_metrics(results: dict, prefix: str) -> dict[str, float]:
     """Flat metric names: PREFIX/<pair>/R@k, PREFIX/zero_shot/<modality>/topk
     and PREFIX/matching/accuracy (and its parts)."""
-    return {**flatten(results["retrieval"], prefix), **flatten(results["zero_shot"], f"{prefix}/zero_shot"),
-            **flatten(results.get("matching") or {}, f"{prefix}/matching")}
+    return {
+        **flatten(results["retrieval"], prefix),
+        **flatten(results["zero_shot"], f"{prefix}/zero_shot"),
+        **flatten(results.get("matching") or {}, f"{prefix}/matching"),
+    }
 
 
 def results_table(results: dict) -> str:
@@ -191,20 +212,29 @@ def results_table(results: dict) -> str:
             f"{r['chance']['R@1']:>9.4f} {ratio:>10.1f}x"
         )
     if results["zero_shot"]:
-        lines.append(f"{'zero-shot':<12} {'n':>5} {'top1':>7} {'top5':>7} {'classes':>7} {'chance@1':>9} {'top1/chance':>11}")
+        lines.append(
+            f"{'zero-shot':<12} {'n':>5} {'top1':>7} {'top5':>7} {'classes':>7} {'chance@1':>9} {'top1/chance':>11}"
+        )
         for m, r in results["zero_shot"].items():
             ratio = r["top1"] / r["chance"]["top1"]
-            lines.append(f"{m:<12} {r['n']:>5} {r['top1']:>7.3f} {r['top5']:>7.3f} {r['classes']:>7} "
-                         f"{r['chance']['top1']:>9.4f} {ratio:>10.1f}x")
+            lines.append(
+                f"{m:<12} {r['n']:>5} {r['top1']:>7.3f} {r['top5']:>7.3f} {r['classes']:>7} "
+                f"{r['chance']['top1']:>9.4f} {ratio:>10.1f}x"
+            )
     match = results.get("matching")
     if match:
-        swapped = "  ".join(f"{k.removeprefix('swapped_')} {v:.3f}" for k, v in match.items() if k.startswith("swapped_"))
-        lines.append(f"matching head: aligned tuple above the swapped one in {match['accuracy']:.3f} of {match['n']} "
-                     f"(chance 0.5); by swapped modality: {swapped}")
+        swapped = "  ".join(
+            f"{k.removeprefix('swapped_')} {v:.3f}" for k, v in match.items() if k.startswith("swapped_")
+        )
+        lines.append(
+            f"matching head: aligned tuple above the swapped one in {match['accuracy']:.3f} of {match['n']} "
+            f"(chance 0.5); by swapped modality: {swapped}"
+        )
     return "\n".join(lines)
 
 
 # -- `python -m train.evaluate checkpoint=PATH [data.KEY=VALUE ...] [batch_size=N]` --------------
+
 
 def load_for_eval(checkpoint: str, *, trust: bool = False) -> tuple[torch.nn.Module, dict]:
     """A plain fp32 model (PretrainModel or ClassifierModel) on CPU and the training config it was saved
@@ -230,6 +260,32 @@ def load_for_eval(checkpoint: str, *, trust: bool = False) -> tuple[torch.nn.Mod
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{step_dir}: its config and weights do not make a model: {e}") from None
     return model.eval(), config
+
+
+def final_json(results: dict) -> str:
+    """The demo's last line: held-out R@k and chance per pair, and zero-shot
+    accuracy and chance per modality where the data has class labels."""
+
+    def rounded(r: dict, prefix: str) -> dict:
+        return {
+            k: (round(v, 4) if k.startswith(prefix) else v)
+            for k, v in r.items()
+            if k.startswith(prefix) or k in ("n", "classes")
+        } | {"chance": {k: round(v, 5) for k, v in r["chance"].items()}}
+
+    heldout = results["heldout"]
+    if results.get("task") == "classify":
+        from train.classify import final_summary
+
+        return json.dumps(
+            {"step": results["step"], "task": "classify", "heldout": final_summary(heldout)}, sort_keys=True
+        )
+    out = {"step": results["step"], "heldout": {p: rounded(r, "R@") for p, r in heldout["retrieval"].items()}}
+    if heldout["zero_shot"]:
+        out["zero_shot"] = {m: rounded(r, "top") for m, r in heldout["zero_shot"].items()}
+    if heldout.get("matching"):
+        out["matching"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in heldout["matching"].items()}
+    return json.dumps(out, sort_keys=True)
 
 
 USAGE = """usage: python -m train.evaluate checkpoint=PATH [data.KEY=VALUE ...] [batch_size=N] [device=cpu]
@@ -263,19 +319,23 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     from train.export import CheckpointError, parse_overrides, truthy
-    from train.loop import final_json
 
     try:
         args = sys.argv[1:] if argv is None else argv
-        options = parse_overrides([a for a in args if not a.startswith("data.")],
-                                  allowed=("checkpoint", "batch_size", "device", "trust_checkpoint"))
+        options = parse_overrides(
+            [a for a in args if not a.startswith("data.")],
+            allowed=("checkpoint", "batch_size", "device", "trust_checkpoint"),
+        )
         if not options.get("checkpoint"):
-            raise CheckpointError("missing checkpoint=; usage: python -m train.evaluate checkpoint=DIR "
-                                  "[data.heldout=SHARDS ...] [batch_size=N] [device=cpu]")
+            raise CheckpointError(
+                "missing checkpoint=; usage: python -m train.evaluate checkpoint=DIR "
+                "[data.heldout=SHARDS ...] [batch_size=N] [device=cpu]"
+            )
         model, config = load_for_eval(options["checkpoint"], trust=truthy(options.get("trust_checkpoint")))
         # The data config saved with the run, then command-line overrides (type-checked, keys named).
         data = OmegaConf.merge(
-            OmegaConf.structured(DataConfig), config.get("data", {}),
+            OmegaConf.structured(DataConfig),
+            config.get("data", {}),
             OmegaConf.from_dotlist([a.removeprefix("data.") for a in args if a.startswith("data.")]),
         )
         data = OmegaConf.to_object(data)
@@ -294,16 +354,19 @@ def main(argv: list[str] | None = None) -> int:
         spec = label_spec(task_cfg)
         loader = build_loader(data, split="heldout", batch_size=batch_size, labels=spec)
         try:
-            heldout = classification_metrics(predict_split(model, loader, device=device, dtype=torch.float32), spec,
-                                             threshold=task_cfg.threshold)
+            heldout = classification_metrics(
+                predict_split(model, loader, device=device, dtype=torch.float32), spec, threshold=task_cfg.threshold
+            )
         except ValueError as e:
             print(f"train.evaluate: error: {e}", file=sys.stderr)
             return 2
         results = {"step": config.get("step"), "task": "classify", "heldout": heldout}
         print(classify_table(heldout), file=sys.stderr)
     else:
-        results = {"step": config.get("step"), "heldout": evaluate_heldout(
-            model, data=data, batch_size=batch_size, device=device, dtype=torch.float32)}
+        results = {
+            "step": config.get("step"),
+            "heldout": evaluate_heldout(model, data=data, batch_size=batch_size, device=device, dtype=torch.float32),
+        }
         print(results_table(results["heldout"]), file=sys.stderr)
     print(final_json(results), flush=True)
     return 0

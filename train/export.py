@@ -103,8 +103,14 @@ def consolidate(step_dir: Path, *, trust: bool = False) -> dict[str, torch.Tenso
 
 # What an export keeps of a Hugging Face backbone's directory: enough to
 # rebuild the module and its inputs (the weights are in the export itself).
-HF_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "vocab.txt")
+HF_FILES = (
+    "config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 
 def bundle_pretrained_configs(config: dict, out_dir: Path) -> None:
@@ -192,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_overrides(argv, allowed=("checkpoint", "out", "trust_checkpoint"))
         missing = [k for k in ("checkpoint", "out") if not args.get(k)]
         if missing:
-            raise CheckpointError(f"missing {' and '.join(f'{k}=' for k in missing)}; "
-                                  "usage: python -m train.export checkpoint=DIR out=FILE.safetensors")
+            raise CheckpointError(
+                f"missing {' and '.join(f'{k}=' for k in missing)}; "
+                "usage: python -m train.export checkpoint=DIR out=FILE.safetensors"
+            )
         weights, config, n_params = export(args["checkpoint"], args["out"], trust=truthy(args.get("trust_checkpoint")))
     except CheckpointError as e:
         print(f"train.export: error: {e}", file=sys.stderr)

@@ -20,12 +20,23 @@ from pathlib import Path
 import torch
 
 # Modules whose parameters must stay together on one device.
-NO_SPLIT = ["Block", "ResidualBlock", "PatchEmbed", "SpectrogramPatchEmbed", "Head", "ConcatFusion",
-            "WeightedSumFusion", "AttentionFusion", "MatchingLoss", "MaskedTextLoss", "ContrastiveLoss"]
+NO_SPLIT = [
+    "Block",
+    "ResidualBlock",
+    "PatchEmbed",
+    "SpectrogramPatchEmbed",
+    "Head",
+    "ConcatFusion",
+    "WeightedSumFusion",
+    "AttentionFusion",
+    "MatchingLoss",
+    "MaskedTextLoss",
+    "ContrastiveLoss",
+]
 
 
 def parse_max_memory(spec: str) -> dict:
-    """"0:10GiB,cpu:30GiB" -> {0: "10GiB", "cpu": "30GiB"} (accelerate's form)."""
+    """ "0:10GiB,cpu:30GiB" -> {0: "10GiB", "cpu": "30GiB"} (accelerate's form)."""
     out: dict = {}
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         device, sep, size = part.partition(":")
@@ -35,8 +46,9 @@ def parse_max_memory(spec: str) -> dict:
     return out
 
 
-def load_dispatched(path: str | Path, *, max_memory: dict | None = None, device_map: str = "auto",
-                    offload_dir: str | Path | None = None) -> torch.nn.Module:
+def load_dispatched(
+    path: str | Path, *, max_memory: dict | None = None, device_map: str = "auto", offload_dir: str | Path | None = None
+) -> torch.nn.Module:
     """The export at `path` in eval mode, dispatched over devices (see module doc)."""
     try:
         from accelerate import init_empty_weights, load_checkpoint_and_dispatch
@@ -53,7 +65,12 @@ def load_dispatched(path: str | Path, *, max_memory: dict | None = None, device_
     if offload_dir is not None:
         Path(offload_dir).mkdir(parents=True, exist_ok=True)
     model = load_checkpoint_and_dispatch(
-        model, str(path), device_map=device_map, max_memory=max_memory, no_split_module_classes=NO_SPLIT,
-        offload_folder=str(offload_dir) if offload_dir is not None else None, dtype=torch.float32,
+        model,
+        str(path),
+        device_map=device_map,
+        max_memory=max_memory,
+        no_split_module_classes=NO_SPLIT,
+        offload_folder=str(offload_dir) if offload_dir is not None else None,
+        dtype=torch.float32,
     )
     return model.eval()

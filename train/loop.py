@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -18,21 +17,26 @@ from data_pipeline import build_loader
 from data_pipeline.loader import shard_size_table
 from mm_models import PretrainModel
 from mm_models.classifier import ClassifierModel, attach_weights, classifier_config
-from train import classify as classify_mod
 from mm_models.encoders import set_token_dropout
 from mm_models.flops import flops_per_sample, sequence_lengths
+from train import classify as classify_mod
+from train import watchdog
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.config import Config
 from train.distributed import DistInfo, all_reduce_mean, barrier, feature_gather, sum_counters
 from train.engine import (
-    build_deepspeed_config, build_engine, build_model, start_deepspeed_comm, compute_dtype, parameter_total,
+    build_deepspeed_config,
+    build_engine,
+    build_model,
+    compute_dtype,
+    parameter_total,
+    start_deepspeed_comm,
 )
 from train.evaluate import eval_metrics, evaluate_heldout, results_table
-from train import watchdog
+from train.export import export
 from train.sample_log import log_samples
 from train.signals import StopRequest, any_rank
 from train.step import read_losses, train_step
-from train.export import export
 from train.tables import retrieval_table
 from train.tracking import BestMetric, Tracker
 
@@ -92,8 +96,16 @@ def checked_loader(data, split: str, *, batch_size: int, info: DistInfo, tokeniz
     """build_loader, with an error that names the config key at fault."""
     try:
         sizes = shared_size_table(data, split, info)
-        return build_loader(data, split=split, batch_size=batch_size, rank=info.rank, world_size=info.world_size,
-                            tokenizer=tokenizer, labels=labels, sizes=sizes)
+        return build_loader(
+            data,
+            split=split,
+            batch_size=batch_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            tokenizer=tokenizer,
+            labels=labels,
+            sizes=sizes,
+        )
     except (ValueError, OSError) as e:
         key = "data.heldout" if split == "heldout" else ("data.sources" if data.sources else "data.train")
         value = data.heldout if split == "heldout" else (data.train if not data.sources else "...")
@@ -102,26 +114,55 @@ def checked_loader(data, split: str, *, batch_size: int, info: DistInfo, tokeniz
         raise ValueError(f"{key}={value!r}: {e}") from None
 
 
+def compile_engine(engine) -> None:
+    """trainer.compile: the engine's module through torch.compile (inductor),
+    as DeepSpeed's engine.compile() does it. Refused with the fix when the
+    machine has no C++ compiler inductor could use on CPU."""
+    import shutil
+
+    if engine.device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        raise RuntimeError(
+            "trainer.compile=true on CPU needs a C++ compiler for inductor: install one "
+            "(apt-get install g++) or set trainer.compile=false"
+        )
+    engine.compile()
+
+    def report(module, args, output) -> None:  # once, after the first (compiling) forward
+        from torch._dynamo.utils import counters
+
+        handle.remove()
+        log.info("torch.compile: %d graph(s) compiled for the model", counters["stats"]["unique_graphs"])
+
+    handle = engine.module.register_forward_hook(report)
+
+
 def zero_summary(ds_config: dict) -> str:
     """'ZeRO-3, optimizer states and parameters offloaded to cpu' for the start-up banner."""
     zero = ds_config["zero_optimization"]
-    offloaded = [what for key, what in (("offload_optimizer", "optimizer states"), ("offload_param", "parameters"))
-                 if key in zero]
+    offloaded = [
+        what
+        for key, what in (("offload_optimizer", "optimizer states"), ("offload_param", "parameters"))
+        if key in zero
+    ]
     devices = sorted({zero[key]["device"] for key in ("offload_optimizer", "offload_param") if key in zero})
-    return f"ZeRO-{zero['stage']}" + (f", {' and '.join(offloaded)} offloaded to {'/'.join(devices)}"
-                                       if offloaded else "")
+    return f"ZeRO-{zero['stage']}" + (
+        f", {' and '.join(offloaded)} offloaded to {'/'.join(devices)}" if offloaded else ""
+    )
 
 
 def encoder_summary(model_cfg) -> str:
     """'image cnn, audio transformer, text rnn (locked)' for the start-up banner."""
     from mm_models.encoders import arch_name
 
-    return ", ".join(f"{m} {arch_name(model_cfg, m)}" + (" (locked)" if getattr(model_cfg, m).freeze else "")
-                     for m in ("image", "audio", "text"))
+    return ", ".join(
+        f"{m} {arch_name(model_cfg, m)}" + (" (locked)" if getattr(model_cfg, m).freeze else "")
+        for m in ("image", "audio", "text")
+    )
 
 
-def perf_metrics(*, samples_per_s: float, flops_per_sample: float, tokens_per_sample: int,
-                 peak_flops: float, world_size: int) -> dict[str, float]:
+def perf_metrics(
+    *, samples_per_s: float, flops_per_sample: float, tokens_per_sample: int, peak_flops: float, world_size: int
+) -> dict[str, float]:
     """Throughput, model FLOP/s, MFU (if the device peak is known) and memory."""
     achieved = samples_per_s * flops_per_sample
     out = {
@@ -140,8 +181,9 @@ def perf_metrics(*, samples_per_s: float, flops_per_sample: float, tokens_per_sa
 class LogWindow:
     """The steps between two log lines: their time, data wait and throughput."""
 
-    def __init__(self, *, global_batch: int, flops_per_sample: float, tokens_per_sample: int, peak_flops: float,
-                 world_size: int):
+    def __init__(
+        self, *, global_batch: int, flops_per_sample: float, tokens_per_sample: int, peak_flops: float, world_size: int
+    ):
         self.global_batch, self.world_size = global_batch, world_size
         self.flops_per_sample, self.tokens_per_sample, self.peak_flops = flops_per_sample, tokens_per_sample, peak_flops
         self._reset()
@@ -158,10 +200,15 @@ class LogWindow:
         out["train/lr"] = engine.get_lr()[0]
         out["train/grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
         out["perf/data_wait_frac"] = self.data_wait / elapsed
-        out.update(perf_metrics(
-            samples_per_s=self.steps * self.global_batch / elapsed, flops_per_sample=self.flops_per_sample,
-            tokens_per_sample=self.tokens_per_sample, peak_flops=self.peak_flops, world_size=self.world_size,
-        ))
+        out.update(
+            perf_metrics(
+                samples_per_s=self.steps * self.global_batch / elapsed,
+                flops_per_sample=self.flops_per_sample,
+                tokens_per_sample=self.tokens_per_sample,
+                peak_flops=self.peak_flops,
+                world_size=self.world_size,
+            )
+        )
         self._reset()
         return out
 
@@ -186,8 +233,9 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     # Data first: a bad shard pattern or tokenizer fails before any engine
     # starts, the held-out set's too (not only when the first evaluation needs it).
     loader = checked_loader(cfg.data, "train", batch_size=t_cfg.micro_batch_size, info=info, labels=spec)
-    heldout_check = checked_loader(cfg.data, "heldout", batch_size=t_cfg.eval_batch_size, info=info,
-                                   tokenizer=loader.tokenizer, labels=spec)
+    heldout_check = checked_loader(
+        cfg.data, "heldout", batch_size=t_cfg.eval_batch_size, info=info, tokenizer=loader.tokenizer, labels=spec
+    )
     # Read once at start (by rank 0), reused by every evaluation.
     heldout_sizes = {u: n for s in heldout_check.sources for u, n in zip(s.urls, s.sizes)}
     if cfg.model.text.arch != "hf" and loader.tokenizer.vocab_size > cfg.model.vocab_size:
@@ -209,8 +257,10 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
         def make_model():
             model = ClassifierModel(cfg.model, cfg.fusion, classifier)
             if init_state is not None:
-                attach_weights(model, *classify_mod.init_weights_from(init_state, pretrained, fusion=cfg.fusion,
-                                                                       init=cfg.task.init))
+                attach_weights(
+                    model,
+                    *classify_mod.init_weights_from(init_state, pretrained, fusion=cfg.fusion, init=cfg.task.init),
+                )
             return model
 
         model = build_model(make_model, ds_config=ds_config)
@@ -218,15 +268,23 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
             lr_scales = classify_mod.lr_scales(model, cfg.task.lr_decay)
         if init_state is not None and info.is_main:
             source = next(m.pretrained_weights[0] for m in model.modules() if hasattr(m, "pretrained_weights"))
-            log.info("initialised %d tensors from task.init=%s%s", len(source.loaded), cfg.task.init,
-                     f" ({len(source.missing)} kept fresh: {source.missing[:5]}...)" if source.missing else "")
+            log.info(
+                "initialised %d tensors from task.init=%s%s",
+                len(source.loaded),
+                cfg.task.init,
+                f" ({len(source.missing)} kept fresh: {source.missing[:5]}...)" if source.missing else "",
+            )
         init_state = None  # the model holds its copy now
     else:
         model = build_model(
-            lambda: PretrainModel(cfg.model, cfg.fusion, cfg.objective, gather=feature_gather(info)), ds_config=ds_config
+            lambda: PretrainModel(cfg.model, cfg.fusion, cfg.objective, gather=feature_gather(info)),
+            ds_config=ds_config,
         )
-    engine = build_engine(model, ds_config=ds_config, optimizer=cfg.optimizer, total_steps=t_cfg.max_steps,
-                          lr_scales=lr_scales)
+    engine = build_engine(
+        model, ds_config=ds_config, optimizer=cfg.optimizer, total_steps=t_cfg.max_steps, lr_scales=lr_scales
+    )
+    if t_cfg.compile:
+        compile_engine(engine)
     seed_rank_streams(t_cfg.seed, info.rank)  # a resumed run then restores each rank's own state
     device = engine.device
     dtype = compute_dtype(ds_config)
@@ -235,14 +293,28 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     if info.is_main:
         log.info(
             "model %s (%s): %.2fM parameters | %s, %s | global batch %d = %d micro × %d accum × %d ranks",
-            cfg.model.name, encoder_summary(cfg.model), n_params / 1e6, zero_summary(ds_config), precision,
-            ds_config["train_batch_size"], t_cfg.micro_batch_size, accum, info.world_size,
+            cfg.model.name,
+            encoder_summary(cfg.model),
+            n_params / 1e6,
+            zero_summary(ds_config),
+            precision,
+            ds_config["train_batch_size"],
+            t_cfg.micro_batch_size,
+            accum,
+            info.world_size,
         )
         if classify:
-            log.info("task classify: %d classes%s over %s, fusion %s, head %s, %s", spec.num_classes,
-                     " (multi-label)" if spec.multi_label else "", "+".join(cfg.task.modalities), cfg.fusion.name,
-                     cfg.task.head, "linear probe (encoders frozen)" if cfg.task.freeze == "encoders" else
-                     f"full fine-tuning (lr_decay {cfg.task.lr_decay})")
+            log.info(
+                "task classify: %d classes%s over %s, fusion %s, head %s, %s",
+                spec.num_classes,
+                " (multi-label)" if spec.multi_label else "",
+                "+".join(cfg.task.modalities),
+                cfg.fusion.name,
+                cfg.task.head,
+                "linear probe (encoders frozen)"
+                if cfg.task.freeze == "encoders"
+                else f"full fine-tuning (lr_decay {cfg.task.lr_decay})",
+            )
     resumed: dict = {}  # the checkpoint's meta.json, if resuming
     resume_from = find_checkpoint(t_cfg.resume, run_dir=run_dir)
     if resume_from is not None:
@@ -251,8 +323,9 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     start_step = int(resumed.get("step", 0))
     if resume_from is not None and info.is_main:
         log.info("resumed from %s at step %d", resume_from, start_step)
-    tracker = Tracker(cfg.logger, run_dir=run_dir, config=resolved, is_main=info.is_main,
-                      run_id=resumed.get("wandb_run_id"))
+    tracker = Tracker(
+        cfg.logger, run_dir=run_dir, config=resolved, is_main=info.is_main, run_id=resumed.get("wandb_run_id")
+    )
     batches = iter(loader)
     if t_cfg.log_samples:
         batches = log_samples(batches, loader=loader, path=run_dir / f"samples_rank{info.rank}.jsonl")
@@ -268,8 +341,9 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     def evaluate(step: int) -> dict:
         watchdog.mark("evaluation", step=step)
         if classify:
-            heldout = build_loader(cfg.data, split="heldout", batch_size=t_cfg.eval_batch_size, labels=spec,
-                                   sizes=heldout_sizes)
+            heldout = build_loader(
+                cfg.data, split="heldout", batch_size=t_cfg.eval_batch_size, labels=spec, sizes=heldout_sizes
+            )
             split = classify_mod.predict_split(engine, heldout, device=device, dtype=dtype)
             results = classify_mod.classification_metrics(split, spec, threshold=cfg.task.threshold)
             last_eval.clear()
@@ -284,8 +358,15 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
                 log.info("held-out classification at step %d:\n%s", step, classify_mod.classify_table(results))
             return results
         results = evaluate_heldout(
-            engine, data=cfg.data, batch_size=t_cfg.eval_batch_size, device=device, dtype=dtype, keep_split=True,
-            sizes=heldout_sizes, rank=info.rank, world_size=info.world_size,
+            engine,
+            data=cfg.data,
+            batch_size=t_cfg.eval_batch_size,
+            device=device,
+            dtype=dtype,
+            keep_split=True,
+            sizes=heldout_sizes,
+            rank=info.rank,
+            world_size=info.world_size,
         )
         split = results.pop("split")
         last_eval.clear()
@@ -305,10 +386,18 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
         """Saves; with log, records it in W&B (as "best" if this step's evaluation improved the metric)."""
         watchdog.mark("checkpoint", step=step)
         is_best = log and last_eval.get("step") == step and best.improved(last_eval["metrics"])
-        meta = {"wandb_run_id": tracker.run.id if tracker.run else None, "config": resolved,
-                "best_metric_value": best.value}
+        meta = {
+            "wandb_run_id": tracker.run.id if tracker.run else None,
+            "config": resolved,
+            "best_metric_value": best.value,
+        }
         path = save_checkpoint(
-            engine, run_dir=run_dir, step=step, meta=meta, loader_state=loader.state_dict(), rank=info.rank,
+            engine,
+            run_dir=run_dir,
+            step=step,
+            meta=meta,
+            loader_state=loader.state_dict(),
+            rank=info.rank,
             keep_last=t_cfg.keep_last,
         )
         if log:
@@ -316,15 +405,22 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
         return path
 
     def log_checkpoint(path: Path, step: int, *, is_best: bool) -> None:
-        tracker.log_checkpoint(path, step=step, aliases=["latest", f"step_{step}"] + (["best"] if is_best else []),
-                               metadata={best.name: last_eval["metrics"].get(best.name)} if is_best else None)
+        tracker.log_checkpoint(
+            path,
+            step=step,
+            aliases=["latest", f"step_{step}"] + (["best"] if is_best else []),
+            metadata={best.name: last_eval["metrics"].get(best.name)} if is_best else None,
+        )
 
     token_dropout = any(getattr(cfg.model, m).token_dropout > 0 for m in ("image", "audio"))
     # MFU counts what a step computes: with token dropout, the kept patches.
-    window = LogWindow(global_batch=ds_config["train_batch_size"],
-                       flops_per_sample=flops_per_sample(cfg.model, token_dropout=True),
-                       tokens_per_sample=sum(sequence_lengths(cfg.model).values()),
-                       peak_flops=t_cfg.peak_flops_per_device, world_size=info.world_size)
+    window = LogWindow(
+        global_batch=ds_config["train_batch_size"],
+        flops_per_sample=flops_per_sample(cfg.model, token_dropout=True),
+        tokens_per_sample=sum(sequence_lengths(cfg.model).values()),
+        peak_flops=t_cfg.peak_flops_per_device,
+        world_size=info.world_size,
+    )
     stop = stop or StopRequest()
     if stop.requested and info.is_main:
         log.warning("%s arrived during start-up: stopping after the first step", stop.signal_name)
@@ -360,8 +456,12 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
             if info.is_main:
                 log.info(
                     "step %d/%d  loss %.4f  lr %.2e  %.0f samples/s  data wait %.0f%%",
-                    step, t_cfg.max_steps, metrics["train/loss"], metrics["train/lr"],
-                    metrics["perf/samples_per_s"], 100 * metrics["perf/data_wait_frac"],
+                    step,
+                    t_cfg.max_steps,
+                    metrics["train/loss"],
+                    metrics["train/lr"],
+                    metrics["perf/samples_per_s"],
+                    100 * metrics["perf/data_wait_frac"],
                 )
         if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step != t_cfg.max_steps:
             evaluate(step)
@@ -372,7 +472,9 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
             tracker.finish()
             stop.restore()
             if info.is_main:
-                log.warning("stopped by a signal after step %d; checkpoint %s (resume with the same command)", step, ckpt)
+                log.warning(
+                    "stopped by a signal after step %d; checkpoint %s (resume with the same command)", step, ckpt
+                )
             return {"step": step, "checkpoint": str(ckpt), "stopped": True}
     stop.restore()
 
@@ -380,7 +482,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     ckpt = checkpoint(t_cfg.max_steps, log=False)
     results = evaluate(t_cfg.max_steps)
     log_checkpoint(ckpt, t_cfg.max_steps, is_best=best.improved(last_eval["metrics"]))
-    final_metrics = (classify_mod.flat_metrics(results, "heldout") if classify else eval_metrics(results, "heldout"))
+    final_metrics = classify_mod.flat_metrics(results, "heldout") if classify else eval_metrics(results, "heldout")
     tracker.summary({f"final/{k}": v for k, v in final_metrics.items()})
     tracker.summary({"checkpoint": str(ckpt)})
     # Every rank is done with collectives. What follows is rank 0's alone and
@@ -395,8 +497,12 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
             # This run's own checkpoint, just written: nothing to verify.
             weights, config_file, _ = export(ckpt, run_dir / "export" / "model.safetensors", trust=True)
         except Exception as e:  # noqa: BLE001
-            log.error("export failed (%s: %s); run: python -m train.export checkpoint=%s out=model.safetensors",
-                      type(e).__name__, e, ckpt)
+            log.error(
+                "export failed (%s: %s); run: python -m train.export checkpoint=%s out=model.safetensors",
+                type(e).__name__,
+                e,
+                ckpt,
+            )
             if t_cfg.fail_on_export_error:
                 tracker.finish()
                 raise
@@ -411,31 +517,11 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
         if wandb_dir:
             log.info("W&B run: %s  (inspect: wandb leet inspect --summary %s)", wandb_dir, wandb_dir)
         if classify:
-            log.info("held-out classification after %d steps:\n%s", t_cfg.max_steps,
-                     classify_mod.classify_table(results))
+            log.info(
+                "held-out classification after %d steps:\n%s", t_cfg.max_steps, classify_mod.classify_table(results)
+            )
         else:
             log.info("held-out retrieval after %d steps:\n%s", t_cfg.max_steps, results_table(results))
     if classify:
         return {"step": t_cfg.max_steps, "checkpoint": str(ckpt), "task": "classify", "heldout": results}
     return {"step": t_cfg.max_steps, "checkpoint": str(ckpt), "heldout": results}
-
-
-def final_json(results: dict) -> str:
-    """The demo's last line: held-out R@k and chance per pair, and zero-shot
-    accuracy and chance per modality where the data has class labels."""
-
-    def rounded(r: dict, prefix: str) -> dict:
-        return {k: (round(v, 4) if k.startswith(prefix) else v) for k, v in r.items()
-                if k.startswith(prefix) or k in ("n", "classes")} | {
-            "chance": {k: round(v, 5) for k, v in r["chance"].items()}}
-
-    heldout = results["heldout"]
-    if results.get("task") == "classify":
-        return json.dumps({"step": results["step"], "task": "classify",
-                           "heldout": classify_mod.final_summary(heldout)}, sort_keys=True)
-    out = {"step": results["step"], "heldout": {p: rounded(r, "R@") for p, r in heldout["retrieval"].items()}}
-    if heldout["zero_shot"]:
-        out["zero_shot"] = {m: rounded(r, "top") for m, r in heldout["zero_shot"].items()}
-    if heldout.get("matching"):
-        out["matching"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in heldout["matching"].items()}
-    return json.dumps(out, sort_keys=True)

@@ -13,8 +13,9 @@ KS = (1, 5, 10)
 BLOCK = 1024  # query rows per similarity block: memory O(BLOCK · N), not N²
 
 
-def _recall_at_k(queries: torch.Tensor, keys: torch.Tensor, ks: tuple[int, ...],
-                 block: int = BLOCK) -> dict[str, float]:
+def _recall_at_k(
+    queries: torch.Tensor, keys: torch.Tensor, ks: tuple[int, ...], block: int = BLOCK
+) -> dict[str, float]:
     """queries, keys: N×E unit rows; the match of query i is key i.
 
     Similarities are computed BLOCK query rows at a time, so a 50,000-sample
@@ -38,7 +39,9 @@ def _recall_at_k(queries: torch.Tensor, keys: torch.Tensor, ks: tuple[int, ...],
 
 
 def retrieval_metrics(
-    embeds: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], ks: tuple[int, ...] = KS,
+    embeds: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    ks: tuple[int, ...] = KS,
     block: int = BLOCK,
 ) -> dict[str, dict]:
     """embeds: modality -> N×E; masks: modality -> N bool.

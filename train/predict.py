@@ -88,8 +88,14 @@ def rows_for(batch: dict, out: dict, *, embed: bool, names: list[str], multi_lab
             rows.append(row)
             continue
         if not bool(out["valid"][i]):
-            rows.append({"key": key, **({"labels": None, "classes": None} if multi_label else
-                                        {"label": None, "class": None}), "probs": None, "reason": "no_modality"})
+            rows.append(
+                {
+                    "key": key,
+                    **({"labels": None, "classes": None} if multi_label else {"label": None, "class": None}),
+                    "probs": None,
+                    "reason": "no_modality",
+                }
+            )
             continue
         probs = out["probs"][i].tolist()
         row = {"key": key}
@@ -122,8 +128,9 @@ class ShardBatches:
 
         self._queue: queue.Queue = queue.Queue(maxsize=ahead)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, args=(shards, make_loader), daemon=True,
-                                        name="predict-read-ahead")
+        self._thread = threading.Thread(
+            target=self._read, args=(shards, make_loader), daemon=True, name="predict-read-ahead"
+        )
         self._thread.start()
 
     def _put(self, item) -> bool:
@@ -194,8 +201,9 @@ def concat_parts(parts: list[Path], out: Path, fmt: str) -> None:
     os.replace(tmp, out)
 
 
-def load_model(checkpoint: str, *, device: torch.device, max_memory: str | None, offload_dir: Path,
-               trust: bool = False):
+def load_model(
+    checkpoint: str, *, device: torch.device, max_memory: str | None, offload_dir: Path, trust: bool = False
+):
     """(model, training config): plain, or dispatched by accelerate with max_memory."""
     if not max_memory:
         from train.evaluate import load_for_eval
@@ -204,11 +212,12 @@ def load_model(checkpoint: str, *, device: torch.device, max_memory: str | None,
         return model.to(device), config
     if not checkpoint.endswith(".safetensors"):
         raise PredictError("max_memory= needs an exported .safetensors (python -m train.export)")
-    from train.inference import load_dispatched, parse_max_memory
     from mm_models.io import read_config
+    from train.inference import load_dispatched, parse_max_memory
 
-    return load_dispatched(checkpoint, max_memory=parse_max_memory(max_memory), offload_dir=offload_dir), \
-        read_config(checkpoint)
+    return load_dispatched(checkpoint, max_memory=parse_max_memory(max_memory), offload_dir=offload_dir), read_config(
+        checkpoint
+    )
 
 
 def predict(options: dict, data_overrides: list[str], *, embed: bool) -> dict:
@@ -245,18 +254,27 @@ def predict(options: dict, data_overrides: list[str], *, embed: bool) -> dict:
     device = torch.device(options.get("device", "cpu"))
     from train.export import truthy
 
-    model, config = load_model(options["checkpoint"], device=device, max_memory=options.get("max_memory"),
-                               offload_dir=out_dir / "offload" / f"rank{rank}",
-                               trust=truthy(options.get("trust_checkpoint")))
+    model, config = load_model(
+        options["checkpoint"],
+        device=device,
+        max_memory=options.get("max_memory"),
+        offload_dir=out_dir / "offload" / f"rank{rank}",
+        trust=truthy(options.get("trust_checkpoint")),
+    )
     task = config.get("task") or {}
     classify = task.get("name") == "classify"
     if not embed and not classify:
-        raise PredictError(f"{options['checkpoint']} is a pretrained model, not a classifier: it has no classes "
-                           "to predict; add --embed for its embeddings")
-    data = OmegaConf.to_object(OmegaConf.merge(
-        OmegaConf.structured(DataConfig), {k: v for k, v in config.get("data", {}).items() if k != "sources"},
-        OmegaConf.from_dotlist([a.removeprefix("data.") for a in data_overrides]),
-    ))
+        raise PredictError(
+            f"{options['checkpoint']} is a pretrained model, not a classifier: it has no classes "
+            "to predict; add --embed for its embeddings"
+        )
+    data = OmegaConf.to_object(
+        OmegaConf.merge(
+            OmegaConf.structured(DataConfig),
+            {k: v for k, v in config.get("data", {}).items() if k != "sources"},
+            OmegaConf.from_dotlist([a.removeprefix("data.") for a in data_overrides]),
+        )
+    )
     urls = expand_shards(options["shards"], allow_pipe=data.allow_pipe)
     sizes = shard_sizes(urls)
     mine = my_shards(len(urls), rank=rank, world=world)
@@ -269,11 +287,17 @@ def predict(options: dict, data_overrides: list[str], *, embed: bool) -> dict:
     suffix = "jsonl" if fmt == "jsonl" else "parquet"
     todo = [i for i in mine if not (parts_dir / f"{i:06d}.{suffix}").exists()]
     skipped: Counter = Counter()
-    progress = tqdm(total=sum(sizes[i] for i in todo), unit="sample", desc=f"predict rank {rank}",
-                    disable=rank != 0 or None)
-    batches = ShardBatches(todo, lambda i: build_loader(
-        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(data), {"heldout": urls[i]})),
-        split="heldout", batch_size=batch_size))
+    progress = tqdm(
+        total=sum(sizes[i] for i in todo), unit="sample", desc=f"predict rank {rank}", disable=rank != 0 or None
+    )
+    batches = ShardBatches(
+        todo,
+        lambda i: build_loader(
+            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(data), {"heldout": urls[i]})),
+            split="heldout",
+            batch_size=batch_size,
+        ),
+    )
     rows: list[dict] = []
     with torch.no_grad():
         for i, batch, shard_skips in batches:
@@ -290,8 +314,9 @@ def predict(options: dict, data_overrides: list[str], *, embed: bool) -> dict:
             # shard i is finished
             progress.update(sum(shard_skips.values()))
             write_part(rows, parts_dir / f"{i:06d}.{suffix}", fmt)
-            (parts_dir / f"{i:06d}.done.json").write_text(json.dumps(
-                {"shard": urls[i], "rows": len(rows), "skipped": shard_skips}) + "\n")
+            (parts_dir / f"{i:06d}.done.json").write_text(
+                json.dumps({"shard": urls[i], "rows": len(rows), "skipped": shard_skips}) + "\n"
+            )
             skipped.update(shard_skips)
             rows = []
     progress.close()
@@ -299,9 +324,14 @@ def predict(options: dict, data_overrides: list[str], *, embed: bool) -> dict:
     rank_file = out_dir / f"predictions-rank{rank}.{suffix}"
     concat_parts([parts_dir / f"{i:06d}.{suffix}" for i in mine], rank_file, fmt)
     done = [json.loads((parts_dir / f"{i:06d}.done.json").read_text()) for i in mine]
-    summary = {"rank": rank, "file": rank_file.name, "rows": sum(d["rows"] for d in done),
-               "skipped": dict(sum((Counter(d["skipped"]) for d in done), Counter())),
-               "shards": [urls[i] for i in mine], "resumed_shards": len(mine) - len(todo)}
+    summary = {
+        "rank": rank,
+        "file": rank_file.name,
+        "rows": sum(d["rows"] for d in done),
+        "skipped": dict(sum((Counter(d["skipped"]) for d in done), Counter())),
+        "shards": [urls[i] for i in mine],
+        "resumed_shards": len(mine) - len(todo),
+    }
     (out_dir / f"rank{rank}.summary.json").write_text(json.dumps(summary) + "\n")
     return summary
 
@@ -310,9 +340,12 @@ def write_manifest(out_dir: Path, world: int, *, checkpoint: str, embed: bool) -
     summaries = [json.loads((out_dir / f"rank{r}.summary.json").read_text()) for r in range(world)]
     skipped = sum((Counter(s["skipped"]) for s in summaries), Counter())
     manifest = {
-        "checkpoint": checkpoint, "mode": "embed" if embed else "classify",
-        "files": [s["file"] for s in summaries], "rows": sum(s["rows"] for s in summaries),
-        "rows_per_file": {s["file"]: s["rows"] for s in summaries}, "skipped": dict(skipped),
+        "checkpoint": checkpoint,
+        "mode": "embed" if embed else "classify",
+        "files": [s["file"] for s in summaries],
+        "rows": sum(s["rows"] for s in summaries),
+        "rows_per_file": {s["file"]: s["rows"] for s in summaries},
+        "skipped": dict(skipped),
         "shards": sum(len(s["shards"]) for s in summaries),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -330,9 +363,21 @@ def main(argv: list[str] | None = None) -> int:
     rest = [a for a in args if a != "--embed"]
     rank, world = rank_and_world()
     try:
-        options = parse_overrides([a for a in rest if not a.startswith("data.")],
-                                  allowed=("checkpoint", "shards", "out", "format", "batch_size", "device",
-                                           "max_memory", "embed", "trust_checkpoint", "threads"))
+        options = parse_overrides(
+            [a for a in rest if not a.startswith("data.")],
+            allowed=(
+                "checkpoint",
+                "shards",
+                "out",
+                "format",
+                "batch_size",
+                "device",
+                "max_memory",
+                "embed",
+                "trust_checkpoint",
+                "threads",
+            ),
+        )
         embed = embed or options.pop("embed", "false").lower() in ("1", "true", "yes")
         summary = predict(options, [a for a in rest if a.startswith("data.")], embed=embed)
     except (PredictError, CheckpointError, ValueError, FileNotFoundError) as e:
@@ -345,8 +390,17 @@ def main(argv: list[str] | None = None) -> int:
         barrier()
     if rank == 0:
         manifest = write_manifest(Path(options["out"]), world, checkpoint=options["checkpoint"], embed=embed)
-        print(json.dumps({"rows": manifest["rows"], "skipped": manifest["skipped"], "files": manifest["files"],
-                          "manifest": str(Path(options["out"]) / "manifest.json")}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "rows": manifest["rows"],
+                    "skipped": manifest["skipped"],
+                    "files": manifest["files"],
+                    "manifest": str(Path(options["out"]) / "manifest.json"),
+                }
+            ),
+            flush=True,
+        )
     else:
         log.debug("rank %d: %s", rank, summary)
     if world > 1:

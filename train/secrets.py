@@ -24,15 +24,35 @@ from pathlib import Path
 
 REDACTED = "<redacted>"
 
-_SECRET_KEY = re.compile(r"(?:^|[_.\-])(?:api[_-]?key|token|secret|password|passwd|credentials?|auth)(?:$|[_.\-])",
-                         re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"(?:^|[_.\-])(?:api[_-]?key|token|secret|password|passwd|credentials?|auth)(?:$|[_.\-])", re.IGNORECASE
+)
 # scheme://user:password@host -> scheme://<redacted>@host
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/@\s'\"]+)@")
-_QUERY_NAMES = ("x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
-                "x-goog-credential", "sig", "signature", "token", "access_token", "id_token", "refresh_token",
-                "api_key", "apikey", "key", "password", "secret", "client_secret", "auth", "sas")
-_QUERY = re.compile(r"(?P<lead>[?&;](?:%s)=)(?P<value>[^&#\s'\"]*)" % "|".join(re.escape(n) for n in _QUERY_NAMES),
-                    re.IGNORECASE)
+_QUERY_NAMES = (
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "x-goog-signature",
+    "x-goog-credential",
+    "sig",
+    "signature",
+    "token",
+    "access_token",
+    "id_token",
+    "refresh_token",
+    "api_key",
+    "apikey",
+    "key",
+    "password",
+    "secret",
+    "client_secret",
+    "auth",
+    "sas",
+)
+_QUERY = re.compile(
+    r"(?P<lead>[?&;](?:" + "|".join(re.escape(n) for n in _QUERY_NAMES) + r")=)(?P<value>[^&#\s'\"]*)", re.IGNORECASE
+)
 
 
 def redact_text(text: str) -> str:

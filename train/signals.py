@@ -55,8 +55,11 @@ class StopRequest:
             raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the checkpoint
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        log.warning("received %s: checkpointing and stopping after this step%s", self.signal_name,
-                    " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
+        log.warning(
+            "received %s: checkpointing and stopping after this step%s",
+            self.signal_name,
+            " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "",
+        )
 
     def restore(self) -> None:
         for s, handler in self._previous.items():

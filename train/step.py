@@ -74,7 +74,7 @@ def bad_micro_batches(local_bad: torch.Tensor) -> int:
 def base_optimizer(engine):
     """The torch optimizer inside DeepSpeed's wrappers (ZeRO, bf16)."""
     opt = engine.optimizer
-    while hasattr(opt, "optimizer") and isinstance(getattr(opt, "optimizer"), torch.optim.Optimizer):
+    while hasattr(opt, "optimizer") and isinstance(opt.optimizer, torch.optim.Optimizer):
         opt = opt.optimizer
     return opt
 

@@ -15,8 +15,17 @@ from data_pipeline.sources import Skip, expand_shards, read_shard, shard_sizes
 
 # (query modality, retrieved modality) per table column.
 DIRECTIONS = (("image", "text"), ("audio", "text"), ("text", "image"), ("text", "audio"))
-COLUMNS = ["key", "image", "audio", "caption", "image → caption", "audio → caption", "caption → image",
-           "caption → audio", "hits"]
+COLUMNS = [
+    "key",
+    "image",
+    "audio",
+    "caption",
+    "image → caption",
+    "audio → caption",
+    "caption → image",
+    "caption → audio",
+    "hits",
+]
 
 
 def top_matches(split: dict, rows: int) -> list[tuple[int, dict[str, int]]]:
@@ -86,7 +95,10 @@ def retrieval_table(split: dict, *, data: DataConfig, rows: int):
         got = {d: keys[j] for d, j in best.items()}
         hits = sum(k == key for k in got.values())
         table.add_data(
-            key, image(key), audio(key), caption(key),
+            key,
+            image(key),
+            audio(key),
+            caption(key),
             caption(got["image->text"]) if "image->text" in got else None,
             caption(got["audio->text"]) if "audio->text" in got else None,
             image(got["text->image"]) if "text->image" in got else None,

@@ -12,6 +12,8 @@ from train.config import LoggerConfig
 from train.secrets import redact
 
 log = logging.getLogger(__name__)
+
+
 def resolve_mode(mode: str) -> str:
     if mode == "auto":
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
@@ -73,7 +75,9 @@ class Tracker:
             return
         import wandb
 
-        artifact = wandb.Artifact(f"checkpoint-{self.run.id}", type="model", metadata={"step": step, **(metadata or {})})
+        artifact = wandb.Artifact(
+            f"checkpoint-{self.run.id}", type="model", metadata={"step": step, **(metadata or {})}
+        )
         artifact.add_reference(Path(path).resolve().as_uri(), checksum=False)
         self.run.log_artifact(artifact, aliases=aliases)
 
@@ -83,7 +87,9 @@ class Tracker:
             return
         import wandb
 
-        artifact = wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"step": step, "format": "safetensors"})
+        artifact = wandb.Artifact(
+            f"model-{self.run.id}", type="model", metadata={"step": step, "format": "safetensors"}
+        )
         for f in files:
             if upload:
                 artifact.add_file(str(f))
@@ -116,7 +122,9 @@ class BestMetric:
     def improved(self, metrics: dict[str, float]) -> bool:
         if self.name not in metrics:
             if not self._warned:
-                log.warning("logger.best_metric=%r is not among the eval metrics; no checkpoint is marked best", self.name)
+                log.warning(
+                    "logger.best_metric=%r is not among the eval metrics; no checkpoint is marked best", self.name
+                )
                 self._warned = True
             return False
         value = float(metrics[self.name])

@@ -44,8 +44,9 @@ EXIT_STALLED = 124  # as timeout(1)
 BACKSTOP_S = 60  # the process group's timeout is collective_timeout + this
 
 
-def describe_stall(*, me: int, records: dict[int, dict | None], timeout_s: float, now: float,
-                   stale_after: float) -> str:
+def describe_stall(
+    *, me: int, records: dict[int, dict | None], timeout_s: float, now: float, stale_after: float
+) -> str:
     """The report every rank logs before exiting; `me` detected the stall. records: rank -> its last
     published record ({"step", "micro", "op", "since", "beat", "host", "pid"})
     or None if it never published one."""
@@ -84,14 +85,17 @@ def describe_stall(*, me: int, records: dict[int, dict | None], timeout_s: float
         if r not in behind:
             waiting.setdefault(where(rec), []).append(r)
     if not lines:
-        lines.append(f"no rank is behind: every rank is {', '.join(waiting)} (a collective there hangs on all ranks, "
-                     f"or one operation takes longer than the timeout)")
+        lines.append(
+            f"no rank is behind: every rank is {', '.join(waiting)} (a collective there hangs on all ranks, "
+            f"or one operation takes longer than the timeout)"
+        )
     else:
         for place, ranks in waiting.items():
             lines.append(f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))} waiting {place}")
     return (
         f"stalled job: no progress for {timeout_s:g} s (trainer.collective_timeout); "
-        + "; ".join(lines) + f" (detected by rank {me})."
+        + "; ".join(lines)
+        + f" (detected by rank {me})."
     )
 
 
@@ -133,8 +137,15 @@ class StallWatchdog:
 
     def _record(self) -> dict:
         step, micro, op, since, _ = self._state
-        return {"step": step, "micro": micro, "op": op, "since": since, "beat": time.time(),
-                "host": self._host, "pid": self._pid}
+        return {
+            "step": step,
+            "micro": micro,
+            "op": op,
+            "since": since,
+            "beat": time.time(),
+            "host": self._host,
+            "pid": self._pid,
+        }
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -169,12 +180,19 @@ class StallWatchdog:
     def _abort(self) -> None:
         try:
             records = self._read_all()
-            message = describe_stall(me=self.rank, records=records, timeout_s=self.timeout_s, now=time.time(),
-                                     stale_after=3 * self.interval + 2)
+            message = describe_stall(
+                me=self.rank,
+                records=records,
+                timeout_s=self.timeout_s,
+                now=time.time(),
+                stale_after=3 * self.interval + 2,
+            )
         except Exception as e:  # the report must not keep the process alive
             step, _, op, _, _ = self._state
-            message = (f"stalled job: rank {self.rank} made no progress for {self.timeout_s:g} s in '{op}' "
-                       f"at step {step} (trainer.collective_timeout); other ranks unknown ({e}).")
+            message = (
+                f"stalled job: rank {self.rank} made no progress for {self.timeout_s:g} s in '{op}' "
+                f"at step {step} (trainer.collective_timeout); other ranks unknown ({e})."
+            )
         try:
             self._store.set(f"{self._prefix}report", message)
         except Exception:
@@ -232,8 +250,13 @@ def watch_batches(batches: Iterator[dict]) -> Iterator[dict]:
 def _job_store(timeout_s: float) -> dist.Store:
     """A client of the store every rank of this job reaches (the torchrun
     agent's, or rank 0's), separate from the process group's."""
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
 
 
 @contextlib.contextmanager
@@ -246,8 +269,9 @@ def stall_watchdog(*, timeout_s: float, info: DistInfo):
     set_collective_timeout(timeout_s + BACKSTOP_S)
     namespace = [uuid.uuid4().hex]
     dist.broadcast_object_list(namespace, src=0)  # collective: every rank enters here
-    _active = StallWatchdog(timeout_s=timeout_s, info=info, store=_job_store(min(30.0, timeout_s)),
-                            namespace=namespace[0])
+    _active = StallWatchdog(
+        timeout_s=timeout_s, info=info, store=_job_store(min(30.0, timeout_s)), namespace=namespace[0]
+    )
     try:
         yield _active
     finally:

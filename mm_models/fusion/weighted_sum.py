@@ -17,8 +17,12 @@ class WeightedSumFusion(nn.Module):
         super().__init__()
         e = model.embed_dim
         # One score per modality, from all embeddings together (B×3E -> B×3).
-        self.gate = nn.Sequential(nn.LayerNorm(len(MODALITIES) * e), nn.Linear(len(MODALITIES) * e, cfg.width),
-                                  nn.GELU(), nn.Linear(cfg.width, len(MODALITIES)))
+        self.gate = nn.Sequential(
+            nn.LayerNorm(len(MODALITIES) * e),
+            nn.Linear(len(MODALITIES) * e, cfg.width),
+            nn.GELU(),
+            nn.Linear(cfg.width, len(MODALITIES)),
+        )
         self.out = nn.Linear(e, e)
 
     def forward(self, features: dict, masks: dict, text_pad) -> dict:
