@@ -15,6 +15,8 @@ from mm_models.config import ObjectiveConfig
 from mm_models.objectives import CONTRASTIVE_LOSSES, MODALITIES, PAIRS, build_contrastive_loss, pair_name
 from train.distributed import DistInfo, _free_port, feature_gather
 
+pytestmark = pytest.mark.integration  # spawns processes: not in the fast tier
+
 WORLD = 2
 B, E = 8, 6  # full batch; each rank holds B // WORLD rows
 KINDS = tuple(CONTRASTIVE_LOSSES)

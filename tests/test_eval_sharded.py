@@ -20,6 +20,8 @@ from train.distributed import _free_port
 from train.evaluate import evaluate_heldout
 from train.metrics import retrieval_metrics
 
+pytestmark = pytest.mark.integration  # spawns processes: not in the fast tier
+
 WORLD = 2
 
 

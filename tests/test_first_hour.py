@@ -34,6 +34,7 @@ def _train(tmp_path, *overrides: str, timeout: int = 600) -> subprocess.Complete
     )
 
 
+@pytest.mark.integration  # a subprocess: not in the fast tier
 @pytest.mark.parametrize("override", ["+trainer.max_step=10", "trainer.max_step=10"])
 def test_a_typo_is_refused_with_the_key_it_meant(tmp_path, override):
     proc = _train(tmp_path, override, timeout=120)
@@ -100,6 +101,7 @@ ENTRY_POINTS = [
 ]
 
 
+@pytest.mark.integration  # a subprocess: not in the fast tier
 @pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_every_entry_point_answers_help(module):
     proc = subprocess.run(
@@ -116,6 +118,7 @@ def test_every_entry_point_answers_help(module):
     assert "python -m " + module in proc.stdout or module == "train"
 
 
+@pytest.mark.integration  # a subprocess: not in the fast tier
 def test_console_scripts_match_the_modules():
     """pyproject's console scripts (mm-train, ...) name real entry points; each answers --help."""
     from pathlib import Path
@@ -258,6 +261,7 @@ def _readme_snippet() -> str:
     return snippet
 
 
+@pytest.mark.integration  # a subprocess: not in the fast tier
 @pytest.mark.parametrize("with_audio", [True, False])
 def test_the_readme_inference_snippet_runs_and_skips_an_absent_modality(tmp_path, with_audio):
     """The README's snippet, run as written against an export: it prints a
@@ -308,6 +312,7 @@ def test_the_readme_inference_snippet_runs_and_skips_an_absent_modality(tmp_path
     assert all(-1.0 <= float(v) <= 1.0 for v in printed.values())
 
 
+@pytest.mark.integration  # a subprocess: not in the fast tier
 def test_the_readme_classifier_snippet_runs(tmp_path):
     """The README's ten-line classification example, run as written against a classifier export."""
     import dataclasses

@@ -140,6 +140,7 @@ def test_temperature_is_learnable_and_clamped():
     assert loss.logit_scale.requires_grad
 
 
+@pytest.mark.integration  # a subprocess: not in the fast tier
 def test_mm_models_imports_torch_only():
     code = (
         "import sys, mm_models, mm_models.block, mm_models.encoders, mm_models.fusion, "

@@ -232,6 +232,7 @@ def test_max_memory_spec():
         parse_max_memory("10GiB")
 
 
+@pytest.mark.integration  # a subprocess: not in the fast tier
 def test_a_base_model_offloaded_to_disk_gives_the_full_models_outputs(tmp_path):
     """accelerate's big-model inference: model=base with max_memory far below
     its size (most layers stream from disk) matches a plain full load."""

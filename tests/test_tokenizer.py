@@ -243,6 +243,7 @@ def test_cli_errors(tmp_path, capsys):
         _cli(["tokenizer"])  # the nested subcommand is required
 
 
+@pytest.mark.integration  # a subprocess: not in the fast tier
 def test_import_data_pipeline_does_not_need_tokenizers():
     code = "import sys, data_pipeline; sys.exit('tokenizers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
