@@ -109,3 +109,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(skip)
+
+
+def run_train(run_dir: Path, *overrides: str, nproc: int = 2, timeout: float = 900):
+    """`torchrun --nproc_per_node=nproc -m train hydra.run.dir=run_dir OVERRIDES`,
+    which must succeed; returns the finished process (stdout, stderr)."""
+    import subprocess
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [venv_bin("torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "train",
+           f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=run_dir.parent, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by step, from the run's metrics.jsonl."""
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}

@@ -3,13 +3,11 @@ C++ build on CPU) trains to the same losses as eager, on 2 processes."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import subprocess
 
 import pytest
-from conftest import REPO, clean_env, venv_bin
+from conftest import logged_losses, run_train
 
 pytestmark = [
     pytest.mark.integration,
@@ -18,15 +16,10 @@ pytestmark = [
 STEPS = 3
 
 
-def _losses(run_dir, demo_shards, *overrides: str) -> dict[int, float]:
-    run_dir.mkdir(parents=True)
-    cmd = [
-        venv_bin("torchrun"),
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "train",
-        f"hydra.run.dir={run_dir}",
+def _run(run_dir, demo_shards, *overrides: str) -> tuple[dict[int, float], int | None]:
+    """(losses by step, graphs compiled as the run logged it, or None)."""
+    proc = run_train(
+        run_dir,
         "model=tiny",
         "deepspeed=zero2",
         "deepspeed.precision=fp32",
@@ -40,20 +33,16 @@ def _losses(run_dir, demo_shards, *overrides: str) -> dict[int, float]:
         "logger.mode=disabled",
         "trainer.export=false",
         *overrides,
-    ]
-    proc = subprocess.run(
-        cmd, cwd=run_dir.parent, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=1100
+        timeout=1100,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    compiled = re.findall(r"torch.compile: (\d+) graph", proc.stdout + proc.stderr)
-    assert (int(compiled[0]) > 0 if compiled else False) == ("trainer.compile=true" in overrides), compiled
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    graphs = re.findall(r"torch.compile: (\d+) graph", proc.stdout + proc.stderr)
+    return logged_losses(run_dir), (int(graphs[0]) if graphs else None)
 
 
 def test_a_compiled_model_trains_to_the_eager_losses(demo_shards, tmp_path):
-    eager = _losses(tmp_path / "eager", demo_shards)
-    compiled = _losses(tmp_path / "compiled", demo_shards, "trainer.compile=true")
+    eager, no_graphs = _run(tmp_path / "eager", demo_shards)
+    compiled, graphs = _run(tmp_path / "compiled", demo_shards, "trainer.compile=true")
+    assert no_graphs is None and graphs and graphs > 0, (no_graphs, graphs)
     assert sorted(eager) == sorted(compiled) == list(range(1, STEPS + 1))
     for step in eager:  # inductor fuses and reorders float arithmetic: equal within rounding
         assert compiled[step] == pytest.approx(eager[step], rel=1e-3, abs=1e-4), (step, eager, compiled)

@@ -23,21 +23,12 @@ def test_the_loader_pins_batches_and_to_device_copies_them_asynchronously(demo_s
     assert moved["image"].is_cuda and moved["image"].dtype == torch.bfloat16 and moved["text"].dtype == torch.long
 
 
-def _train_on_gpu(tmp_path, demo_shards, precision: str) -> list[dict]:
-    import json
-    import subprocess
-
-    from conftest import REPO, clean_env, venv_bin
+def _train_on_gpu(tmp_path, demo_shards, precision: str) -> dict[int, float]:
+    from conftest import logged_losses, run_train
 
     run_dir = tmp_path / precision
-    run_dir.mkdir()
-    cmd = [
-        venv_bin("torchrun"),
-        "--standalone",
-        f"--nproc_per_node={min(2, torch.cuda.device_count())}",
-        "-m",
-        "train",
-        f"hydra.run.dir={run_dir}",
+    run_train(  # with CUDA, train.distributed gives GPU tensors NCCL
+        run_dir,
         "model=tiny",
         "deepspeed=zero2",
         f"deepspeed.precision={precision}",
@@ -47,13 +38,10 @@ def _train_on_gpu(tmp_path, demo_shards, precision: str) -> list[dict]:
         f"data.train={demo_shards['train']}",
         f"data.heldout={demo_shards['heldout']}",
         "logger.mode=disabled",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600
+        nproc=min(2, torch.cuda.device_count()),
+        timeout=600,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "nccl" in (proc.stdout + proc.stderr).lower() or torch.cuda.device_count() == 1
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return logged_losses(run_dir)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -61,7 +49,7 @@ def test_trains_on_the_gpu_over_nccl(tmp_path, demo_shards, precision):
     """bf16, and fp16 with dynamic loss scaling: finite, falling losses."""
     import math
 
-    losses = [r["train/loss"] for r in _train_on_gpu(tmp_path, demo_shards, precision) if "train/loss" in r]
+    losses = list(_train_on_gpu(tmp_path, demo_shards, precision).values())
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
 
