@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO, clean_env, venv_bin
+from conftest import REPO, clean_env, logged_losses, run_train, venv_bin
 
 import mm_models
 from train.config import DeepSpeedConfig, OptimizerConfig, TrainerConfig
@@ -111,13 +111,8 @@ def _tiny_configs():
 
 def _train(run_dir, shards, *extra: str) -> list[float]:
     """Losses per step of a 2-process `python -m train` run."""
-    cmd = [
-        venv_bin("torchrun"),
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "train",
-        f"hydra.run.dir={run_dir}",
+    run_train(
+        run_dir,
         "trainer.max_steps=8",
         "trainer.log_every=1",
         "trainer.micro_batch_size=16",
@@ -131,13 +126,8 @@ def _train(run_dir, shards, *extra: str) -> list[float]:
         "logger.mode=disabled",
         "trainer.fail_on_export_error=true",
         *extra,
-    ]
-    proc = subprocess.run(
-        cmd, cwd=run_dir.parent, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=900
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["train/loss"] for r in rows if "train/loss" in r]
+    return list(logged_losses(run_dir).values())
 
 
 @pytest.mark.integration

@@ -23,12 +23,15 @@ device-side flag:
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 import torch.distributed as dist
 
 from train.batch import to_device
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteGuard:
@@ -137,6 +140,12 @@ def train_step(engine, batches, *, accum: int, device, dtype) -> tuple[dict[str,
                 engine.backward(out["loss"])  # zeroed by the hooks: the accumulation ends cleanly
                 step_without_update(engine)
                 return None, data_wait
+            if n_bad:
+                log.warning(
+                    "%d of %d micro batches (over all ranks) had a non-finite loss: dropped from this step",
+                    n_bad,
+                    accum * world,
+                )
         guard.allow(finite)
         engine.backward(out["loss"])
         engine.step()
