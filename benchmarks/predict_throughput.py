@@ -97,7 +97,7 @@ def main() -> None:
     import mm_models
     from data_pipeline import DataConfig, build_loader
     from train.config import CONF_DIR
-    from train.predict import predict
+    from train.predict import PredictArgs, predict
 
     if not Path(args.shards).exists():
         raise SystemExit(f"{args.shards} does not exist: run `make demo-data` first (or pass --shards)")
@@ -133,14 +133,13 @@ def main() -> None:
         for repeat in range(args.repeats):
             t = time.perf_counter()
             summary = predict(
-                {
-                    "checkpoint": str(export),
-                    "shards": args.shards,
-                    "out": str(tmp / f"pred{repeat}"),
-                    "batch_size": str(args.batch_size),
-                },
+                PredictArgs(
+                    checkpoint=str(export),
+                    shards=args.shards,
+                    out=str(tmp / f"pred{repeat}"),
+                    batch_size=args.batch_size,
+                ),
                 [],
-                embed=False,
             )
             predict_s = time.perf_counter() - t
             after = model_alone()

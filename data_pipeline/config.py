@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, List
 
-MODES = ("epoch", "resampled")
+
+class Mode(StrEnum):
+    """data.mode (see DataConfig); members equal their strings."""
+
+    epoch = "epoch"
+    resampled = "resampled"
+
+
+MODES = tuple(Mode)
 
 
 @dataclass
@@ -29,7 +38,7 @@ class DataConfig:
     # epoch: every sample exactly once per epoch over all ranks and workers,
     # the same number of batches on every rank. resampled: an endless mix of
     # the sources, drawn by weight.
-    mode: str = "epoch"
+    mode: Mode = Mode.epoch
     # DataLoader worker processes per rank. "auto": the CPUs this process may
     # use, shared among the ranks on this node, one left for the trainer
     # itself (at least 1, at most 8); see worker_count.

@@ -86,19 +86,21 @@ def time_limit_seconds(limit: str) -> int:
     return int(a) * 60  # M
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Composes the training config as `python -m train` would; raises
-    LaunchError naming what Hydra or train.config.validate rejected."""
+def check_overrides(overrides: list[str], *, world_size: int = 1, cuda: bool = False) -> None:
+    """Composes the training config as `python -m train` would and makes
+    the same start-up checks (train.preflight) for `world_size` ranks;
+    raises LaunchError naming what was rejected."""
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from train.config import compose, validate
+    from train.config import compose
+    from train.preflight import check_start
 
     try:
         compose(overrides, hydra_keys=True)  # hydra.* overrides are checked too
         cfg = OmegaConf.to_object(compose(overrides))
-        validate(cfg)
+        check_start(cfg, world_size=world_size, cuda=cuda)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
         raise LaunchError(re.sub(r"\s+", " ", f"train overrides rejected: {e}{cause}")) from None
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if job.time and job.warning_seconds >= time_limit_seconds(job.time):
             raise LaunchError(f"--warning-seconds {job.warning_seconds} is not less than --time {job.time}")
-        check_overrides(job.overrides)
+        check_overrides(job.overrides, world_size=job.nodes * job.nproc_per_node, cuda=job.gpus_per_node > 0)
         script = render(job)
         if dry_run:
             print(script, end="")
@@ -292,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         job.output_dir.mkdir(parents=True, exist_ok=True)  # SLURM does not create the log's directory
         job_id = submit(script)
     except LaunchError as e:
-        print(f"launch.slurm: {e}", file=sys.stderr)
+        from train.secrets import redact_text
+
+        print(f"launch.slurm: {redact_text(str(e))}", file=sys.stderr)
         return 2
     print(f"submitted job {job_id}")
     print(f"log: {job.log_path(job_id)}")

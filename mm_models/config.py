@@ -3,6 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+# Keys with a fixed set of choices are Enums: composing a config with any
+# other value fails, naming the key and the choices. Members equal their
+# strings, so code and YAML use plain strings.
+class Positions(StrEnum):
+    learned = "learned"
+    rotary = "rotary"
+
+
+class RnnCell(StrEnum):
+    gru = "gru"
+    lstm = "lstm"
+
+
+class FusionName(StrEnum):
+    none = "none"
+    concat = "concat"
+    weighted_sum = "weighted_sum"
+    attention = "attention"
+
+
+class Contrastive(StrEnum):
+    infonce = "infonce"
+    siglip = "siglip"
 
 
 @dataclass
@@ -25,7 +51,7 @@ class EncoderConfig:
     patch_size: int = 8
     # "learned" absolute position embeddings, or "rotary" (RoPE on queries and
     # keys, over the token order; patches in raster order).
-    positions: str = "learned"
+    positions: Positions = Positions.learned
     # Recompute each block's (CNN: stage's) activations in the backward pass to save memory.
     activation_checkpointing: bool = False
     # FLIP: in training, drop this fraction of the patches at random before
@@ -33,7 +59,7 @@ class EncoderConfig:
     # learned positions); evaluation and inference see every patch.
     token_dropout: float = 0.0
     # rnn: "gru" or "lstm".
-    rnn_cell: str = "gru"
+    rnn_cell: RnnCell = RnnCell.gru
     # hf: a local directory in Hugging Face's save_pretrained layout.
     pretrained: str = ""
     # Lock the encoder (LiT): its weights get no gradient and no optimizer
@@ -62,7 +88,7 @@ class ModelConfig:
 class FusionConfig:
     # none: late fusion, contrastive alignment only (CLIP / ImageBind style);
     # concat, weighted_sum, attention: one fused embedding per tuple.
-    name: str = "none"
+    name: FusionName = FusionName.none
     width: int = 256  # hidden width of the fusion MLP / transformer
     depth: int = 2  # attention: fusion transformer blocks
     heads: int = 4
@@ -73,7 +99,7 @@ class FusionConfig:
 class ObjectiveConfig:
     # Contrastive alignment over every modality pair: "infonce" (symmetric
     # softmax, CLIP) or "siglip" (pairwise sigmoid with a learnable bias).
-    contrastive: str = "infonce"
+    contrastive: Contrastive = Contrastive.infonce
     contrastive_weight: float = 1.0
     temperature_init: float = 0.07
     learn_temperature: bool = True

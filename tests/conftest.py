@@ -27,6 +27,17 @@ def demo_shards(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "train": root / "train", "heldout": root / "heldout", "raw": root / "raw"}
 
 
+@pytest.fixture
+def demo_cwd(tmp_path, demo_shards, monkeypatch) -> Path:
+    """A working directory where the default data paths (data/demo/train,
+    data/demo/heldout) name the demo shards, as after `make demo-data`."""
+    (tmp_path / "data" / "demo").mkdir(parents=True)
+    for split in ("train", "heldout"):
+        (tmp_path / "data" / "demo" / split).symlink_to(demo_shards[split], target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 def python() -> str:
     return sys.executable
 

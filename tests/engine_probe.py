@@ -79,7 +79,7 @@ class HostSyncs:
 def main(out: Path, overrides: list[str]) -> None:
     info = init_distributed()
     cfg = compose(overrides)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     config: Config = OmegaConf.to_object(cfg)
     validate(config)
     torch.set_num_threads(1)

@@ -60,6 +60,21 @@ def test_unknown_group_choice_lists_the_valid_ones():
     assert "zero9" in message and "zero2" in message
 
 
-def test_validate_rejects_bad_precision():
-    with pytest.raises(ValueError, match="deepspeed.precision"):
-        validate(_compose(["deepspeed.precision=fp8"]))
+@pytest.mark.parametrize(
+    "override,choices",
+    [
+        ("deepspeed.precision=fp8", "fp32, bf16, fp16, auto"),
+        ("deepspeed.offload_optimizer=nvme", "none, cpu"),
+        ("logger.mode=verbose", "auto, online, offline, disabled"),
+        ("task.freeze=all", "none, encoders"),
+        ("fusion.name=gated", "none, concat, weighted_sum, attention"),
+        ("data.mode=infinite", "epoch, resampled"),
+        ("objective.contrastive=triplet", "infonce, siglip"),
+    ],
+)
+def test_a_choice_outside_its_enum_fails_at_composition(override, choices):
+    """Choice keys are Enum-typed: composing refuses another value, naming the key and the choices."""
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose([override])
+    message = str(e.value) + str(e.value.__cause__)
+    assert override.split("=")[0] in message and choices in message

@@ -283,13 +283,13 @@ def test_a_base_model_offloaded_to_disk_gives_the_full_models_outputs(tmp_path):
 
 def test_parquet_output_holds_the_same_rows(classifier_export, demo_shards, tmp_path, monkeypatch):
     pq = pytest.importorskip("pyarrow.parquet")
-    from train.predict import predict
+    from train.predict import PredictArgs, predict
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    common = {"checkpoint": str(classifier_export), "shards": str(demo_shards["heldout"]), "batch_size": "32"}
-    predict({**common, "out": str(tmp_path / "j")}, ["data.num_workers=0"], embed=False)
-    predict({**common, "out": str(tmp_path / "p"), "format": "parquet"}, ["data.num_workers=0"], embed=False)
+    common = {"checkpoint": str(classifier_export), "shards": str(demo_shards["heldout"]), "batch_size": 32}
+    predict(PredictArgs(**common, out=str(tmp_path / "j")), ["data.num_workers=0"])
+    predict(PredictArgs(**common, out=str(tmp_path / "p"), format="parquet"), ["data.num_workers=0"])
     rows = read_rows(tmp_path / "j")
     table = pq.read_table(tmp_path / "p" / "predictions-rank0.parquet").to_pylist()
     assert len(table) == len(rows) == 64
@@ -297,30 +297,28 @@ def test_parquet_output_holds_the_same_rows(classifier_export, demo_shards, tmp_
         assert a["key"] == b["key"] and a["label"] == b["label"] and a["class"] == b["class"]
 
 
-@pytest.mark.parametrize("bad", ["0", "two", "-1"])
-def test_a_bad_thread_count_is_a_clear_error(bad, tmp_path):
-    from train.predict import PredictError, predict
+@pytest.mark.parametrize("bad,named", [("-1", "threads=-1"), ("two", "threads"), ("fast", "format")])
+def test_a_bad_argument_is_a_clear_error(bad, named, tmp_path, capsys):
+    from train.predict import main
 
-    with pytest.raises(PredictError, match="threads="):
-        predict({"checkpoint": "x", "shards": "y", "out": str(tmp_path), "threads": bad}, [], embed=False)
+    key = "format" if named == "format" else "threads"
+    assert main(["checkpoint=x", "shards=y", f"out={tmp_path}", f"{key}={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.predict: error: ") and named in err and "Traceback" not in err
 
 
 def test_threads_sets_the_models_thread_count(classifier_export, demo_shards, tmp_path, monkeypatch):
-    from train.predict import predict
+    from train.predict import PredictArgs, predict
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     before = torch.get_num_threads()
     try:
         predict(
-            {
-                "checkpoint": str(classifier_export),
-                "shards": str(demo_shards["heldout"]),
-                "out": str(tmp_path),
-                "threads": "1",
-            },
+            PredictArgs(
+                checkpoint=str(classifier_export), shards=str(demo_shards["heldout"]), out=str(tmp_path), threads=1
+            ),
             ["data.num_workers=0"],
-            embed=False,
         )
         assert torch.get_num_threads() == 1
     finally:

@@ -44,8 +44,8 @@ def _overrides(shards, *extra: str) -> list[str]:
 # -- the script and the checks before submission (no cluster needed) ---------
 
 
-def test_dry_run_renders_one_torchrun_per_node_with_c10d_restarts_and_preemption(capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_dry_run_renders_one_torchrun_per_node_with_c10d_restarts_and_preemption(capsys, demo_cwd):
+    tmp_path = demo_cwd
     argv = [
         "--nodes",
         "4",
@@ -109,7 +109,7 @@ def test_dry_run_renders_one_torchrun_per_node_with_c10d_restarts_and_preemption
         (["trainer.resume=none"], "trainer.resume=auto"),
     ],
 )
-def test_overrides_that_would_fail_are_rejected_before_submission(capsys, overrides, reason):
+def test_overrides_that_would_fail_are_rejected_before_submission(capsys, overrides, reason, demo_cwd):
     # No --dry-run: it would submit if the overrides passed (and there is no sbatch call before them).
     assert slurm.main(["--nodes", "2", "--", *overrides]) == 2
     err = capsys.readouterr().err
@@ -308,7 +308,8 @@ def test_preemption_warning_checkpoints_requeues_and_the_job_resumes_to_the_end(
 
 @pytest.mark.slurm
 @pytest.mark.integration
-def test_slurm_rejects_an_unknown_partition_before_anything_is_submitted(cluster, tmp_path):
+def test_slurm_rejects_an_unknown_partition_before_anything_is_submitted(cluster, demo_cwd):
+    tmp_path = demo_cwd
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     proc = subprocess.run(
         [

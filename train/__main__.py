@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from train.config import CONF_DIR, Config, check_override_keys, register_configs, validate
+from train.config import CONF_DIR, Config, check_override_keys, register_configs
 from train.distributed import DistInfo, init_distributed, shared_run_stamp
 from train.secrets import redact, redact_files, redact_logging, redact_text
 from train.signals import STOPPED_FILE, StopRequest
@@ -33,14 +33,24 @@ def _main(cfg: DictConfig) -> None:
     from train.engine import quiet_deepspeed_startup
 
     quiet_deepspeed_startup()  # before anything imports DeepSpeed
-    from train.evaluate import final_json
-    from train.loop import train  # heavy imports after config errors surface
-    from train.watchdog import stall_watchdog
+    import torch
+
+    from train.preflight import StartError, check_start
 
     redact_logging()  # credentials in URLs never reach the console or the run's log files
     sys.argv[:] = [redact_text(a) for a in sys.argv]  # W&B records the command line
     config: Config = OmegaConf.to_object(cfg)
-    validate(config)
+    try:
+        # The checks launch.slurm also makes before it submits (train.preflight).
+        check_start(config, world_size=_INFO.world_size, cuda=torch.cuda.is_available())
+    except StartError as e:
+        if _INFO.is_main:
+            print(f"error: {redact_text(str(e))}", file=sys.stderr)
+        sys.exit(2)
+    from train.evaluate import final_json
+    from train.loop import train  # heavy imports after config errors surface
+    from train.watchdog import stall_watchdog
+
     if not _INFO.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -50,9 +60,8 @@ def _main(cfg: DictConfig) -> None:
         stopped_file.unlink(missing_ok=True)  # left by an earlier, stopped attempt of this run
     with stall_watchdog(timeout_s=config.trainer.collective_timeout, info=_INFO):
         # `resolved` is what gets written (W&B, checkpoints, the export): secrets redacted.
-        results = train(
-            config, info=_INFO, run_dir=run_dir, resolved=redact(OmegaConf.to_container(cfg, resolve=True)), stop=_STOP
-        )
+        resolved = redact(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+        results = train(config, info=_INFO, run_dir=run_dir, resolved=resolved, stop=_STOP)
     if _INFO.is_main and results.get("stopped"):
         # Checkpointed but not finished: a job script (launch.slurm) requeues on this file.
         stopped_file.write_text(json.dumps({"step": results["step"], "checkpoint": results["checkpoint"]}) + "\n")

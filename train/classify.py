@@ -21,7 +21,6 @@ from mm_models.io import from_dict
 
 log = logging.getLogger(__name__)
 
-FREEZE = ("none", "encoders")
 # Data settings the pretrained encoders were built for: fine-tuning data must decode the same way.
 GEOMETRY = ("image_size", "n_mels", "audio_frames", "max_text_len", "sample_rate", "n_fft", "hop_length")
 
@@ -35,8 +34,6 @@ def label_spec(task) -> LabelSpec:
 
 def check_task(task) -> None:
     """The classify settings, checked at start; each error names the key."""
-    if task.freeze not in FREEZE:
-        raise ValueError(f"task.freeze={task.freeze!r}; choose one of {FREEZE}")
     if not 0.0 < task.lr_decay <= 1.0:
         raise ValueError(f"task.lr_decay={task.lr_decay} must be in (0, 1]")
     if not 0.0 < task.threshold < 1.0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, List
 
@@ -17,10 +18,53 @@ from omegaconf import MISSING
 from data_pipeline.config import DataConfig
 from mm_models.config import FusionConfig, ModelConfig, ObjectiveConfig
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-OFFLOAD_DEVICES = ("none", "cpu")
-LOGGER_MODES = ("auto", "online", "offline", "disabled")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+# The choices of a key are an Enum: OmegaConf refuses any other value when the
+# config is composed, naming the key and the choices. Members compare equal to
+# their strings ("bf16"), so code and YAML use plain strings.
+class Precision(StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    auto = "auto"
+
+
+class OffloadDevice(StrEnum):
+    none = "none"
+    cpu = "cpu"
+
+
+class LoggerMode(StrEnum):
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class BestMode(StrEnum):
+    max = "max"
+    min = "min"
+
+
+class OptimizerName(StrEnum):
+    adamw = "adamw"
+
+
+class TaskName(StrEnum):
+    pretrain = "pretrain"
+    classify = "classify"
+
+
+class Head(StrEnum):
+    linear = "linear"
+    mlp = "mlp"
+
+
+class Freeze(StrEnum):
+    none = "none"
+    encoders = "encoders"
 
 
 @dataclass
@@ -77,7 +121,7 @@ class TrainerConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
+    name: OptimizerName = OptimizerName.adamw
     lr: float = 1e-3
     weight_decay: float = 0.05
     beta1: float = 0.9
@@ -94,11 +138,11 @@ class DeepSpeedConfig:
     # "auto" picks bf16 where the hardware computes it fast (CUDA with bf16,
     # CPUs with AMX or AVX512-BF16) and fp32 elsewhere. fp16 (CUDA only) uses
     # dynamic loss scaling unless loss_scale is set.
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     # ZeRO-Offload: keep optimizer states (any stage >= 1) or parameters
     # (stage 3) in CPU memory; the optimizer then runs on the CPU.
-    offload_optimizer: str = "none"
-    offload_param: str = "none"
+    offload_optimizer: OffloadDevice = OffloadDevice.none
+    offload_param: OffloadDevice = OffloadDevice.none
     # fp16 loss scaling: 0 = dynamic, starting at 2**initial_scale_power,
     # halved on overflow, doubled after loss_scale_window clean steps.
     loss_scale: float = 0.0
@@ -113,7 +157,7 @@ class DeepSpeedConfig:
 @dataclass
 class LoggerConfig:
     # auto: online when WANDB_API_KEY is set, offline otherwise.
-    mode: str = "auto"
+    mode: LoggerMode = LoggerMode.auto
     project: str = "mmpretrain"
     entity: str | None = None
     name: str | None = None
@@ -123,7 +167,7 @@ class LoggerConfig:
     # best_metric improves on every earlier checkpoint's, "best".
     # auto: eval/image_text/R@1 (pretrain), eval/macro_f1 (classify).
     best_metric: str = "auto"
-    best_mode: str = "max"  # max or min
+    best_mode: BestMode = BestMode.max
     # Rows of the held-out retrieval table logged at each evaluation (0: none).
     table_rows: int = 8
     # The end-of-run export: uploaded with the run (true) or a reference to the file.
@@ -135,7 +179,7 @@ class TaskConfig:
     # pretrain: contrastive (+ fused) pretraining on image-audio-text tuples.
     # classify: a fused classifier trained on the labels in each sample's
     # .json (data.label_key, or a class name under data.class_key).
-    name: str = "pretrain"
+    name: TaskName = TaskName.pretrain
     # classify: where the encoders start: an exported model.safetensors, a
     # training checkpoint (run directory, checkpoints/ or a step directory), or
     # none (random initialisation, for comparison). The model config comes
@@ -148,11 +192,11 @@ class TaskConfig:
     classes: List[str] = field(default_factory=list)
     # A list of labels per sample, a sigmoid per class, binary cross-entropy.
     multi_label: bool = False
-    head: str = "linear"  # linear, or mlp (head_hidden sizes, GELU, head_dropout)
+    head: Head = Head.linear  # linear, or mlp (head_hidden sizes, GELU, head_dropout)
     head_hidden: List[int] = field(default_factory=lambda: [256])
     head_dropout: float = 0.1
     # none: full fine-tuning; encoders: a linear probe (only fusion and head train).
-    freeze: str = "none"
+    freeze: Freeze = Freeze.none
     # Full fine-tuning: each encoder layer gets lr × lr_decay^(layers above it)
     # (1.0: one learning rate everywhere; 0.65-0.75 is usual for ViTs).
     lr_decay: float = 1.0
@@ -275,23 +319,12 @@ def _tokenizer_vocab(directory: str) -> int | None:
 
 def validate(cfg: Config) -> None:
     """Checks that types alone cannot express; each error names the key."""
-    if cfg.deepspeed.precision not in PRECISIONS:
-        raise ValueError(f"deepspeed.precision={cfg.deepspeed.precision!r}; choose one of {PRECISIONS}")
     if cfg.deepspeed.stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed.stage={cfg.deepspeed.stage}; choose 0, 1, 2 or 3")
-    for key in ("offload_optimizer", "offload_param"):
-        if getattr(cfg.deepspeed, key) not in OFFLOAD_DEVICES:
-            raise ValueError(f"deepspeed.{key}={getattr(cfg.deepspeed, key)!r}; choose one of {OFFLOAD_DEVICES}")
     if cfg.deepspeed.offload_optimizer != "none" and cfg.deepspeed.stage == 0:
         raise ValueError("deepspeed.offload_optimizer needs deepspeed.stage 1, 2 or 3")
     if cfg.deepspeed.offload_param != "none" and cfg.deepspeed.stage != 3:
         raise ValueError("deepspeed.offload_param needs deepspeed.stage=3")
-    if cfg.logger.best_mode not in ("max", "min"):
-        raise ValueError(f"logger.best_mode={cfg.logger.best_mode!r}; choose 'max' or 'min'")
-    if cfg.logger.mode not in LOGGER_MODES:
-        raise ValueError(f"logger.mode={cfg.logger.mode!r}; choose one of {LOGGER_MODES}")
-    if cfg.optimizer.name != "adamw":
-        raise ValueError(f"optimizer.name={cfg.optimizer.name!r}; only 'adamw' is available")
     for key in (
         "max_steps",
         "micro_batch_size",

@@ -99,13 +99,18 @@ def fast_bf16_available() -> bool:
     return cpu_has_fast_bf16(cpu_flags())
 
 
-def resolve_precision(precision: str) -> str:
-    """fp32, bf16 or fp16 for deepspeed.precision (auto included)."""
-    if precision == "fp16" and not torch.cuda.is_available():
+def check_precision(precision: str, *, cuda: bool) -> None:
+    """deepspeed.precision is one this machine (with CUDA GPUs or not) can compute."""
+    if precision == "fp16" and not cuda:
         raise ValueError(
             "deepspeed.precision=fp16 needs a CUDA GPU: DeepSpeed computes fp16 on GPUs only. "
             "Use deepspeed.precision=bf16 or fp32 (or auto) on this machine."
         )
+
+
+def resolve_precision(precision: str) -> str:
+    """fp32, bf16 or fp16 for deepspeed.precision (auto included)."""
+    check_precision(precision, cuda=torch.cuda.is_available())
     if precision != "auto":
         return precision
     return "bf16" if fast_bf16_available() else "fp32"

@@ -4,9 +4,11 @@ and, where the shards carry class labels, zero-shot classification."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 
 from data_pipeline import DataConfig, build_loader
 from data_pipeline.loader import collate
@@ -288,6 +290,16 @@ def final_json(results: dict) -> str:
     return json.dumps(out, sort_keys=True)
 
 
+@dataclass
+class EvaluateArgs:
+    """The command line of `python -m train.evaluate` (see USAGE)."""
+
+    checkpoint: str = MISSING
+    batch_size: int = 0  # 0: the run's trainer.eval_batch_size
+    device: str = "cpu"
+    trust_checkpoint: bool = False
+
+
 USAGE = """usage: python -m train.evaluate checkpoint=PATH [data.KEY=VALUE ...] [batch_size=N] [device=cpu]
 
 Held-out retrieval and zero-shot metrics of a checkpoint (for a fine-tuned
@@ -316,34 +328,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    from train.export import CheckpointError, parse_overrides, truthy
+    from train.cli import UsageError, compose_args, data_config
+    from train.export import CheckpointError
 
     try:
-        args = sys.argv[1:] if argv is None else argv
-        options = parse_overrides(
-            [a for a in args if not a.startswith("data.")],
-            allowed=("checkpoint", "batch_size", "device", "trust_checkpoint"),
+        args, data_overrides = compose_args(
+            EvaluateArgs, sys.argv[1:] if argv is None else argv, tool="train.evaluate", data=True
         )
-        if not options.get("checkpoint"):
-            raise CheckpointError(
-                "missing checkpoint=; usage: python -m train.evaluate checkpoint=DIR "
-                "[data.heldout=SHARDS ...] [batch_size=N] [device=cpu]"
-            )
-        model, config = load_for_eval(options["checkpoint"], trust=truthy(options.get("trust_checkpoint")))
-        # The data config saved with the run, then command-line overrides (type-checked, keys named).
-        data = OmegaConf.merge(
-            OmegaConf.structured(DataConfig),
-            config.get("data", {}),
-            OmegaConf.from_dotlist([a.removeprefix("data.") for a in args if a.startswith("data.")]),
-        )
-        data = OmegaConf.to_object(data)
-        batch_size = int(options.get("batch_size") or config.get("trainer", {}).get("eval_batch_size", 128))
-    except (CheckpointError, OmegaConfBaseException, ValueError) as e:
+        model, config = load_for_eval(args.checkpoint, trust=args.trust_checkpoint)
+        data = data_config(config.get("data", {}), data_overrides)
+        batch_size = args.batch_size or int(config.get("trainer", {}).get("eval_batch_size", 128))
+    except (CheckpointError, UsageError, ValueError) as e:
         print(f"train.evaluate: error: {e}", file=sys.stderr)
         return 2
-    device = torch.device(options.get("device", "cpu"))
+    device = torch.device(args.device)
     model.to(device)
     task = config.get("task") or {}
     if task.get("name") == "classify":

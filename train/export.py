@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import MISSING
 
 from train.checkpoint import complete_checkpoint
 
@@ -29,23 +31,6 @@ EXPORTED_SECTIONS = ("model", "fusion", "objective", "task", "data")
 
 class CheckpointError(Exception):
     """A path that is not a usable checkpoint; the message names the fix."""
-
-
-def parse_overrides(argv: list[str], *, allowed: tuple[str, ...] | None = None) -> dict[str, str]:
-    """Hydra-style `key=value` arguments as a dict."""
-    out = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or not key:
-            raise CheckpointError(f"expected key=value arguments, got {arg!r}")
-        if allowed is not None and key not in allowed:
-            raise CheckpointError(f"unknown argument {key!r}; expected {', '.join(allowed)}")
-        out[key] = value
-    return out
-
-
-def truthy(value: str | None) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def resolve_step_dir(path: str | Path) -> Path:
@@ -172,6 +157,15 @@ def export(checkpoint: str | Path, out: str | Path, *, trust: bool = False) -> t
     return out, config_path, sum(t.numel() for t in state.values())
 
 
+@dataclass
+class ExportArgs:
+    """The command line of `python -m train.export` (see USAGE)."""
+
+    checkpoint: str = MISSING
+    out: str = MISSING
+    trust_checkpoint: bool = False
+
+
 USAGE = """usage: python -m train.export checkpoint=DIR out=FILE.safetensors
 
 Consolidates a training checkpoint (any ZeRO stage) into one safetensors
@@ -194,16 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE, end="")
         return 0
+    from train.cli import UsageError, compose_args
+
     try:
-        args = parse_overrides(argv, allowed=("checkpoint", "out", "trust_checkpoint"))
-        missing = [k for k in ("checkpoint", "out") if not args.get(k)]
-        if missing:
-            raise CheckpointError(
-                f"missing {' and '.join(f'{k}=' for k in missing)}; "
-                "usage: python -m train.export checkpoint=DIR out=FILE.safetensors"
-            )
-        weights, config, n_params = export(args["checkpoint"], args["out"], trust=truthy(args.get("trust_checkpoint")))
-    except CheckpointError as e:
+        args, _ = compose_args(ExportArgs, argv, tool="train.export")
+        weights, config, n_params = export(args.checkpoint, args.out, trust=args.trust_checkpoint)
+    except (CheckpointError, UsageError) as e:
         print(f"train.export: error: {e}", file=sys.stderr)
         return 2
     print(f"weights: {weights}\nconfig:  {config}\nparameters: {n_params:,}")

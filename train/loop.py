@@ -21,7 +21,7 @@ from mm_models.encoders import set_token_dropout
 from mm_models.flops import flops_per_sample, sequence_lengths
 from train import classify as classify_mod
 from train import watchdog
-from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import find_checkpoint, load_checkpoint
 from train.config import Config
 from train.distributed import DistInfo, all_reduce_mean, barrier, feature_gather, sum_counters
 from train.engine import (
@@ -32,12 +32,11 @@ from train.engine import (
     parameter_total,
     start_deepspeed_comm,
 )
-from train.evaluate import eval_metrics, evaluate_heldout, results_table
 from train.export import export
+from train.policies import Checkpoints, ClassifyEvaluation, RetrievalEvaluation
 from train.sample_log import log_samples
 from train.signals import StopRequest, any_rank
 from train.step import read_losses, train_step
-from train.tables import retrieval_table
 from train.tracking import BestMetric, Tracker
 
 log = logging.getLogger(__name__)
@@ -221,9 +220,9 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
 
     classify = cfg.task.name == "classify"
     spec, init_state, pretrained = None, None, None
+    # The config passed train.preflight.check_start (the task, the batch
+    # arithmetic, the shard patterns, the vocabulary) before train() was called.
     if classify:
-        classify_mod.check_task(cfg.task)
-        classify_mod.data_for_classify(cfg.data)
         spec = classify_mod.label_spec(cfg.task)
         if cfg.task.init not in ("", "none"):
             init_state, pretrained = classify_mod.read_init(cfg.task.init, trust=t_cfg.trust_checkpoint)
@@ -238,11 +237,6 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     )
     # Read once at start (by rank 0), reused by every evaluation.
     heldout_sizes = {u: n for s in heldout_check.sources for u, n in zip(s.urls, s.sizes)}
-    if cfg.model.text.arch != "hf" and loader.tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"data.tokenizer={cfg.data.tokenizer!r} has {loader.tokenizer.vocab_size} tokens but "
-            f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={loader.tokenizer.vocab_size}"
-        )
 
     ds_config = build_deepspeed_config(
         ds=cfg.deepspeed, trainer=t_cfg, optimizer=cfg.optimizer, world_size=info.world_size
@@ -335,82 +329,19 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     best_metric = cfg.logger.best_metric
     if best_metric == "auto":
         best_metric = "eval/macro_f1" if classify else "eval/image_text/R@1"
-    best = BestMetric(best_metric, cfg.logger.best_mode, value=resumed.get("best_metric_value"))
-    last_eval: dict = {}
-
-    def evaluate(step: int) -> dict:
-        watchdog.mark("evaluation", step=step)
-        if classify:
-            heldout = build_loader(
-                cfg.data, split="heldout", batch_size=t_cfg.eval_batch_size, labels=spec, sizes=heldout_sizes
-            )
-            split = classify_mod.predict_split(engine, heldout, device=device, dtype=dtype)
-            results = classify_mod.classification_metrics(split, spec, threshold=cfg.task.threshold)
-            last_eval.clear()
-            last_eval.update(step=step, metrics=classify_mod.flat_metrics(results, "eval"))
-            tracker.log(last_eval["metrics"], step=step)
-            if tracker.run is not None:
-                try:
-                    classify_mod.log_to_wandb(tracker, results, step=step)
-                except Exception as e:  # noqa: BLE001 - reported, then training goes on
-                    log.warning("W&B classification plots at step %d skipped: %s: %s", step, type(e).__name__, e)
-            if info.is_main and step != t_cfg.max_steps:
-                log.info("held-out classification at step %d:\n%s", step, classify_mod.classify_table(results))
-            return results
-        results = evaluate_heldout(
-            engine,
-            data=cfg.data,
-            batch_size=t_cfg.eval_batch_size,
-            device=device,
-            dtype=dtype,
-            keep_split=True,
-            sizes=heldout_sizes,
-            rank=info.rank,
-            world_size=info.world_size,
-        )
-        split = results.pop("split")
-        last_eval.clear()
-        last_eval.update(step=step, metrics=eval_metrics(results, "eval"))
-        tracker.log(last_eval["metrics"], step=step)
-        if tracker.run is not None and cfg.logger.table_rows > 0:
-            # Rank 0 only, and optional: a failure here must not stop the run
-            # (or leave the other ranks waiting for rank 0).
-            try:
-                table = retrieval_table(split, data=cfg.data, rows=cfg.logger.table_rows)
-                tracker.log_table("eval/retrieval_samples", table, step=step)
-            except Exception as e:  # noqa: BLE001 - reported, then training goes on
-                log.warning("retrieval table at step %d skipped: %s: %s", step, type(e).__name__, e)
-        return results
-
-    def checkpoint(step: int, *, log: bool = True) -> Path:
-        """Saves; with log, records it in W&B (as "best" if this step's evaluation improved the metric)."""
-        watchdog.mark("checkpoint", step=step)
-        is_best = log and last_eval.get("step") == step and best.improved(last_eval["metrics"])
-        meta = {
-            "wandb_run_id": tracker.run.id if tracker.run else None,
-            "config": resolved,
-            "best_metric_value": best.value,
-        }
-        path = save_checkpoint(
-            engine,
-            run_dir=run_dir,
-            step=step,
-            meta=meta,
-            loader_state=loader.state_dict(),
-            rank=info.rank,
-            keep_last=t_cfg.keep_last,
-        )
-        if log:
-            log_checkpoint(path, step, is_best=is_best)
-        return path
-
-    def log_checkpoint(path: Path, step: int, *, is_best: bool) -> None:
-        tracker.log_checkpoint(
-            path,
-            step=step,
-            aliases=["latest", f"step_{step}"] + (["best"] if is_best else []),
-            metadata={best.name: last_eval["metrics"].get(best.name)} if is_best else None,
-        )
+    common = dict(cfg=cfg, engine=engine, info=info, tracker=tracker, sizes=heldout_sizes, device=device, dtype=dtype)
+    evaluate = ClassifyEvaluation(spec=spec, **common) if classify else RetrievalEvaluation(**common)
+    checkpoints = Checkpoints(
+        engine=engine,
+        loader=loader,
+        tracker=tracker,
+        evaluation=evaluate,
+        best=BestMetric(best_metric, cfg.logger.best_mode, value=resumed.get("best_metric_value")),
+        run_dir=run_dir,
+        rank=info.rank,
+        resolved=resolved,
+        keep_last=t_cfg.keep_last,
+    )
 
     token_dropout = any(getattr(cfg.model, m).token_dropout > 0 for m in ("image", "audio"))
     # MFU counts what a step computes: with token dropout, the kept patches.
@@ -466,9 +397,9 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
         if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step != t_cfg.max_steps:
             evaluate(step)
         if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step != t_cfg.max_steps:
-            checkpoint(step)
+            checkpoints.save(step)
         if any_rank(stop.requested):
-            ckpt = checkpoint(step)
+            ckpt = checkpoints.save(step)
             tracker.finish()
             stop.restore()
             if info.is_main:
@@ -479,11 +410,10 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     stop.restore()
 
     # Saved before the final evaluation: a failure there never loses the training.
-    ckpt = checkpoint(t_cfg.max_steps, log=False)
+    ckpt = checkpoints.save(t_cfg.max_steps, record=False)
     results = evaluate(t_cfg.max_steps)
-    log_checkpoint(ckpt, t_cfg.max_steps, is_best=best.improved(last_eval["metrics"]))
-    final_metrics = classify_mod.flat_metrics(results, "heldout") if classify else eval_metrics(results, "heldout")
-    tracker.summary({f"final/{k}": v for k, v in final_metrics.items()})
+    checkpoints.record(ckpt, t_cfg.max_steps)
+    tracker.summary({f"final/{k}": v for k, v in evaluate.metrics(results, "heldout").items()})
     tracker.summary({"checkpoint": str(ckpt)})
     # Every rank is done with collectives. What follows is rank 0's alone and
     # may take long (export, artifact upload): the others leave now instead of
@@ -516,12 +446,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
         log.info("checkpoint: %s", ckpt)
         if wandb_dir:
             log.info("W&B run: %s  (inspect: wandb leet inspect --summary %s)", wandb_dir, wandb_dir)
-        if classify:
-            log.info(
-                "held-out classification after %d steps:\n%s", t_cfg.max_steps, classify_mod.classify_table(results)
-            )
-        else:
-            log.info("held-out retrieval after %d steps:\n%s", t_cfg.max_steps, results_table(results))
+        log.info("%s after %d steps:\n%s", evaluate.title, t_cfg.max_steps, evaluate.table(results))
     if classify:
         return {"step": t_cfg.max_steps, "checkpoint": str(ckpt), "task": "classify", "heldout": results}
     return {"step": t_cfg.max_steps, "checkpoint": str(ckpt), "heldout": results}

@@ -20,14 +20,18 @@ loader cannot decode are counted by reason in the manifest (and skipped).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import torch
+from omegaconf import MISSING
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +46,9 @@ skips the shards it finished.
 
   checkpoint=PATH   an exported .safetensors, or a checkpoint directory
   shards=PATTERN    a directory, glob or brace pattern, local or http(s)://
+                    (quote braces for Hydra: "shards='s/x-{000..099}.tar'")
   out=DIR           predictions-rank{r}.{jsonl,parquet} + manifest.json
-  --embed           embeddings instead of classes
+  --embed           embeddings instead of classes (also embed=true)
   format=FMT        jsonl (default) or parquet (needs pyarrow)
   batch_size=N      default 64
   threads=N         torch threads for the model (default: torch's, every core); on a
@@ -59,7 +64,26 @@ example: torchrun --nproc_per_node=2 -m train.predict checkpoint=outputs/RUN/exp
              shards=data/demo/heldout out=predictions
 """
 
-FORMATS = ("jsonl", "parquet")
+
+class OutputFormat(StrEnum):
+    jsonl = "jsonl"
+    parquet = "parquet"
+
+
+@dataclass
+class PredictArgs:
+    """The command line of `python -m train.predict` (see USAGE)."""
+
+    checkpoint: str = MISSING
+    shards: str = MISSING
+    out: str = MISSING
+    embed: bool = False
+    format: OutputFormat = OutputFormat.jsonl
+    batch_size: int = 64
+    threads: int = 0  # 0: torch's default (every core)
+    device: str = "cpu"
+    max_memory: str = ""
+    trust_checkpoint: bool = False
 
 
 class PredictError(Exception):
@@ -220,65 +244,49 @@ def load_model(
     )
 
 
-def predict(options: dict, data_overrides: list[str], *, embed: bool) -> dict:
-    from omegaconf import OmegaConf
+def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
+    """This rank's share of the shards through the model; returns its summary."""
     from tqdm import tqdm
 
-    from data_pipeline import DataConfig, build_loader
+    from data_pipeline import build_loader
     from data_pipeline.sources import expand_shards, shard_sizes
     from train.batch import to_device
+    from train.cli import data_config
 
-    fmt = options.get("format", "jsonl")
-    if fmt not in FORMATS:
-        raise PredictError(f"format={fmt!r}; choose one of {FORMATS}")
+    fmt, embed = args.format, args.embed
     if fmt == "parquet":
         try:
             import pyarrow  # noqa: F401
         except ImportError:
             raise PredictError("format=parquet needs pyarrow: pip install pyarrow") from None
-    for key in ("checkpoint", "shards", "out"):
-        if not options.get(key):
-            raise PredictError(f"missing {key}=; see --help")
-    if options.get("threads") is not None:
-        try:
-            threads = int(options["threads"])
-        except ValueError:
-            threads = 0
-        if threads < 1:
-            raise PredictError(f"threads={options['threads']!r}: give a whole number of threads >= 1")
-        torch.set_num_threads(threads)
+    if args.threads < 0:
+        raise PredictError(f"threads={args.threads}: give a whole number of threads >= 1 (0: every core)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rank, world = rank_and_world()
-    out_dir = Path(options["out"])
+    out_dir = Path(args.out)
     parts_dir = out_dir / "parts"
     parts_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(options.get("device", "cpu"))
-    from train.export import truthy
-
+    device = torch.device(args.device)
     model, config = load_model(
-        options["checkpoint"],
+        args.checkpoint,
         device=device,
-        max_memory=options.get("max_memory"),
+        max_memory=args.max_memory,
         offload_dir=out_dir / "offload" / f"rank{rank}",
-        trust=truthy(options.get("trust_checkpoint")),
+        trust=args.trust_checkpoint,
     )
     task = config.get("task") or {}
     classify = task.get("name") == "classify"
     if not embed and not classify:
         raise PredictError(
-            f"{options['checkpoint']} is a pretrained model, not a classifier: it has no classes "
+            f"{args.checkpoint} is a pretrained model, not a classifier: it has no classes "
             "to predict; add --embed for its embeddings"
         )
-    data = OmegaConf.to_object(
-        OmegaConf.merge(
-            OmegaConf.structured(DataConfig),
-            {k: v for k, v in config.get("data", {}).items() if k != "sources"},
-            OmegaConf.from_dotlist([a.removeprefix("data.") for a in data_overrides]),
-        )
-    )
-    urls = expand_shards(options["shards"], allow_pipe=data.allow_pipe)
+    data = data_config(config.get("data", {}), data_overrides)
+    urls = expand_shards(args.shards, allow_pipe=data.allow_pipe)
     sizes = shard_sizes(urls)
     mine = my_shards(len(urls), rank=rank, world=world)
-    batch_size = int(options.get("batch_size", 64))
+    batch_size = args.batch_size
     classes = list(task.get("classes") or [])
     n_classes = int(task.get("num_classes") or len(classes) or 0)
     names = classes or [str(c) for c in range(n_classes)]
@@ -293,7 +301,7 @@ def predict(options: dict, data_overrides: list[str], *, embed: bool) -> dict:
     batches = ShardBatches(
         todo,
         lambda i: build_loader(
-            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(data), {"heldout": urls[i]})),
+            dataclasses.replace(data, heldout=urls[i]),
             split="heldout",
             batch_size=batch_size,
         ),
@@ -357,30 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE, end="")
         return 0
-    from train.export import CheckpointError, parse_overrides
+    from train.cli import UsageError, compose_args
+    from train.export import CheckpointError
 
-    embed = "--embed" in args
-    rest = [a for a in args if a != "--embed"]
+    # --embed: the flag form of embed=true.
+    argv = ["embed=true" if a == "--embed" else a for a in args]
     rank, world = rank_and_world()
     try:
-        options = parse_overrides(
-            [a for a in rest if not a.startswith("data.")],
-            allowed=(
-                "checkpoint",
-                "shards",
-                "out",
-                "format",
-                "batch_size",
-                "device",
-                "max_memory",
-                "embed",
-                "trust_checkpoint",
-                "threads",
-            ),
-        )
-        embed = embed or options.pop("embed", "false").lower() in ("1", "true", "yes")
-        summary = predict(options, [a for a in rest if a.startswith("data.")], embed=embed)
-    except (PredictError, CheckpointError, ValueError, FileNotFoundError) as e:
+        options, data_overrides = compose_args(PredictArgs, argv, tool="train.predict", data=True)
+        summary = predict(options, data_overrides)
+    except (PredictError, CheckpointError, UsageError, ValueError, FileNotFoundError) as e:
         print(f"train.predict: error: {e}", file=sys.stderr)
         return 2
     if world > 1:
@@ -389,14 +383,14 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed()
         barrier()
     if rank == 0:
-        manifest = write_manifest(Path(options["out"]), world, checkpoint=options["checkpoint"], embed=embed)
+        manifest = write_manifest(Path(options.out), world, checkpoint=options.checkpoint, embed=options.embed)
         print(
             json.dumps(
                 {
                     "rows": manifest["rows"],
                     "skipped": manifest["skipped"],
                     "files": manifest["files"],
-                    "manifest": str(Path(options["out"]) / "manifest.json"),
+                    "manifest": str(Path(options.out) / "manifest.json"),
                 }
             ),
             flush=True,

@@ -1,0 +1,88 @@
+"""Every check `python -m train` makes before it builds anything, in one pass.
+
+`launch.slurm` runs the same pass (with the job's world size) before it
+submits, so a job never waits in the queue only to fail at start. What the
+pass cannot know ahead is left to the run: whether the shards hold readable
+samples (that needs reading them).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from train.config import Config, validate
+
+
+class StartError(ValueError):
+    """A config the run cannot start with; the message names the key and the fix."""
+
+
+def check_start(cfg: Config, *, world_size: int, cuda: bool) -> None:
+    """Raises StartError, naming the key at fault, for a config `python -m
+    train` would refuse at start on `world_size` ranks (with CUDA GPUs or not)."""
+    try:
+        _check(cfg, world_size=world_size, cuda=cuda)
+    except StartError:
+        raise
+    except (ValueError, FileNotFoundError) as e:
+        raise StartError(str(e)) from None
+
+
+def _check(cfg: Config, *, world_size: int, cuda: bool) -> None:
+    from train import classify
+    from train.engine import batch_sizes, check_precision
+
+    validate(cfg)
+    check_precision(cfg.deepspeed.precision, cuda=cuda)
+    batch_sizes(cfg.trainer, world_size)
+    model = cfg.model
+    if cfg.task.name == "classify":
+        classify.check_task(cfg.task)
+        classify.data_for_classify(cfg.data)
+        if cfg.task.init not in ("", "none"):
+            # The model comes with the pretrained weights: its vocabulary and
+            # input geometry are the ones to check (on a copy; the run adopts it).
+            _, pretrained = classify.read_init(cfg.task.init, peek=True)
+            adopted = copy.deepcopy(cfg)
+            classify.adopt_pretrained_config(adopted, pretrained, init=cfg.task.init)
+            model = adopted.model
+    check_shards(cfg)
+    check_vocabulary(cfg, model)
+
+
+def check_shards(cfg: Config) -> None:
+    """Every shard pattern names shards (local patterns match files; remote
+    ones expand); nothing is downloaded or read."""
+    from data_pipeline.sources import expand_shards
+
+    data = cfg.data
+    specs = [("data.heldout", data.heldout, 1.0)]
+    if data.sources:
+        specs += [(f"data.sources[{i}]", s.url, s.weight) for i, s in enumerate(data.sources)]
+    else:
+        specs += [("data.train", data.train, 1.0)]
+    for key, spec, weight in specs:
+        if not spec.strip():
+            raise StartError(f"{key} is empty: give a shard directory, glob or brace pattern")
+        if weight <= 0:
+            raise StartError(f"{key}: data source {spec!r} has weight {weight}; weights must be positive")
+        try:
+            expand_shards(spec, allow_pipe=data.allow_pipe)
+        except (ValueError, OSError) as e:
+            raise StartError(f"{key}={spec!r}: {e}") from None
+
+
+def check_vocabulary(cfg: Config, model) -> None:
+    """The tokenizer loads, and its ids fit the model's embedding table."""
+    from data_pipeline.tokenizer import load_tokenizer
+    from mm_models.encoders import arch_name
+
+    try:
+        vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+    except (ValueError, OSError) as e:
+        raise StartError(f"data.tokenizer={cfg.data.tokenizer!r}: {e}") from None
+    if arch_name(model, "text") != "hf" and vocab > model.vocab_size:
+        raise StartError(
+            f"data.tokenizer={cfg.data.tokenizer!r} has {vocab} tokens but "
+            f"model.vocab_size={model.vocab_size}; set model.vocab_size={vocab}"
+        )
