@@ -33,6 +33,7 @@ START_ERRORS = [
     (["task=classify", "task.num_classes=3", "task.lr_decay=2"], "task.lr_decay=2"),
     (["task=classify", "task.num_classes=3", "task.init=missing/init.safetensors"], "task.init=missing/init"),
     (["task=classify", "task.num_classes=0"], "task:"),
+    (["trainer.resume=missing/checkpoints"], "trainer.resume='missing/checkpoints'"),
 ]
 
 

@@ -48,6 +48,12 @@ def _check(cfg: Config, *, world_size: int, cuda: bool) -> None:
             model = adopted.model
     check_shards(cfg)
     check_vocabulary(cfg, model)
+    if cfg.trainer.resume not in ("auto", "none"):
+        from pathlib import Path
+
+        from train.checkpoint import find_checkpoint
+
+        find_checkpoint(cfg.trainer.resume, run_dir=Path("."))  # a path: it must hold a complete checkpoint
 
 
 def check_shards(cfg: Config) -> None:
