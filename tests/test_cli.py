@@ -34,7 +34,8 @@ def test_a_bad_command_line_is_one_clear_line_naming_the_key(tool, argv, named, 
 def test_overrides_are_typed_and_data_overrides_are_handed_back():
     args, data = compose_args(
         predict.PredictArgs,
-        ["checkpoint=a.safetensors", "shards='s/{0..3}.tar'", "out=o", "batch_size=8", "format=parquet", "data.n_mels=32"],
+        ["checkpoint=a.safetensors", "shards='s/{0..3}.tar'", "out=o", "batch_size=8", "format=parquet"]
+        + ["data.n_mels=32"],
         tool="train.predict",
         data=True,
     )
