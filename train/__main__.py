@@ -25,6 +25,7 @@ for _api in ("all_gather_into_tensor", "reduce_scatter_tensor"):  # ZeRO-3 calls
     warnings.filterwarnings("ignore", message=rf".*{_api}.*deprecated", category=FutureWarning)
 _INFO = DistInfo()
 _STOP = None
+_FROM_ACCELERATE: list[str] = []
 
 
 # An absolute path: the same under `python -m train` and the mm-train console script.
@@ -53,6 +54,8 @@ def _main(cfg: DictConfig) -> None:
 
     if not _INFO.is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    elif _FROM_ACCELERATE:
+        logging.getLogger("train").info("from accelerate launch's settings: %s", " ".join(_FROM_ACCELERATE))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     redact_files((run_dir / ".hydra").glob("*.yaml"))  # Hydra saved the config before we ran
     stopped_file = run_dir / STOPPED_FILE
@@ -72,14 +75,21 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    global _INFO
+    global _INFO, _FROM_ACCELERATE
+    from train.accelerate_env import overrides as accelerate_overrides
+
     try:
         # Before Hydra: it would accept "+trainer.max_step=10" and leave it unused.
-        check_override_keys([a for a in sys.argv[1:] if not a.startswith("-")])
+        given = [a for a in sys.argv[1:] if not a.startswith("-")]
+        check_override_keys(given)
+        # Under `accelerate launch`: its settings (ZeRO stage, precision, ...)
+        # as overrides after the command line's, which may not contradict them.
+        _FROM_ACCELERATE = accelerate_overrides(os.environ, given)
     except ValueError as e:
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {redact_text(str(e))}", file=sys.stderr)
         sys.exit(2)
+    sys.argv += _FROM_ACCELERATE
     # Before anything slow: a stop signal from now on is remembered (train.signals).
     global _STOP
     _STOP = StopRequest()
