@@ -58,17 +58,21 @@ def cmd_write(args: argparse.Namespace) -> int:
         if not samples:
             print(f"error: no sample of {args.input} has a {args.label_key!r} column", file=sys.stderr)
             return 2
-    report = write_dataset(
-        samples,
-        args.out,
-        prefix=args.prefix,
-        max_samples=args.max_samples,
-        max_bytes=args.max_bytes,
-        encode=encode,
-        workers=workers,
-        total=len(samples),
-    )
-    shards, rejects = report.index["shards"], Path(args.out) / REJECTS_NAME
+    try:
+        report = write_dataset(
+            samples,
+            args.out,
+            prefix=args.prefix,
+            max_samples=args.max_samples,
+            max_bytes=args.max_bytes,
+            encode=encode,
+            workers=workers,
+            total=len(samples),
+        )
+    except (ValueError, OSError) as e:  # an object store without its package, credentials or bucket
+        print(f"error: writing to {args.out}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    shards, rejects = report.index["shards"], f"{str(args.out).rstrip('/')}/{REJECTS_NAME}"
     counts = ", ".join(f"{m} {sum(s[m] for s in shards)}" for m in ("image", "audio", "text"))
     reasons = ", ".join(f"{reason} {n}" for reason, n in report.rejected.items())
     print(
@@ -112,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 
     w = sub.add_parser("write", help="raw files or a manifest -> WebDataset shards + index.json")
     w.add_argument("input", help="a .jsonl/.csv manifest (image, audio, text, ...) or a directory")
-    w.add_argument("out", help="output directory for PREFIX-%%06d.tar shards")
+    w.add_argument(
+        "out", help="output directory for PREFIX-%%06d.tar shards, or an object-store prefix (s3://, gs://, az://)"
+    )
     w.add_argument("--prefix", default="shard")
     w.add_argument("--max-samples", type=int, default=1000, help="samples per shard at most")
     w.add_argument("--max-bytes", type=_size, default=_size("1G"), help="bytes per shard at most (e.g. 500M)")

@@ -1,4 +1,5 @@
-"""Where shards come from: URL expansion, opening (file, http(s), pipe:),
+"""Where shards come from: URL expansion, opening (file, http(s), object
+stores: s3://, gs://, az:// through fsspec, pipe:),
 shard sizes (index.json or a scan), and reading a shard as exactly the number
 of samples its index promises.
 
@@ -30,7 +31,16 @@ from braceexpand import braceexpand
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
-_REMOTE = ("http://", "https://")
+# Object stores, read and written through fsspec (s3fs, gcsfs, adlfs), which
+# retry failed requests and read large objects in ranged blocks. Credentials
+# come only from the environment and the provider's standard config files
+# (AWS_* and ~/.aws, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*); an
+# endpoint (an S3-compatible server) from AWS_ENDPOINT_URL.
+OBJECT_STORES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "abfss://")
+_BACKENDS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+_REMOTE = ("http://", "https://") + OBJECT_STORES
+# Read-ahead of an object-store shard: one ranged request per block.
+OBJECT_BLOCK_BYTES = 8 << 20
 # WebDataset's grouping rule: the key is the member path up to the first dot
 # of its basename; the rest is the extension.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
@@ -45,10 +55,42 @@ class Skip:
     detail: str = ""
 
 
+def object_store(url: str):
+    """(fsspec filesystem, path inside it) for an s3://, gs:// or az:// URL;
+    a missing backend package is a ValueError naming it."""
+    import fsspec
+
+    scheme = url.split("://", 1)[0]
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError:
+        package = _BACKENDS[scheme]
+        raise ValueError(f"{scheme}:// shards need the {package} package: pip install {package}") from None
+
+
+def _expand_object_store(part: str) -> list[str]:
+    """An object-store pattern's shard URLs: explicit .tar names as given
+    (brace patterns included; nothing is listed), a glob or a "directory"
+    prefix listed once."""
+    urls = []
+    for name in braceexpand(part):
+        if name.endswith(".tar") and not glob.has_magic(name):
+            urls.append(name)
+            continue
+        fs, path = object_store(name)
+        scheme = name.split("://", 1)[0]
+        pattern = path if glob.has_magic(path) else path.rstrip("/") + "/*.tar"
+        urls += [f"{scheme}://{m}" for m in sorted(fs.glob(pattern)) if m.endswith(".tar")]
+    if not urls:
+        raise FileNotFoundError(f"shard pattern {part!r} matched no .tar objects")
+    return urls
+
+
 def expand_shards(spec: str, *, allow_pipe: bool = False) -> list[str]:
     """Turns "dir", "glob*", "brace-{000..009}.tar" (joined by "::") into URLs.
 
-    Local patterns that match nothing fail here, naming the pattern.
+    Local patterns (and object-store globs and prefixes) that match nothing
+    fail here, naming the pattern.
     """
     urls: list[str] = []
     for part in (p.strip() for p in spec.split("::")):
@@ -61,6 +103,8 @@ def expand_shards(spec: str, *, allow_pipe: bool = False) -> list[str]:
                     "set data.allow_pipe=true to allow it"
                 )
             urls.extend(braceexpand(part))
+        elif part.startswith(OBJECT_STORES):
+            urls.extend(_expand_object_store(part))
         elif part.startswith(_REMOTE):
             urls.extend(braceexpand(part))
         else:
@@ -80,7 +124,8 @@ def expand_shards(spec: str, *, allow_pipe: bool = False) -> list[str]:
 
 def local_path(path: str) -> str:
     """A local path that cannot be read as a URL scheme ("pipe:x" -> "./pipe:x")."""
-    return path if os.path.isabs(path) or not path.startswith(("pipe:", "http:", "https:")) else os.path.join(".", path)
+    schemes = ("pipe:", "http:", "https:") + tuple(p.removesuffix("//") for p in OBJECT_STORES)
+    return path if os.path.isabs(path) or not path.startswith(schemes) else os.path.join(".", path)
 
 
 class PipeFailed(OSError):
@@ -199,6 +244,9 @@ def open_url(url: str, *, timeout: float = 60.0) -> IO[bytes]:
     """A readable binary stream for a local path, http(s):// URL or pipe:
     command (expand_shards lets a pipe: URL through only where the user
     wrote it, with data.allow_pipe=true)."""
+    if url.startswith(OBJECT_STORES):
+        fs, path = object_store(url)
+        return fs.open(path, "rb", block_size=OBJECT_BLOCK_BYTES)
     if url.startswith(_REMOTE):
         return io.BufferedReader(ResumingHTTPReader(url, timeout=timeout), buffer_size=1 << 16)
     if url.startswith("pipe:"):
@@ -214,7 +262,13 @@ def _load_index(parent: str) -> dict[str, int]:
     """{shard file name: samples} from parent/index.json, or {} if absent."""
     location = f"{parent}/{INDEX_NAME}"
     try:
-        if parent.startswith(_REMOTE):
+        if parent.startswith(OBJECT_STORES):
+            fs, path = object_store(location)
+            if not fs.exists(path):
+                return {}
+            with fs.open(path, "rb") as f:
+                index = json.load(f)
+        elif parent.startswith(_REMOTE):
             with urllib.request.urlopen(location, timeout=30) as f:
                 index = json.load(f)
         elif os.path.isfile(location):

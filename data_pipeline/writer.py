@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import re
 import tarfile
+import tempfile
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import closing
@@ -279,8 +280,9 @@ class _ShardSink:
     gets a shard to itself); each is written as NAME.tmp and renamed when
     complete, so a reader never sees half a shard."""
 
-    def __init__(self, out_dir: Path, prefix: str, max_samples: int, max_bytes: int):
+    def __init__(self, out_dir: Path, prefix: str, max_samples: int, max_bytes: int, publish=None):
         self.max_bytes = max_bytes
+        self.publish = publish  # called with each finished shard's path (an upload)
         self.shards: list[dict] = []
         self._file = None
         self._writer = wds.ShardWriter(
@@ -312,6 +314,8 @@ class _ShardSink:
             return
         os.replace(name + ".tmp", name)
         entry["bytes"] = os.path.getsize(name)
+        if self.publish is not None:
+            self.publish(Path(name))
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         size = sum(_member_bytes(f"{key}.{ext}", len(data)) for ext, data in members.items())
@@ -329,13 +333,77 @@ class _ShardSink:
         self._writer.close()
 
 
-def _remove_stale(out_dir: Path, prefix: str, keep: set[str]) -> list[str]:
+class _LocalDir:
+    """Where write_dataset puts its files: a local directory."""
+
+    def __init__(self, path: str | Path):
+        self.dir = self.staging = Path(path)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = self.dir.name
+        self.publish = None  # shards are written in place
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.dir.iterdir()]
+
+    def remove(self, name: str) -> None:
+        (self.dir / name).unlink(missing_ok=True)
+
+    def put(self, name: str, text: str) -> None:
+        """Writes a small file whole (the index: as a tmp file, then renamed)."""
+        tmp = self.dir / (name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.dir / name)
+
+    def close(self) -> None:
+        pass
+
+
+class _ObjectStoreDir:
+    """Where write_dataset puts its files: an object-store prefix (s3://,
+    gs://, az://). Each shard is written to a local staging directory, then
+    uploaded whole (an object appears complete or not at all) and deleted,
+    so the staging disk holds one shard at a time."""
+
+    def __init__(self, url: str):
+        from data_pipeline.sources import object_store
+
+        self.url = url.rstrip("/")
+        self.fs, self.root = object_store(self.url)
+        self.name = self.url.rsplit("/", 1)[-1]
+        self._tmp = tempfile.TemporaryDirectory(prefix="mm-shards-")
+        self.staging = Path(self._tmp.name)
+
+    def publish(self, local: Path) -> None:
+        self.fs.put_file(str(local), f"{self.root}/{local.name}")
+        local.unlink()
+
+    def names(self) -> list[str]:
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def remove(self, name: str) -> None:
+        path = f"{self.root}/{name}"
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+    def put(self, name: str, text: str) -> None:
+        local = self.staging / name
+        local.write_text(text, encoding="utf-8")
+        self.publish(local)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def _remove_stale(out, prefix: str, keep: set[str]) -> list[str]:
     """Deletes PREFIX-NNNNNN.tar(.tmp) files an earlier run left beyond this one's:
     a loader listing the directory would read them."""
     ours = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar(\.tmp)?")
-    stale = sorted(p.name for p in out_dir.iterdir() if ours.fullmatch(p.name) and p.name not in keep)
+    stale = sorted(n for n in out.names() if ours.fullmatch(n) and n not in keep)
     for name in stale:
-        (out_dir / name).unlink()
+        out.remove(name)
     return stale
 
 
@@ -367,35 +435,45 @@ def write_dataset(
     workers: int = 0,
     total: int | None = None,
 ) -> WriteReport:
-    """Writes PREFIX-%06d.tar shards, rejects.jsonl and index.json to out_dir."""
+    """Writes PREFIX-%06d.tar shards, rejects.jsonl and index.json to out_dir:
+    a local directory, or an object-store prefix (s3://bucket/shards, gs://,
+    az://), where the index is uploaded last."""
+    from data_pipeline.sources import OBJECT_STORES
+
     check_limits(max_samples=max_samples, max_bytes=max_bytes, workers=workers)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # An earlier run's index would promise sample counts that the new shards break.
-    (out_dir / INDEX_NAME).unlink(missing_ok=True)
-    rejected: Counter[str] = Counter()
-    seen: set[str] = set()
-    with (
-        closing(_ShardSink(out_dir, prefix, max_samples, max_bytes)) as sink,
-        open(out_dir / REJECTS_NAME, "w", encoding="utf-8") as rejects,
-        tqdm(total=total, desc=f"writing {out_dir.name}", unit="sample") as bar,
-    ):
-        for result in _prepare_all(samples, encode, workers):
-            if isinstance(result, Prepared) and result.key in seen:
-                result = Reject(result.key, "duplicate_key", f"an earlier sample has key {result.key!r}", result.source)
-            if isinstance(result, Reject):
-                rejects.write(json.dumps(asdict(result), ensure_ascii=False) + "\n")
-                rejected[result.reason] += 1
-                bar.set_postfix(rejected=sum(rejected.values()), refresh=False)
-            else:
-                seen.add(result.key)
-                sink.write(result.key, result.members)
-            bar.update()
-    index = {"shards": sink.shards, "samples": sum(s["samples"] for s in sink.shards)}
-    stale = _remove_stale(out_dir, prefix, {s["name"] for s in sink.shards})
-    tmp = out_dir / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / INDEX_NAME)
+    target = str(out_dir)
+    out = _ObjectStoreDir(target) if target.startswith(OBJECT_STORES) else _LocalDir(target)
+    try:
+        # An earlier run's index would promise sample counts that the new shards break.
+        out.remove(INDEX_NAME)
+        rejected: Counter[str] = Counter()
+        rejects_file = out.staging / REJECTS_NAME
+        seen: set[str] = set()
+        with (
+            closing(_ShardSink(out.staging, prefix, max_samples, max_bytes, publish=out.publish)) as sink,
+            open(rejects_file, "w", encoding="utf-8") as rejects,
+            tqdm(total=total, desc=f"writing {out.name}", unit="sample") as bar,
+        ):
+            for result in _prepare_all(samples, encode, workers):
+                if isinstance(result, Prepared) and result.key in seen:
+                    result = Reject(
+                        result.key, "duplicate_key", f"an earlier sample has key {result.key!r}", result.source
+                    )
+                if isinstance(result, Reject):
+                    rejects.write(json.dumps(asdict(result), ensure_ascii=False) + "\n")
+                    rejected[result.reason] += 1
+                    bar.set_postfix(rejected=sum(rejected.values()), refresh=False)
+                else:
+                    seen.add(result.key)
+                    sink.write(result.key, result.members)
+                bar.update()
+        if out.publish is not None:
+            out.publish(rejects_file)
+        index = {"shards": sink.shards, "samples": sum(s["samples"] for s in sink.shards)}
+        stale = _remove_stale(out, prefix, {s["name"] for s in sink.shards})
+        out.put(INDEX_NAME, json.dumps(index, indent=1) + "\n")
+    finally:
+        out.close()
     return WriteReport(index, dict(sorted(rejected.items())), stale)
 
 

@@ -121,9 +121,8 @@ def test_every_entry_point_answers_help(module):
 @pytest.mark.integration  # a subprocess: not in the fast tier
 def test_console_scripts_match_the_modules():
     """pyproject's console scripts (mm-train, ...) name real entry points; each answers --help."""
-    from pathlib import Path
-
     import tomllib
+    from pathlib import Path
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert {target.split(":")[0].removesuffix(".__main__") for target in scripts.values()} == set(ENTRY_POINTS)
