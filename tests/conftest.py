@@ -137,6 +137,22 @@ def run_train(run_dir: Path, *overrides: str, nproc: int = 2, timeout: float = 9
     return proc
 
 
+def wandb_records(wandb_run: Path) -> list[dict]:
+    """Every record of an offline W&B run, read back with `wandb leet inspect --json`."""
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        [venv_bin("wandb"), "leet", "inspect", "--json", str(wandb_run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
 def logged_losses(run_dir: Path) -> dict[int, float]:
     """train/loss by step, from the run's metrics.jsonl."""
     import json

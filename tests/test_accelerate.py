@@ -7,8 +7,8 @@ import json
 import subprocess
 
 import pytest
+from conftest import REPO, clean_env, venv_bin, wandb_records
 
-from tests.conftest import REPO, clean_env, venv_bin
 from train.accelerate_env import AccelerateError, overrides, settings
 
 DS = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no"}
@@ -115,14 +115,7 @@ def test_accelerate_launch_trains_with_its_zero_stage(tmp_path, demo_shards):
     assert "deepspeed.stage=1 deepspeed.precision=fp32" in log
     assert "ZeRO-1, float32 | global batch 32 = 16 micro × 1 accum × 2 ranks" in log
     (wandb_run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
-    out = subprocess.run(
-        [venv_bin("wandb"), "leet", "inspect", "--json", str(wandb_run)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-    )
-    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    records = wandb_records(wandb_run)
     config = next(r["run"]["config"]["update"] for r in records if r.get("type") == "run")
     assert config["deepspeed"]["stage"] == 1 and config["deepspeed"]["precision"] == "fp32"
 

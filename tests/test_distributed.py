@@ -8,7 +8,7 @@ import math
 import subprocess
 
 import pytest
-from conftest import REPO, clean_env, venv_bin
+from conftest import REPO, clean_env, venv_bin, wandb_records
 from shardkit import write_tar
 
 pytestmark = pytest.mark.integration
@@ -136,18 +136,6 @@ def test_wandb_offline_run_holds_config_and_metrics(run):
     assert summary["data/skipped/bad_image"] == 2 and summary["data/skipped/empty_text"] == 1
 
 
-def _records(wandb_run) -> list[dict]:
-    out = subprocess.run(
-        [venv_bin("wandb"), "leet", "inspect", "--json", str(wandb_run)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-    )
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-
-
 def test_wandb_records_checkpoint_artifacts_the_export_and_a_retrieval_table(run):
     run_dir = run["run_dirs"][0]
     (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
@@ -156,7 +144,7 @@ def test_wandb_records_checkpoint_artifacts_the_export_and_a_retrieval_table(run
         .parent.joinpath((run_dir / "checkpoints" / "latest").read_text(), "meta.json")
         .read_text()
     )["wandb_run_id"]
-    artifacts = [r["artifact"] for r in _records(wandb_run) if r.get("type") == "artifact"]
+    artifacts = [r["artifact"] for r in wandb_records(wandb_run) if r.get("type") == "artifact"]
     checkpoints = [a for a in artifacts if a["name"] == f"checkpoint-{run_id}"]
     assert all(a["type"] == "model" for a in checkpoints)
     steps = [json.loads(a["metadata"])["step"] for a in checkpoints]

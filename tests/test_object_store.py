@@ -13,15 +13,17 @@ import subprocess
 import time
 
 import pytest
+from conftest import REPO, clean_env, venv_bin
 
 from data_pipeline import DataConfig, build_loader
 from data_pipeline.demo import write_raw
 from data_pipeline.manifest import read_manifest
 from data_pipeline.sources import expand_shards, read_shard, shard_sizes
 from data_pipeline.writer import write_dataset
-from tests.conftest import REPO, clean_env, venv_bin
 
 SECRET = "moto-secret-7f3e91"  # must appear in no output
+# Every test here talks to a server process: not in the fast tier.
+pytestmark = pytest.mark.integration
 
 
 def _free_port() -> int:
@@ -134,7 +136,6 @@ def test_the_loader_streams_the_bucket_like_the_local_directory(bucket):
     assert len(set(remote[:96])) == len(set(remote[96:])) == 96
 
 
-@pytest.mark.integration
 def test_training_from_the_bucket_on_two_ranks(bucket, s3, tmp_path):
     run = tmp_path / "run"
     cmd = [venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "train", "experiment=demo", "model=tiny",

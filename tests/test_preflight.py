@@ -66,6 +66,7 @@ def _train_start(overrides: list[str], tmp_path: Path) -> tuple[int, str]:
     return os.waitstatus_to_exitcode(status), out.read_text()
 
 
+@pytest.mark.integration  # forks a real `python -m train` start per case: not in the fast tier
 @pytest.mark.parametrize("overrides,named", START_ERRORS, ids=[" ".join(o) for o, _ in START_ERRORS])
 def test_every_start_error_is_caught_before_submission(overrides, named, demo_cwd, capsys):
     code, output = _train_start(overrides, demo_cwd)
