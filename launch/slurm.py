@@ -94,6 +94,7 @@ def check_overrides(overrides: list[str], *, world_size: int = 1, cuda: bool = F
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from train.cli import one_line
     from train.config import compose
     from train.preflight import check_start
 
@@ -102,8 +103,7 @@ def check_overrides(overrides: list[str], *, world_size: int = 1, cuda: bool = F
         cfg = OmegaConf.to_object(compose(overrides))
         check_start(cfg, world_size=world_size, cuda=cuda)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
-        raise LaunchError(re.sub(r"\s+", " ", f"train overrides rejected: {e}{cause}")) from None
+        raise LaunchError(f"train overrides rejected: {one_line(e)}") from None
     if cfg.trainer.resume != "auto":
         raise LaunchError(
             f"trainer.resume={cfg.trainer.resume!r}: a requeued or restarted job must resume from its own latest "

@@ -33,7 +33,8 @@ def label_spec(task) -> LabelSpec:
 
 
 def check_task(task) -> None:
-    """The classify settings, checked at start; each error names the key."""
+    """The classify settings, checked at start; each error names the key.
+    (task.init is read by train.preflight, which adopts its model config.)"""
     if not 0.0 < task.lr_decay <= 1.0:
         raise ValueError(f"task.lr_decay={task.lr_decay} must be in (0, 1]")
     if not 0.0 < task.threshold < 1.0:
@@ -46,8 +47,6 @@ def check_task(task) -> None:
         dataclasses.asdict(task) if dataclasses.is_dataclass(task) else dict(task),
         class_weights=list(weights) if isinstance(weights, (list, tuple)) else (),
     ).check()
-    if task.init not in ("", "none"):
-        read_init(task.init, peek=True)
 
 
 # -- where the encoders start ------------------------------------------------------------------

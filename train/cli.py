@@ -32,7 +32,7 @@ def compose_args(schema: type, argv: list[str], *, tool: str, data: bool = False
     try:
         parsed = OverridesParser.create().parse_overrides(rest)
     except HydraException as e:
-        raise UsageError(_one_line(e)) from None
+        raise UsageError(one_line(e)) from None
     known = set(schema_keys(schema))
     for override in parsed:
         key = override.key_or_group
@@ -46,7 +46,7 @@ def compose_args(schema: type, argv: list[str], *, tool: str, data: bool = False
         with initialize(version_base="1.3", config_path=None):
             cfg = compose(config_name=name, overrides=rest)
     except HydraException as e:
-        raise UsageError(_one_line(e)) from None
+        raise UsageError(one_line(e)) from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UsageError(f"missing {' and '.join(f'{k}=' for k in missing)}; see python -m {tool} --help")
@@ -69,9 +69,10 @@ def data_config(saved: dict, overrides: list[str]):
             )
         )
     except OmegaConfBaseException as e:
-        raise UsageError(_one_line(e)) from None
+        raise UsageError(one_line(e)) from None
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
+    """An exception and its cause as one line (Hydra's messages span several)."""
     cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
     return re.sub(r"\s+", " ", f"{e}{cause}").strip()
