@@ -20,13 +20,13 @@ import torch
 from data_pipeline.config import MODES, DataConfig, worker_count
 from data_pipeline.decode import mel_filterbank, warm_decoders
 from data_pipeline.labels import LabelSpec
-from data_pipeline.plan import batches_per_rank, consumed_by_worker, epoch_plan
+from data_pipeline.plan import Pool, batches_per_rank, consumed_by_worker, epoch_plan, pool_size, remaining
 from data_pipeline.sources import expand_shards, shard_sizes
 from data_pipeline.stream import BatchDataset, BatchStream, Source
 from data_pipeline.tokenizer import ByteTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 1  # pool and generation were added later; absent means None and 0
 MODALITIES = ("image", "audio", "text")
 
 
@@ -183,6 +183,10 @@ class StreamLoader:
             warm_decoders(cfg)  # before the workers fork: they inherit the set-up
         self.labels = labels  # a classifier's: samples without a usable label are counted skips
         self.epoch, self.batches = 0, 0
+        # The current epoch's positions still to read when its plan was laid
+        # (None: all) and how many plans this epoch has had (see plan.remaining).
+        self.pool: Pool | None = None
+        self.generation = 0
         self.skipped: Counter = Counter()
 
     @property
@@ -212,6 +216,8 @@ class StreamLoader:
             start_batch=self.batches,
             shuffle=self.train,
             labels=self.labels,
+            pool=self.pool,
+            generation=self.generation,
         )
         workers = self.num_workers
         return torch.utils.data.DataLoader(
@@ -239,7 +245,7 @@ class StreamLoader:
                 return
             if not self.train:
                 return
-            self.epoch, self.batches = self.epoch + 1, 0
+            self.epoch, self.batches, self.pool, self.generation = self.epoch + 1, 0, None, 0
 
     # -- state --------------------------------------------------------------
     def _fingerprint(self) -> dict:
@@ -275,6 +281,7 @@ class StreamLoader:
                     num_workers=max(1, self.num_workers),
                     batch_size=self.batch_size,
                     shuffle_shards=self.train,
+                    pool=self.pool,
                 )
                 left = sum(plan.real[:done])
                 for seg in plan.segments:
@@ -290,6 +297,8 @@ class StreamLoader:
             "version": STATE_VERSION,
             "epoch": self.epoch,
             "batches": self.batches,
+            "pool": None if self.pool is None else [list(i) for i in self.pool],
+            "generation": self.generation,
             "skipped": dict(self.skipped),
             "rng": {"seed": self.cfg.seed, "derived_from": "seed, epoch, rank, worker, block"},
             "workers": self._worker_positions(),
@@ -297,15 +306,100 @@ class StreamLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        """Continues exactly where a loader of the same setup (world size,
+        workers, batch size included) stopped; resume() also takes another."""
+        position = self._position(state)
         mine, theirs = self._fingerprint(), state.get("fingerprint", {})
         diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume the data loader exactly: {detail}")
-        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self.epoch, self.batches, self.pool, self.generation = position
         self.skipped = Counter(state.get("skipped", {}))
+
+    def resume(self, states: list[dict]) -> bool:
+        """Continues from the states of every rank of the run that saved them
+        (states[r] from its rank r). On the same setup that is load_state_dict
+        of this rank's own state. On another world size, worker count, batch
+        size or shuffle buffer, the saved ranks' positions are turned into
+        the epoch's unread positions and this setup's plan is laid over them:
+        every sample of the epoch is still read exactly once, across all
+        ranks. Returns True if the setup changed."""
+        if not states:
+            raise ValueError("no saved loader states to resume from")
+        saved = [s.get("fingerprint", {}) for s in states]
+        if len(states) == self.world_size and saved[self.rank] == self._fingerprint():
+            self.load_state_dict(states[self.rank])
+            return False
+        old = saved[0]
+        for key in ("mode", "seed", "shards"):
+            values = {json.dumps(f.get(key)) for f in saved} | {json.dumps(self._fingerprint()[key])}
+            if len(values) > 1:
+                raise ValueError(
+                    f"cannot resume the data loader: data.{'shards' if key == 'shards' else key} changed "
+                    f"(saved {old.get(key)!r}, now {self._fingerprint()[key]!r}); only the world size, "
+                    "data.num_workers, the micro batch and data.shuffle_buffer may change on resume"
+                )
+        if any(f.get("world_size") != len(states) or f.get("rank") != r for r, f in enumerate(saved)):
+            raise ValueError(f"the {len(states)} saved loader states are not ranks 0..{len(states) - 1} of one run")
+        positions = [self._position(s) for s in states]
+        if len({(e, json.dumps(pool), g) for e, _, pool, g in positions}) != 1:
+            raise ValueError("the saved loader states disagree on the epoch or its plan")
+        epoch, _, pool, generation = positions[0]
+        self.skipped = Counter()
+        if self.rank == 0:  # the totals live on; sum_counters adds the ranks' counts
+            for s in states:
+                self.skipped.update(s.get("skipped", {}))
+        self.epoch, self.batches = epoch, 0
+        if self.mode != "epoch":  # resampling: fresh streams for the new ranks
+            self.pool, self.generation = None, generation + 1
+            return True
+        sizes = [n for s in self.sources for n in s.sizes]
+        left = remaining(
+            sizes,
+            seed=self.cfg.seed,
+            epoch=epoch,
+            world_size=len(states),
+            num_workers=max(1, _int(old.get("num_workers"), "num_workers")),
+            batch_size=max(1, _int(old.get("batch_size"), "batch_size")),
+            block=_int(old.get("shuffle_buffer"), "shuffle_buffer") if self.train else 1,
+            batches=[b for _, b, _, _ in positions],
+            pool=pool,
+            generation=generation,
+            shuffle_shards=self.train,
+        )
+        if left:
+            self.pool, self.generation = left, generation + 1
+        else:  # the epoch was read to its end
+            self.epoch, self.pool, self.generation = epoch + 1, None, 0
+        return True
+
+    def _position(self, state: dict) -> tuple[int, int, Pool | None, int]:
+        """(epoch, batches, pool, generation) of a saved state, checked: it
+        comes from a file."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        epoch, batches = _int(state.get("epoch"), "epoch"), _int(state.get("batches"), "batches")
+        generation = _int(state.get("generation", 0), "generation")
+        raw = state.get("pool")
+        if raw is None:
+            return epoch, batches, None, generation
+        total = self.total_samples
+        try:
+            pool = [(int(a), int(b)) for a, b in raw]
+        except (TypeError, ValueError):
+            raise ValueError("loader state: pool must be a list of [start, end] pairs") from None
+        if any(not 0 <= a < b <= total for a, b in pool) or any(x[1] > y[0] for x, y in zip(pool, pool[1:])):
+            raise ValueError(f"loader state: pool intervals must be sorted, disjoint and within 0..{total}")
+        if pool_size(pool) == 0:
+            raise ValueError("loader state: empty pool")
+        return epoch, batches, pool, generation
+
+
+def _int(value, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"loader state: {name} must be an integer >= 0, got {value!r}")
+    return value
 
 
 def build_loader(

@@ -20,7 +20,7 @@ import torch
 from data_pipeline.config import DataConfig
 from data_pipeline.decode import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, decode_audio, decode_image, first_present
 from data_pipeline.labels import LabelError, LabelSpec
-from data_pipeline.plan import consumed_by_worker, epoch_plan
+from data_pipeline.plan import Pool, Segment, block_key, block_permutation, consumed_by_worker, epoch_plan
 from data_pipeline.sources import Skip, read_shard
 
 _CHOICE_CHUNK = 4096
@@ -150,7 +150,7 @@ def block_shuffled(
     while total is None or pos < total:
         n = block if total is None else min(block, total - pos)
         buf = [next(raw) for _ in range(n)]
-        for i in np.random.default_rng([*key, b]).permutation(n)[first:]:
+        for i in block_permutation(key, b, n)[first:]:
             yield buf[i]
         first, pos, b = 0, pos + n, b + 1
 
@@ -173,9 +173,14 @@ class BatchStream:
         start_batch: int,
         shuffle: bool,
         labels: LabelSpec | None = None,
+        pool: Pool | None = None,
+        generation: int = 0,
     ):
         self.sources, self.cfg, self.tokenizer, self.collate = sources, cfg, tokenizer, collate
         self.labels = labels
+        # The epoch's positions still to read (None: all) and which plan over
+        # them this is (0 unless the run resumed on another topology).
+        self.pool, self.generation = pool, generation
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.mode, self.epoch, self.start_batch, self.shuffle = mode, epoch, start_batch, shuffle
 
@@ -193,36 +198,54 @@ class BatchStream:
             num_workers=num_workers,
             batch_size=self.batch_size,
             shuffle_shards=self.shuffle,
+            pool=self.pool,
         )
         done = consumed_by_worker(self.start_batch, worker=worker, num_workers=num_workers)
         total = sum(plan.real)
+        reads = _coalesce(plan.segments)
 
         def read_from(pos: int) -> Iterator:
-            for seg in plan.segments:
-                if pos >= seg.take:
-                    pos -= seg.take
+            for shard, pieces in reads:
+                count = sum(take for _, take in pieces)
+                if pos >= count:
+                    pos -= count
                     continue
-                yield from read_shard(
-                    urls[seg.shard],
-                    size=sizes[seg.shard],
-                    skip=seg.skip + pos,
-                    take=seg.take - pos,
+                # One pass over the shard for all of its pieces: a pool left by a
+                # resume on another topology can cut a shard into many of them.
+                wanted = [(a, a + take) for a, take in pieces]
+                first, pos = _advance(wanted, pos), 0
+                end = wanted[-1][1]
+                items = read_shard(
+                    urls[shard],
+                    size=sizes[shard],
+                    skip=first,
+                    take=end - first,
                     max_member_bytes=self.cfg.max_member_bytes,
                 )
-                pos = 0
+                j = 0
+                for at, item in enumerate(items, start=first):
+                    while at >= wanted[j][1]:
+                        j += 1
+                    if at >= wanted[j][0]:
+                        yield item
 
         block = self.cfg.shuffle_buffer if self.shuffle else 1
-        key = [self.cfg.seed, self.epoch, self.rank, worker]
+        key = block_key(seed=self.cfg.seed, epoch=self.epoch, rank=self.rank, worker=worker, generation=self.generation)
         items = block_shuffled(read_from, total=total, start=sum(plan.real[:done]), block=block, key=key)
         for real in plan.real[done:]:
             yield self._batch([next(items) for _ in range(real)])
 
     # -- resampled mode -------------------------------------------------
+    def _fresh(self) -> list[int]:
+        """Extra seed material after a resume on another topology: the new
+        ranks' streams are fresh draws (resampling has no epoch to finish)."""
+        return [self.generation] if self.generation else []
+
     def _source_stream(self, s: int, worker: int, start: int) -> Iterator:
         """Source s's samples for this worker: seeded random shards, each read
         through, beginning `start` samples in."""
         src = self.sources[s]
-        rng = np.random.default_rng([self.cfg.seed, self.rank, worker, 2, s])
+        rng = np.random.default_rng([self.cfg.seed, self.rank, worker, 2, s, *self._fresh()])
         while True:
             shard = int(rng.integers(len(src.urls)))
             size = src.sizes[shard]
@@ -234,7 +257,7 @@ class BatchStream:
 
     def _choices(self, worker: int) -> Iterator[int]:
         weights = np.array([s.weight for s in self.sources], dtype=np.float64)
-        rng = np.random.default_rng([self.cfg.seed, self.rank, worker, 1])
+        rng = np.random.default_rng([self.cfg.seed, self.rank, worker, 1, *self._fresh()])
         while True:
             yield from rng.choice(len(self.sources), size=_CHOICE_CHUNK, p=weights / weights.sum()).tolist()
 
@@ -249,7 +272,11 @@ class BatchStream:
         done = consumed_by_worker(self.start_batch, worker=worker, num_workers=num_workers)
         block = self.cfg.shuffle_buffer if self.shuffle else 1
         items = block_shuffled(
-            read_from, total=None, start=done * self.batch_size, block=block, key=[self.cfg.seed, self.rank, worker]
+            read_from,
+            total=None,
+            start=done * self.batch_size,
+            block=block,
+            key=[self.cfg.seed, self.rank, worker, *self._fresh()],
         )
         while True:
             yield self._batch([next(items) for _ in range(self.batch_size)])
@@ -298,6 +325,27 @@ class BatchStream:
         if self.mode == "epoch":
             return self._epoch_batches(worker, num_workers)
         return self._resampled_batches(worker, num_workers)
+
+
+def _coalesce(segs: list[Segment]) -> list[tuple[int, list[tuple[int, int]]]]:
+    """Consecutive pieces of one shard, in shard order, as (shard, [(skip, take)...])."""
+    out: list[tuple[int, list[tuple[int, int]]]] = []
+    for seg in segs:
+        if out and out[-1][0] == seg.shard and seg.skip >= sum(out[-1][1][-1]):
+            out[-1][1].append((seg.skip, seg.take))
+        else:
+            out.append((seg.shard, [(seg.skip, seg.take)]))
+    return out
+
+
+def _advance(wanted: list[tuple[int, int]], pos: int) -> int:
+    """The shard position of the pos-th wanted sample; drops the pieces before it."""
+    while pos >= wanted[0][1] - wanted[0][0]:
+        pos -= wanted[0][1] - wanted[0][0]
+        wanted.pop(0)
+    start = wanted[0][0] + pos
+    wanted[0] = (start, wanted[0][1])
+    return start
 
 
 class BatchDataset(torch.utils.data.IterableDataset):
