@@ -101,7 +101,8 @@ def check_overrides(overrides: list[str], *, world_size: int = 1, cuda: bool = F
     try:
         compose(overrides, hydra_keys=True)  # hydra.* overrides are checked too
         cfg = OmegaConf.to_object(compose(overrides))
-        check_start(cfg, world_size=world_size, cuda=cuda)
+        given = _hydra_run_dir(overrides)  # an existing run's directory: its checkpoint must fit this job
+        check_start(cfg, world_size=world_size, cuda=cuda, run_dir=Path(given) if given else None)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         raise LaunchError(f"train overrides rejected: {one_line(e)}") from None
     if cfg.trainer.resume != "auto":

@@ -43,7 +43,12 @@ def _main(cfg: DictConfig) -> None:
     config: Config = OmegaConf.to_object(cfg)
     try:
         # The checks launch.slurm also makes before it submits (train.preflight).
-        check_start(config, world_size=_INFO.world_size, cuda=torch.cuda.is_available())
+        check_start(
+            config,
+            world_size=_INFO.world_size,
+            cuda=torch.cuda.is_available(),
+            run_dir=Path(HydraConfig.get().runtime.output_dir),
+        )
     except StartError as e:
         if _INFO.is_main:
             print(f"error: {redact_text(str(e))}", file=sys.stderr)

@@ -62,6 +62,12 @@ def save_checkpoint(
     """Collective: every rank must call it. Returns the checkpoint directory."""
     root = run_dir / "checkpoints"
     tag = f"step_{step:06d}"
+    latest = root / "latest"
+    if rank == 0 and (root / tag).exists() and not (latest.is_file() and latest.read_text().strip() == tag):
+        # Left by a save that never completed, maybe by another world size:
+        # its rank files must not mix with this save's.
+        shutil.rmtree(root / tag)
+    barrier()
     # DeepSpeed's own `latest` would be written before our metadata; we write it last.
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     (root / tag / f"loader_rank{rank}.json").write_text(json.dumps(loader_state, indent=1) + "\n")
@@ -124,16 +130,17 @@ def _allowed_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def verify_checkpoint(step_dir: Path, *, trust: bool = False) -> None:
+def verify_checkpoint(step_dir: Path, *, trust: bool = False, recursive: bool = False) -> None:
     """Before DeepSpeed loads a checkpoint (it unpickles with
     weights_only=False, which runs any code a crafted file carries): every
     .pt file must unpickle under torch's weights_only loader with only
     DeepSpeed's plain classes allowed. Memory-mapped, so the tensors are not
-    read. trust=True (trainer.trust_checkpoint) skips the check."""
+    read. trust=True (trainer.trust_checkpoint) skips the check; recursive
+    checks the .pt files of subdirectories too (a universal checkpoint)."""
     if trust:
         return
     with torch.serialization.safe_globals(_allowed_globals()):
-        for path in sorted(Path(step_dir).glob("*.pt")):
+        for path in sorted(Path(step_dir).glob("**/*.pt" if recursive else "*.pt")):
             try:
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - any refusal means: do not let DeepSpeed unpickle it
@@ -146,19 +153,46 @@ def verify_checkpoint(step_dir: Path, *, trust: bool = False) -> None:
                 ) from None
 
 
-def load_checkpoint(engine, step_dir: Path, *, rank: int, trust: bool = False) -> tuple[dict, dict]:
+def restore_group_settings(engine, settings: list[dict]) -> None:
+    """DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group the
+    settings of the first (load_hp_checkpoint_state_from_checkpoint_dir_stage3
+    copies param_groups[0] into each): the groups without weight decay would
+    decay, and layer-wise learning rates would collapse to one. Puts back each
+    group's own settings, as built for this run, and its learning rate from
+    the restored schedule. ZeRO-1/2 match groups by index and are unaffected."""
+    lrs = engine.lr_scheduler.get_last_lr() if engine.lr_scheduler is not None else None
+    for i, (group, own) in enumerate(zip(engine.optimizer.param_groups, settings)):
+        group.update(own)
+        if lrs is not None:
+            group["lr"] = lrs[i]
+
+
+def load_checkpoint(
+    engine, step_dir: Path, *, rank: int, trust: bool = False, universal: Path | None = None
+) -> tuple[dict, list[dict]]:
     """Collective. Restores engine state (model, optimizer, LR schedule) and
-    returns (meta, this rank's loader state). The checkpoint is verified
-    first (verify_checkpoint) unless trust."""
+    returns (meta, the loader state of every rank that saved the checkpoint).
+    The checkpoint is verified first (verify_checkpoint) unless trust.
+
+    universal: the checkpoint's universal form (train.topology.to_universal),
+    loaded instead of the ranks' own files when the world size changed; the
+    engine must have been built with checkpoint.load_universal."""
+    from train.topology import loader_states, saved_topology
+
     verify_checkpoint(step_dir, trust=trust)
     meta = json.loads((step_dir / "meta.json").read_text())
-    loader_file = step_dir / f"loader_rank{rank}.json"
-    if not loader_file.is_file():
-        raise FileNotFoundError(f"{loader_file} is missing: was the checkpoint written with another world size?")
-    load_path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    states = loader_states(step_dir, saved_topology(step_dir).world_size)
+    root = step_dir.parent
+    if universal is not None:
+        verify_checkpoint(universal, trust=trust, recursive=True)
+        root = universal
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    load_path, _ = engine.load_checkpoint(str(root), tag=step_dir.name)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {step_dir}")
+    if universal is not None:
+        restore_group_settings(engine, settings)
     rng_file = step_dir / f"rng_rank{rank}.json"
-    if rng_file.is_file():
+    if rng_file.is_file():  # a rank the saving run did not have keeps its seeded streams
         set_rng_state(json.loads(rng_file.read_text()))
-    return meta, json.loads(loader_file.read_text())
+    return meta, states

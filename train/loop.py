@@ -21,7 +21,7 @@ from mm_models.encoders import set_token_dropout
 from mm_models.flops import flops_per_sample, sequence_lengths
 from train import classify as classify_mod
 from train import watchdog
-from train.checkpoint import find_checkpoint, load_checkpoint
+from train.checkpoint import find_checkpoint, load_checkpoint, verify_checkpoint
 from train.config import Config
 from train.distributed import DistInfo, all_reduce_mean, barrier, feature_gather, sum_counters
 from train.engine import (
@@ -37,6 +37,7 @@ from train.policies import Checkpoints, ClassifyEvaluation, RetrievalEvaluation
 from train.sample_log import log_samples
 from train.signals import StopRequest, any_rank
 from train.step import read_losses, train_step
+from train.topology import keep_global_batch, partitioned, saved_topology, to_universal
 from train.tracking import BestMetric, Tracker
 
 log = logging.getLogger(__name__)
@@ -238,11 +239,32 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     # Read once at start (by rank 0), reused by every evaluation.
     heldout_sizes = {u: n for s in heldout_check.sources for u, n in zip(s.urls, s.sizes)}
 
+    resume_from = find_checkpoint(t_cfg.resume, run_dir=run_dir)
+    universal = None  # the checkpoint's universal form, when the world size changed
+    saved = saved_topology(resume_from) if resume_from is not None else None
+    if saved is not None and saved.world_size != info.world_size:
+        keep_global_batch(t_cfg, saved, info.world_size)  # the accumulation adapts
+        resolved["trainer"].update(global_batch_size=t_cfg.global_batch_size, grad_accum_steps=1)
     ds_config = build_deepspeed_config(
         ds=cfg.deepspeed, trainer=t_cfg, optimizer=cfg.optimizer, world_size=info.world_size
     )
     accum = ds_config["gradient_accumulation_steps"]
     start_deepspeed_comm(is_main=info.is_main)
+    if saved is not None and saved.world_size != info.world_size:
+        if info.is_main:
+            log.info(
+                "resuming on %d ranks a run saved on %d: global batch %d = %d micro × %d accum × %d ranks",
+                info.world_size,
+                saved.world_size,
+                ds_config["train_batch_size"],
+                t_cfg.micro_batch_size,
+                accum,
+                info.world_size,
+            )
+        if partitioned(resume_from):
+            verify_checkpoint(resume_from, trust=t_cfg.trust_checkpoint)  # the converter unpickles it
+            universal = to_universal(resume_from, rank=info.rank)
+            ds_config["checkpoint"] = {"load_universal": True}
     lr_scales = None
     if classify:
         class_weights = classify_mod.resolve_class_weights(cfg.task, loader, spec, is_main=info.is_main)
@@ -310,10 +332,12 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
                 else f"full fine-tuning (lr_decay {cfg.task.lr_decay})",
             )
     resumed: dict = {}  # the checkpoint's meta.json, if resuming
-    resume_from = find_checkpoint(t_cfg.resume, run_dir=run_dir)
     if resume_from is not None:
-        resumed, loader_state = load_checkpoint(engine, resume_from, rank=info.rank, trust=t_cfg.trust_checkpoint)
-        loader.load_state_dict(loader_state)
+        resumed, loader_states = load_checkpoint(
+            engine, resume_from, rank=info.rank, trust=t_cfg.trust_checkpoint, universal=universal
+        )
+        if loader.resume(loader_states) and info.is_main:
+            log.info("data: the epoch's unread samples are laid out anew over %d ranks", info.world_size)
     start_step = int(resumed.get("step", 0))
     if resume_from is not None and info.is_main:
         log.info("resumed from %s at step %d", resume_from, start_step)
@@ -410,7 +434,9 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     stop.restore()
 
     # Saved before the final evaluation: a failure there never loses the training.
-    ckpt = checkpoints.save(t_cfg.max_steps, record=False)
+    # A run resumed at its last step has nothing new to save (and saving the
+    # same step again on another world size would mix two runs' rank files).
+    ckpt = resume_from if resume_from and step == start_step else checkpoints.save(t_cfg.max_steps, record=False)
     results = evaluate(t_cfg.max_steps)
     checkpoints.record(ckpt, t_cfg.max_steps)
     tracker.summary({f"final/{k}": v for k, v in evaluate.metrics(results, "heldout").items()})

@@ -154,6 +154,8 @@ class Checkpoints:
             "wandb_run_id": self.tracker.run.id if self.tracker.run else None,
             "config": self.resolved,
             "best_metric_value": self.best.value,
+            # What a resume on another world size needs (train.topology).
+            "topology": {"world_size": self.engine.dp_world_size, "global_batch": self.engine.train_batch_size()},
         }
         path = save_checkpoint(
             self.engine,

@@ -9,6 +9,7 @@ samples (that needs reading them).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 from train.config import Config, validate
 
@@ -17,18 +18,19 @@ class StartError(ValueError):
     """A config the run cannot start with; the message names the key and the fix."""
 
 
-def check_start(cfg: Config, *, world_size: int, cuda: bool) -> None:
+def check_start(cfg: Config, *, world_size: int, cuda: bool, run_dir: Path | None = None) -> None:
     """Raises StartError, naming the key at fault, for a config `python -m
-    train` would refuse at start on `world_size` ranks (with CUDA GPUs or not)."""
+    train` would refuse at start on `world_size` ranks (with CUDA GPUs or not).
+    run_dir: the run's directory, if known, where trainer.resume=auto looks."""
     try:
-        _check(cfg, world_size=world_size, cuda=cuda)
+        _check(cfg, world_size=world_size, cuda=cuda, run_dir=run_dir)
     except StartError:
         raise
     except (ValueError, FileNotFoundError) as e:
         raise StartError(str(e)) from None
 
 
-def _check(cfg: Config, *, world_size: int, cuda: bool) -> None:
+def _check(cfg: Config, *, world_size: int, cuda: bool, run_dir: Path | None) -> None:
     from train import classify
     from train.engine import batch_sizes, check_precision
 
@@ -48,12 +50,14 @@ def _check(cfg: Config, *, world_size: int, cuda: bool) -> None:
             model = adopted.model
     check_shards(cfg)
     check_vocabulary(cfg, model)
-    if cfg.trainer.resume not in ("auto", "none"):
-        from pathlib import Path
+    if cfg.trainer.resume == "none" or (cfg.trainer.resume == "auto" and run_dir is None):
+        return
+    from train.checkpoint import find_checkpoint
+    from train.topology import check_resume
 
-        from train.checkpoint import find_checkpoint
-
-        find_checkpoint(cfg.trainer.resume, run_dir=Path("."))  # a path: it must hold a complete checkpoint
+    # A path must hold a complete checkpoint; one of another world size must fit this one.
+    step_dir = find_checkpoint(cfg.trainer.resume, run_dir=run_dir or Path("."))
+    check_resume(cfg.trainer, step_dir, world_size)
 
 
 def check_shards(cfg: Config) -> None:
