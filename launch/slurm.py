@@ -13,6 +13,12 @@ Renders an sbatch script and submits it (or prints it, with --dry-run):
   limit (`--signal=B:USR1@T`). The script forwards it to the trainers, which
   agree on a step, checkpoint and stop (train.signals); the script then
   requeues the job, which resumes into the same run and W&B run.
+- Fewer nodes after a requeue: with --min-nodes M, the job may be resized
+  while it waits (`scontrol update JobId=ID NumNodes=K`, M <= K <= --nodes),
+  for example when a node fails or is drained. The overrides are checked for
+  every K, the global batch is fixed (trainer.global_batch_size, at its
+  value on --nodes nodes unless given), and the run resumes on K nodes with
+  the accumulation derived for them (train.topology).
 
 Before anything is submitted, the overrides are composed and validated as
 `python -m train` would, and `sbatch --test-only` checks the SLURM options;
@@ -40,6 +46,7 @@ class LaunchError(Exception):
 @dataclass
 class SlurmJob:
     nodes: int
+    min_nodes: int | None = None  # the job may be resized to min_nodes..nodes nodes
     gpus_per_node: int = 0
     nproc_per_node: int = 1  # processes per node: one per GPU, or this many on CPU
     cpus_per_task: int | None = None
@@ -197,6 +204,25 @@ def render(job: SlurmJob) -> str:
     return "\n".join(lines)
 
 
+def fix_global_batch(job: SlurmJob) -> None:
+    """With --min-nodes, the number of nodes may differ from one start of the
+    job to the next: unless the overrides fix the global batch, fix it at
+    its value on --nodes nodes (micro batch × accumulation × ranks)."""
+    if not job.min_nodes or job.min_nodes == job.nodes:
+        return
+    from omegaconf import OmegaConf
+
+    from train.config import compose
+
+    try:
+        trainer = OmegaConf.to_object(compose(job.overrides)).trainer
+    except Exception:  # noqa: BLE001 - check_overrides reports what is wrong with them
+        return
+    if trainer.global_batch_size <= 0:
+        total = trainer.micro_batch_size * trainer.grad_accum_steps * job.nodes * job.nproc_per_node
+        job.overrides = [*job.overrides, f"trainer.global_batch_size={total}"]
+
+
 def _sbatch(args: list[str], script: str) -> subprocess.CompletedProcess:
     if shutil.which("sbatch") is None:
         raise LaunchError("sbatch not found: run this on a SLURM login node (or print the script with --dry-run)")
@@ -228,6 +254,13 @@ def parse_args(argv: list[str]) -> tuple[SlurmJob, bool]:
         prog="python -m launch.slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--nodes", type=int, required=True)
+    p.add_argument(
+        "--min-nodes",
+        type=int,
+        default=None,
+        help="the job may be resized down to this many nodes while it waits (scontrol update JobId=ID NumNodes=K) "
+        "and resume there; the global batch stays fixed",
+    )
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one process each (0: CPU)")
     p.add_argument(
         "--nproc-per-node", type=int, default=None, help="processes per node (default: --gpus-per-node, or 1 on CPU)"
@@ -252,6 +285,8 @@ def parse_args(argv: list[str]) -> tuple[SlurmJob, bool]:
     )
     p.add_argument("--dry-run", action="store_true", help="validate the overrides and print the script")
     a = p.parse_args(argv)
+    if a.min_nodes is not None and not 1 <= a.min_nodes <= a.nodes:
+        p.error("--min-nodes must be between 1 and --nodes")
     for name in ("nodes", "nproc_per_node"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -264,6 +299,7 @@ def parse_args(argv: list[str]) -> tuple[SlurmJob, bool]:
         p.error("--nproc-per-node must equal --gpus-per-node (one process per GPU)")
     job = SlurmJob(
         nodes=a.nodes,
+        min_nodes=a.min_nodes,
         gpus_per_node=a.gpus_per_node,
         nproc_per_node=a.nproc_per_node or a.gpus_per_node or 1,
         cpus_per_task=a.cpus_per_task,
@@ -286,7 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if job.time and job.warning_seconds >= time_limit_seconds(job.time):
             raise LaunchError(f"--warning-seconds {job.warning_seconds} is not less than --time {job.time}")
-        check_overrides(job.overrides, world_size=job.nodes * job.nproc_per_node, cuda=job.gpus_per_node > 0)
+        fix_global_batch(job)
+        for nodes in range(job.min_nodes or job.nodes, job.nodes + 1):
+            try:
+                check_overrides(job.overrides, world_size=nodes * job.nproc_per_node, cuda=job.gpus_per_node > 0)
+            except LaunchError as e:
+                where = f"on {nodes} node(s) (--min-nodes {job.min_nodes}): " if job.min_nodes else ""
+                raise LaunchError(f"{where}{e}") from None
         script = render(job)
         if dry_run:
             print(script, end="")

@@ -334,3 +334,13 @@ def test_slurm_rejects_an_unknown_partition_before_anything_is_submitted(cluster
     assert proc.returncode == 2 and "SLURM rejects the job: invalid partition specified: nope" in proc.stderr
     assert not (tmp_path / "out").exists()
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+
+
+def test_min_nodes_fixes_the_global_batch_and_checks_every_node_count(capsys, demo_cwd):
+    assert slurm.main(["--nodes", "2", "--min-nodes", "1", "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --nodes=2" in script and "trainer.global_batch_size=" in script
+    # 16 × 3 nodes = 48 is no multiple of 16 × 2: refused for the 2-node size.
+    assert slurm.main(["--nodes", "3", "--min-nodes", "2", "--dry-run", "--", "trainer.micro_batch_size=16"]) == 2
+    err = capsys.readouterr().err
+    assert "on 2 node(s) (--min-nodes 2)" in err and "not a multiple" in err
