@@ -328,16 +328,18 @@ class StreamLoader:
         if not states:
             raise ValueError("no saved loader states to resume from")
         saved = [s.get("fingerprint", {}) for s in states]
-        if len(states) == self.world_size and saved[self.rank] == self._fingerprint():
+        mine = self._fingerprint()
+        if len(states) == self.world_size and saved[self.rank] == mine:
             self.load_state_dict(states[self.rank])
             return False
         old = saved[0]
         for key in ("mode", "seed", "shards"):
-            values = {json.dumps(f.get(key)) for f in saved} | {json.dumps(self._fingerprint()[key])}
+            values = {json.dumps(f.get(key)) for f in saved} | {json.dumps(mine[key])}
             if len(values) > 1:
+                what = "the shards" if key == "shards" else f"data.{key}"
                 raise ValueError(
-                    f"cannot resume the data loader: data.{'shards' if key == 'shards' else key} changed "
-                    f"(saved {old.get(key)!r}, now {self._fingerprint()[key]!r}); only the world size, "
+                    f"cannot resume the data loader: {what} changed "
+                    f"(saved {old.get(key)!r}, now {mine[key]!r}); only the world size, "
                     "data.num_workers, the micro batch and data.shuffle_buffer may change on resume"
                 )
         if any(f.get("world_size") != len(states) or f.get("rank") != r for r, f in enumerate(saved)):

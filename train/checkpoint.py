@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from train.distributed import barrier
+from train.topology import loader_states, saved_topology
 
 
 def rng_state() -> dict:
@@ -176,10 +177,11 @@ def load_checkpoint(
 
     universal: the checkpoint's universal form (train.topology.to_universal),
     loaded instead of the ranks' own files when the world size changed; the
-    engine must have been built with checkpoint.load_universal."""
-    from train.topology import loader_states, saved_topology
-
-    verify_checkpoint(step_dir, trust=trust)
+    engine must have been built with checkpoint.load_universal; step_dir was
+    verified before its conversion (train.topology.to_universal), so only the
+    universal files are verified here."""
+    if universal is None:
+        verify_checkpoint(step_dir, trust=trust)
     meta = json.loads((step_dir / "meta.json").read_text())
     states = loader_states(step_dir, saved_topology(step_dir).world_size)
     root = step_dir.parent

@@ -242,7 +242,8 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     resume_from = find_checkpoint(t_cfg.resume, run_dir=run_dir)
     universal = None  # the checkpoint's universal form, when the world size changed
     saved = saved_topology(resume_from) if resume_from is not None else None
-    if saved is not None and saved.world_size != info.world_size:
+    reshaped = saved is not None and saved.world_size != info.world_size
+    if reshaped:
         keep_global_batch(t_cfg, saved, info.world_size)  # the accumulation adapts
         resolved["trainer"].update(global_batch_size=t_cfg.global_batch_size, grad_accum_steps=1)
     ds_config = build_deepspeed_config(
@@ -250,7 +251,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     )
     accum = ds_config["gradient_accumulation_steps"]
     start_deepspeed_comm(is_main=info.is_main)
-    if saved is not None and saved.world_size != info.world_size:
+    if reshaped:
         if info.is_main:
             log.info(
                 "resuming on %d ranks a run saved on %d: global batch %d = %d micro × %d accum × %d ranks",
