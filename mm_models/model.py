@@ -3,6 +3,7 @@ training engine wraps. Architecture only: no optimizer, no distributed code."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -13,7 +14,7 @@ from mm_models.convnets import init_recurrent
 from mm_models.encoders import build_encoder
 from mm_models.fused_objectives import MaskedTextLoss, MatchingLoss
 from mm_models.fusion import build_fusion
-from mm_models.objectives import MODALITIES, Gather, build_contrastive_loss
+from mm_models.objectives import MODALITIES, CachedGradient, Gather, build_contrastive_loss
 
 
 @torch.no_grad()
@@ -191,11 +192,22 @@ class PretrainModel(nn.Module):
             out[m] = None if not bool(present.any()) else e.masked_fill(~present[:, None], float("nan"))
         return out
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: dict, *, embed_only: bool = False, cached: CachedGradient | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The losses of a micro batch. Gradient caching (train.gradcache)
+        calls it twice per micro batch: embed_only=True, under no_grad, gives
+        {"embeds": modality -> B×E, "params": the contrastive loss's own
+        parameters}; then `cached` carries the group's loss and gradients
+        for the second pass, which replays the first pass's random state in
+        the encoders."""
         cfg = self.objective_cfg
-        features = self.model(batch)
+        if embed_only:
+            return {"embeds": self.encode(batch), "params": self.contrastive(None, None, snapshot=True)}
+        with cached.replay() if cached is not None else contextlib.nullcontext():
+            features = self.model(batch)
         masks = {m: batch[f"{m}_mask"] for m in MODALITIES}
-        con = self.contrastive({m: f["embed"] for m, f in features.items()}, masks)
+        con = self.contrastive({m: f["embed"] for m, f in features.items()}, masks, cached=cached)
         contrastive = con.pop("loss")
         out = {"loss/contrastive": contrastive.detach(), "logit_scale": con.pop("logit_scale")}
         out.update({f"loss/contrastive/{pair}": value.detach() for pair, value in con.items()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -16,6 +17,32 @@ from mm_models.config import ObjectiveConfig
 MODALITIES = ("image", "audio", "text")
 PAIRS = tuple(itertools.combinations(MODALITIES, 2))
 _MASKED = -1e9  # finite, so a row with every column masked cannot produce NaN
+
+
+@dataclass
+class CachedGradient:
+    """Gradient caching (GradCache, Gao et al. 2021) for one micro batch of
+    a contrastive group: the group's loss was computed from every micro
+    batch's embeddings (without activations); what the contrastive loss
+    needs to backpropagate it through this micro batch's encoders.
+
+    embeds: modality -> B×E, d(group loss)/d(this micro batch's embeddings,
+        as fp32); params: the loss's own parameter name -> d(group loss)/d(it)
+        (zeros on every micro batch of the group but one); values: the
+        group's losses (detached), reported as this micro batch's; scale:
+        the micro batches in the group (each backward is divided by the
+        accumulation steps, the group's gradient must come out whole);
+        replay: a context manager that puts back the random state of the
+        first pass, entered around the encoders so that dropout and token
+        dropout draw what they drew then (the objectives after the encoders
+        draw from the ongoing stream).
+    """
+
+    embeds: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
+    scale: float
+    replay: Callable[[], contextlib.AbstractContextManager]
 
 
 @dataclass
@@ -71,27 +98,69 @@ class _PairwiseLoss(nn.Module):
         return self.gather.fn(x) if self.gather is not None else x
 
     def row_loss(
-        self, q: torch.Tensor, k_all: torch.Tensor, k_mask: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor
+        self,
+        q: torch.Tensor,
+        k_all: torch.Tensor,
+        k_mask: torch.Tensor,
+        labels: torch.Tensor,
+        scale: torch.Tensor,
+        params: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         """q: B×E local rows; k_all: N×E columns of every rank; k_mask: N bool
-        (valid columns); labels: B (column index of each row's match).
-        Returns B: the loss of each row."""
+        (valid columns); labels: B (column index of each row's match); params:
+        the loss's parameters. Returns B: the loss of each row."""
         raise NotImplementedError
 
-    def forward(self, embeds: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def own_parameters(self) -> dict[str, torch.Tensor]:
+        """The parameters the loss itself learns (temperature, bias), by name."""
+        return dict(self.named_parameters())
+
+    def forward(
+        self,
+        embeds: dict[str, torch.Tensor] | None,
+        masks: dict[str, torch.Tensor] | None,
+        *,
+        cached: CachedGradient | None = None,
+        snapshot: bool = False,
+    ) -> dict[str, torch.Tensor]:
         """embeds: modality -> B×E; masks: modality -> B bool. Returns the
-        mean loss and one loss per pair (zero where no sample has both)."""
+        mean loss and one loss per pair (zero where no sample has both).
+
+        Gradient caching goes through here too, so that a ZeRO-3 engine
+        gathers the loss's own parameters as for any module call:
+        snapshot=True returns a detached copy of those parameters (the
+        first pass, for `loss` over the whole group); with `cached`, the
+        returned "loss" has the group's loss as its value and, as its
+        gradient, the cached one, flowing into this micro batch's embeddings
+        and the loss's parameters."""
+        if snapshot:
+            return {k: p.detach().clone() for k, p in self.own_parameters().items()}
+        if cached is None:
+            return self.loss(embeds, masks, self.own_parameters())
+        own = self.own_parameters()
+        surrogate = sum((_upcast(embeds[m]) * g).sum() for m, g in cached.embeds.items())
+        surrogate = surrogate + sum((own[k].float() * g).sum() for k, g in cached.params.items())
+        surrogate = surrogate * cached.scale
+        out = dict(cached.values)
+        out["loss"] = surrogate - surrogate.detach() + cached.values["loss"]
+        return out
+
+    def loss(
+        self, embeds: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], params: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """forward's arithmetic, with the loss's parameters given (its own,
+        or leaf copies when gradient caching computes a group's loss)."""
         rank, world = (self.gather.rank, self.gather.world_size) if self.gather else (0, 1)
         z = {m: F.normalize(_upcast(e), dim=-1) for m, e in embeds.items()}
         z_all = {m: self._all(v) for m, v in z.items()}
         m_all = {m: self._all(v.to(torch.uint8)).bool() for m, v in masks.items()}
-        scale = self.logit_scale.clamp(max=self.max_log_scale).exp().squeeze(0)
+        scale = params["logit_scale"].clamp(max=self.max_log_scale).exp().squeeze(0)
         b = next(iter(z.values())).shape[0]
         labels = torch.arange(b, device=scale.device) + rank * b
 
         # Zero-weighted term: keeps every encoder and parameter in the graph
         # even when no pair is present, so all ranks reduce the same grads.
-        total = sum(p.sum() for p in self.parameters()) * 0.0 + sum(v.sum() for v in z.values()) * 0.0
+        total = sum(p.sum() for p in params.values()) * 0.0 + sum(v.sum() for v in z.values()) * 0.0
         out: dict[str, torch.Tensor] = {}
         n_pairs = 0
         for a, bm in PAIRS:
@@ -102,8 +171,8 @@ class _PairwiseLoss(nn.Module):
             if n == 0:
                 out[pair_name(a, bm)] = total.detach() * 0.0
                 continue
-            per_row = self.row_loss(z[a], z_all[bm], m_all[bm], labels, scale) + self.row_loss(
-                z[bm], z_all[a], m_all[a], labels, scale
+            per_row = self.row_loss(z[a], z_all[bm], m_all[bm], labels, scale, params) + self.row_loss(
+                z[bm], z_all[a], m_all[a], labels, scale, params
             )
             pair = torch.where(rows, per_row, 0.0).sum() / (2 * n) * world
             out[pair_name(a, bm)] = pair
@@ -118,7 +187,7 @@ class ContrastiveLoss(_PairwiseLoss):
     """Symmetric InfoNCE (CLIP) over every pair of modalities: each row's
     cross-entropy over the valid columns, its match being the target."""
 
-    def row_loss(self, q, k_all, k_mask, labels, scale):
+    def row_loss(self, q, k_all, k_mask, labels, scale, params):
         logits = (scale * q @ k_all.T).masked_fill(~k_mask[None, :], _MASKED)
         return F.cross_entropy(logits, labels, reduction="none")
 
@@ -144,8 +213,8 @@ class SigLIPLoss(_PairwiseLoss):
         super().reset_own_parameters()
         self.bias.fill_(self.bias_init)
 
-    def row_loss(self, q, k_all, k_mask, labels, scale):
-        logits = scale * q @ k_all.T + self.bias.to(q.dtype)
+    def row_loss(self, q, k_all, k_mask, labels, scale, params):
+        logits = scale * q @ k_all.T + params["bias"].to(q.dtype)
         sign = torch.full_like(logits, -1.0)
         sign[torch.arange(q.shape[0], device=q.device), labels] = 1.0
         # where, not a product: a masked entry contributes exactly 0 whatever it holds.

@@ -76,6 +76,15 @@ class TrainerConfig:
     # Set it to fix the global batch whatever the world size; the accumulation
     # steps are then derived (see train.engine.batch_sizes).
     global_batch_size: int = 0
+    # Samples over all ranks that the contrastive losses (InfoNCE, SigLIP) see
+    # together, by gradient caching: each group of contrastive_batch /
+    # (micro × ranks) micro batches is embedded without activations, its loss
+    # and embedding gradients are computed over the whole group, and each
+    # micro batch is run again (same random state) to backpropagate them.
+    # 0: the micro batch × ranks, as without caching. The global batch is a
+    # multiple of it (with neither global_batch_size nor grad_accum_steps set,
+    # it is the global batch).
+    contrastive_batch: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate at the end only
     checkpoint_every: int = 0  # 0: checkpoint at the end only
@@ -339,6 +348,13 @@ def validate(cfg: Config) -> None:
         raise ValueError(
             f"trainer.unmasked_steps={cfg.trainer.unmasked_steps}: give 0 to "
             f"trainer.max_steps ({cfg.trainer.max_steps})"
+        )
+    if cfg.trainer.contrastive_batch < 0:
+        raise ValueError(f"trainer.contrastive_batch={cfg.trainer.contrastive_batch}: give 0 (off) or a sample count")
+    if cfg.trainer.contrastive_batch and cfg.task.name != "pretrain":
+        raise ValueError(
+            f"trainer.contrastive_batch={cfg.trainer.contrastive_batch} is for pretraining's contrastive losses; "
+            f"task={cfg.task.name} has none: leave it at 0"
         )
     from mm_models.encoders import check_token_dropout
 

@@ -129,10 +129,16 @@ def batch_sizes(trainer: TrainerConfig, world_size: int) -> tuple[int, int, int]
     """(micro, accumulation steps, global): global = micro × accum × world size.
 
     The one place the three are related. With trainer.global_batch_size set,
-    the accumulation steps are derived from it; otherwise the global batch is.
+    the accumulation steps are derived from it; otherwise the global batch is
+    (and with trainer.contrastive_batch set and no accumulation asked for, the
+    global batch is one contrastive batch). The global batch is checked to be
+    a whole number of contrastive batches (see contrastive_chunks).
     """
     micro, accum = trainer.micro_batch_size, trainer.grad_accum_steps
     if trainer.global_batch_size <= 0:
+        if trainer.contrastive_batch > 0 and accum == 1:
+            accum = contrastive_chunks(trainer, world_size, accum=None)
+        contrastive_chunks(trainer, world_size, accum=accum)
         return micro, accum, micro * accum * world_size
     per_step = micro * world_size
     derived, remainder = divmod(trainer.global_batch_size, per_step)
@@ -147,7 +153,34 @@ def batch_sizes(trainer: TrainerConfig, world_size: int) -> tuple[int, int, int]
             f"{world_size} ranks needs {derived} accumulation steps, but trainer.grad_accum_steps={accum}; "
             "set one of the two"
         )
+    contrastive_chunks(trainer, world_size, accum=derived)
     return micro, derived, trainer.global_batch_size
+
+
+def contrastive_chunks(trainer: TrainerConfig, world_size: int, *, accum: int | None) -> int:
+    """Micro batches per rank in one contrastive batch (1: no gradient
+    caching). Raises ValueError, naming the numbers and a fix, when
+    trainer.contrastive_batch is not a whole number of micro batches × ranks,
+    or (given the accumulation steps) the global batch not a whole number of
+    contrastive batches."""
+    micro, wanted = trainer.micro_batch_size, trainer.contrastive_batch
+    if wanted <= 0:
+        return 1
+    per_step = micro * world_size
+    chunks, remainder = divmod(wanted, per_step)
+    if remainder or chunks < 1:
+        fits = max(per_step, wanted // per_step * per_step)
+        raise ValueError(
+            f"trainer.contrastive_batch={wanted} is not a multiple of trainer.micro_batch_size={micro} × "
+            f"{world_size} ranks = {per_step}; use trainer.contrastive_batch={fits}"
+        )
+    if accum is not None and accum % chunks:
+        raise ValueError(
+            f"the global batch {micro * accum * world_size} (trainer.micro_batch_size={micro} × {accum} "
+            f"accumulation steps × {world_size} ranks) is not a multiple of trainer.contrastive_batch={wanted}; "
+            f"set trainer.global_batch_size to a multiple of {wanted}"
+        )
+    return chunks
 
 
 def _loss_scaling(ds: DeepSpeedConfig) -> dict:

@@ -29,6 +29,7 @@ from train.engine import (
     build_engine,
     build_model,
     compute_dtype,
+    contrastive_chunks,
     parameter_total,
     start_deepspeed_comm,
 )
@@ -250,6 +251,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
         ds=cfg.deepspeed, trainer=t_cfg, optimizer=cfg.optimizer, world_size=info.world_size
     )
     accum = ds_config["gradient_accumulation_steps"]
+    chunks = contrastive_chunks(t_cfg, info.world_size, accum=accum)  # > 1: gradient caching
     start_deepspeed_comm(is_main=info.is_main)
     if reshaped:
         if info.is_main:
@@ -332,6 +334,12 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
                 if cfg.task.freeze == "encoders"
                 else f"full fine-tuning (lr_decay {cfg.task.lr_decay})",
             )
+        if chunks > 1:
+            log.info(
+                "contrastive batch %d (gradient caching: %d micro batches per rank embedded, then run again)",
+                t_cfg.contrastive_batch,
+                chunks,
+            )
     resumed: dict = {}  # the checkpoint's meta.json, if resuming
     if resume_from is not None:
         resumed, loader_states = load_checkpoint(
@@ -392,7 +400,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
             set_token_dropout(engine.module, False)
             if token_dropout and info.is_main:
                 log.info("step %d: token dropout off for the final %d steps", step + 1, t_cfg.unmasked_steps)
-        losses, wait = train_step(engine, batches, accum=accum, device=device, dtype=dtype)
+        losses, wait = train_step(engine, batches, accum=accum, device=device, dtype=dtype, chunks=chunks)
         window.data_wait += wait
         if losses is None:
             bad_steps += 1

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from train.batch import to_device
+from train.gradcache import cached_forwards
 
 log = logging.getLogger(__name__)
 
@@ -113,33 +114,43 @@ def step_without_update(engine) -> None:
     engine.skipped_steps += 1
 
 
-def train_step(engine, batches, *, accum: int, device, dtype) -> tuple[dict[str, torch.Tensor] | None, float]:
-    """One optimizer step over `accum` micro batches (see the module doc).
-    Returns this rank's mean losses over its good micro batches, as device
-    tensors (None if the step was skipped on every rank), and the seconds
-    spent waiting for data."""
+def train_step(
+    engine, batches, *, accum: int, device, dtype, chunks: int = 1
+) -> tuple[dict[str, torch.Tensor] | None, float]:
+    """One optimizer step over `accum` micro batches (see the module doc);
+    with chunks > 1, the contrastive losses see groups of `chunks` micro
+    batches by gradient caching (train.gradcache). Returns this rank's mean
+    losses over its good micro batches, as device tensors (None if the step
+    was skipped on every rank), and the seconds spent waiting for data."""
     guard = NonFiniteGuard.of(engine)
     guard.active = accum > 1
     sums: dict[str, torch.Tensor] = {}
     bad = torch.zeros((), dtype=torch.int32, device=device)
-    data_wait = 0.0
-    for micro in range(accum):
+    waited = [0.0]
+
+    def next_batch() -> dict:
         t0 = time.perf_counter()
         batch = to_device(next(batches), device=device, dtype=dtype)
-        data_wait += time.perf_counter() - t0
-        out = engine(batch)
+        waited[0] += time.perf_counter() - t0
+        return batch
+
+    if chunks > 1:
+        outputs = cached_forwards(engine, next_batch, accum=accum, chunks=chunks)
+    else:
+        outputs = (engine(next_batch()) for _ in range(accum))
+    for micro, out in enumerate(outputs):
         finite = torch.isfinite(out["loss"].detach())
         bad += ~finite
         if micro == accum - 1:
             n_bad = bad_micro_batches(bad)
             world = dist.get_world_size() if dist.is_initialized() else 1
             if accum == 1 and n_bad:
-                return None, data_wait  # any rank bad: skipped whole, before any backward
+                return None, waited[0]  # any rank bad: skipped whole, before any backward
             if n_bad == accum * world:
                 guard.allow(finite)
                 engine.backward(out["loss"])  # zeroed by the hooks: the accumulation ends cleanly
                 step_without_update(engine)
-                return None, data_wait
+                return None, waited[0]
             if n_bad:
                 log.warning(
                     "%d of %d micro batches (over all ranks) had a non-finite loss: dropped from this step",
@@ -153,7 +164,7 @@ def train_step(engine, batches, *, accum: int, device, dtype) -> tuple[dict[str,
             v = v.detach().float()
             sums[k] = sums.get(k, 0.0) + torch.where(finite, v, torch.zeros_like(v))
     good = (accum - bad).clamp(min=1).float()
-    return {k: v / good for k, v in sums.items()}, data_wait
+    return {k: v / good for k, v in sums.items()}, waited[0]
 
 
 def read_losses(losses: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from train.config import TrainerConfig
 from train.distributed import barrier
+from train.engine import batch_sizes
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,9 @@ def check_resume(trainer: TrainerConfig, step_dir: Path | None, world_size: int)
         return
     saved = saved_topology(step_dir)
     if saved.world_size != world_size:
-        keep_global_batch(dataclasses.replace(trainer), saved, world_size)
+        adapted = dataclasses.replace(trainer)
+        keep_global_batch(adapted, saved, world_size)
+        batch_sizes(adapted, world_size)  # the contrastive batch too, on the new ranks
 
 
 def partitioned(step_dir: Path) -> bool:
