@@ -31,7 +31,14 @@ from mm_models import PretrainModel
 from train.checkpoint import save_checkpoint
 from train.config import Config, compose, validate
 from train.distributed import feature_gather, init_distributed
-from train.engine import build_deepspeed_config, build_engine, build_model, compute_dtype, parameter_total
+from train.engine import (
+    build_deepspeed_config,
+    build_engine,
+    build_model,
+    compute_dtype,
+    contrastive_chunks,
+    parameter_total,
+)
 from train.evaluate import embed_split
 from train.loop import seed_everything
 from train.step import train_step
@@ -142,14 +149,14 @@ def main(out: Path, overrides: list[str]) -> None:
         return h.hexdigest()
 
     batches = poisoned()
+    accum = ds_config["gradient_accumulation_steps"]
+    chunks = contrastive_chunks(t_cfg, info.world_size, accum=accum)  # gradient caching when > 1
     syncs = HostSyncs() if os.environ.get("PROBE_COUNT_SYNCS") else None
     losses, state_digests, syncs_per_step = [], [], []
     for step in range(1, t_cfg.max_steps + 1):
         current["step"] = step
         before = syncs.count if syncs else 0
-        step_losses, _ = train_step(
-            engine, batches, accum=ds_config["gradient_accumulation_steps"], device=engine.device, dtype=dtype
-        )
+        step_losses, _ = train_step(engine, batches, accum=accum, device=engine.device, dtype=dtype, chunks=chunks)
         syncs_per_step.append(syncs.count - before if syncs else None)
         state_digests.append(state_digest())
         if step_losses is None:

@@ -193,18 +193,23 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank(demo_shards, tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("micro", [0, 1])
-def test_a_nan_inside_an_accumulation_keeps_every_count_in_step(demo_shards, tmp_path, micro):
+@pytest.mark.parametrize(("micro", "cached"), [(0, False), (1, False), (2, True)], ids=["first", "second", "gradcache"])
+def test_a_nan_inside_an_accumulation_keeps_every_count_in_step(demo_shards, tmp_path, micro, cached):
     """Accumulation 2, a NaN on rank 1 in micro batch `micro` of step 2: the
     bad micro batch contributes nothing (its gradients are zeroed on the
     device) and the step completes from the good ones. DeepSpeed's
-    optimizer steps equal the loop's, and both replicas hold the same weights."""
+    optimizer steps equal the loop's, and both replicas hold the same weights.
+    gradcache: accumulation 4 in two contrastive groups of 2 micro batches;
+    the NaN in the second group's first micro batch makes that group's loss
+    NaN on every rank, so both its micro batches drop on both ranks and the
+    step completes from the first group."""
+    accum = ["trainer.grad_accum_steps=4", "trainer.micro_batch_size=8", "trainer.contrastive_batch=32"]
     report = _probe(
         tmp_path / "probe",
         demo_shards,
         "deepspeed=zero2",
         "trainer.max_steps=4",
-        "trainer.grad_accum_steps=2",
+        *(accum if cached else ["trainer.grad_accum_steps=2"]),
         PROBE_NAN_RANK="1",
         PROBE_NAN_STEP="2",
         PROBE_NAN_MICRO=str(micro),

@@ -61,9 +61,13 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-@pytest.mark.parametrize("accum", [1, 2], ids=["accum1", "accum2"])
-def test_resume_continues_exactly(demo_shards, tmp_path, accum):
+@pytest.mark.parametrize(("accum", "contrastive"), [(1, 0), (2, 32)], ids=["accum1", "accum2_gradcache"])
+def test_resume_continues_exactly(demo_shards, tmp_path, accum, contrastive):
+    """accum2_gradcache: 2 micro batches of 8 per rank, the contrastive loss
+    over all 32 samples of the step by gradient caching (the second passes'
+    dropout-free replay and the accumulation resume exactly too)."""
     extra = [f"trainer.grad_accum_steps={accum}", f"trainer.micro_batch_size={16 // accum}"]
+    extra.append(f"trainer.contrastive_batch={contrastive}")
     straight = tmp_path / "straight"
     straight.mkdir()
     first = _train(straight, demo_shards, *extra)
@@ -74,8 +78,12 @@ def test_resume_continues_exactly(demo_shards, tmp_path, accum):
 
     second = _train(stopped, demo_shards, *extra)
     assert "resumed from" in second.stdout + second.stderr
+    cached = "contrastive batch 32 (gradient caching: 2 micro batches per rank" in first.stdout + first.stderr
+    assert cached == bool(contrastive)
 
     a, b = _losses(straight), _losses(stopped)
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["perf/data_wait_frac"] < 1 for r in rows if "train/loss" in r)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]  # bitwise: same batches, same state
     assert first.stdout.strip().splitlines()[-1] == second.stdout.strip().splitlines()[-1]
