@@ -22,8 +22,9 @@ Each run's training time is read from its own logged throughput.
     python benchmarks/contrastive_quality.py [--micro-batch 16] [--steps 150]
 
 The last line of output is JSON: {"without": {...}, "cached": {...}} with
-each run's steps, training seconds, mean held-out R@1 over the three pairs
-and zero-shot top-1 for images and audio.
+each run's steps, training seconds, held-out R@1, R@5 and R@10 (each the
+mean over the three pairs; R@1 per pair too) and zero-shot top-1 for images
+and audio.
 """
 
 from __future__ import annotations
@@ -60,13 +61,17 @@ def train(out: Path, steps: int, args, *extra: str) -> dict:
         seconds += (step - last) * global_batch / sps
         last = step
     (out / "final.json").write_text(json.dumps(final) + "\n")
-    r1 = [pair["R@1"] for pair in final["heldout"].values()]
+
+    def mean(key: str) -> float:
+        values = [pair[key] for pair in final["heldout"].values()]
+        return round(sum(values) / len(values), 4)
+
     return {
         "steps": steps,
         "train_seconds": round(seconds, 1),
         "samples_per_s": round(steps * global_batch / seconds, 2),
         "median_window_samples_per_s": sorted(sps for _, sps in logged)[len(logged) // 2],
-        "mean_R@1": round(sum(r1) / len(r1), 4),
+        **{f"mean_{k}": mean(k) for k in ("R@1", "R@5", "R@10")},
         "R@1": {p: v["R@1"] for p, v in final["heldout"].items()},
         "zero_shot_top1": {m: final["zero_shot"][m]["top1"] for m in ("image", "audio")},
     }
