@@ -1,5 +1,8 @@
 """One optimizer step: `accum` micro batches, forward and backward, and one
-decision per step about non-finite losses.
+decision per step about non-finite losses. With trainer.contrastive_batch,
+the micro batches' forwards come from train.gradcache (a first pass per
+group, then the second passes that backpropagate); everything below applies
+to the second passes unchanged.
 
 The host does not wait on the device inside an accumulation: there is no
 `.item()` and no collective per micro batch. Losses stay tensors (read when
