@@ -19,7 +19,7 @@ the baseline's training seconds × that rate ÷ the global batch.
 Each run's training time is read from its own logged throughput.
 
     make demo-data                  # the demo corpus, once
-    python benchmarks/contrastive_quality.py [--micro-batch 16] [--steps 150]
+    python benchmarks/contrastive_quality.py [--micro-batch 16] [--steps 150] [--seed 0]
 
 The last line of output is JSON: {"without": {...}, "cached": {...}} with
 each run's steps, training seconds, held-out R@1, R@5 and R@10 (each the
@@ -47,7 +47,8 @@ def train(out: Path, steps: int, args, *extra: str) -> dict:
            f"data.heldout={args.data / 'heldout'}", f"trainer.max_steps={steps}",
            f"trainer.micro_batch_size={args.micro_batch}", f"trainer.grad_accum_steps={args.accum}",
            f"trainer.log_every={max(1, steps // 10)}", "optimizer.warmup_steps=" + str(max(1, steps // 10)),
-           "logger.mode=disabled", "trainer.export=false", f"hydra.run.dir={out}", *extra]  # fmt: skip
+           "logger.mode=disabled", "trainer.export=false", f"hydra.run.dir={out}",
+           f"trainer.seed={args.seed}", f"data.seed={args.seed}", *extra]  # fmt: skip
     print(" ".join(cmd[3:]), file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=16, help="per rank: the memory batch")
     parser.add_argument("--accum", type=int, default=8, help="micro batches per rank per step")
     parser.add_argument("--steps", type=int, default=150, help="steps of the run without caching")
+    parser.add_argument("--seed", type=int, default=0, help="trainer.seed and data.seed of both runs")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "contrastive_quality")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
@@ -93,7 +95,8 @@ def main() -> None:
     rate = probe["median_window_samples_per_s"]
     steps = max(1, round(without["train_seconds"] * rate / (args.micro_batch * RANKS * args.accum)))
     cached = train(args.out / "cached", steps, args, contrastive)
-    print(json.dumps({"without": without, "cached": cached, "micro_batch": args.micro_batch, "accum": args.accum}))
+    print(json.dumps({"without": without, "cached": cached, "micro_batch": args.micro_batch, "accum": args.accum,
+                      "seed": args.seed}))  # fmt: skip
 
 
 if __name__ == "__main__":
