@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from data_pipeline import build_loader
 from mm_models import PretrainModel
 from tests.conftest import REPO, clean_env, venv_bin
+from tests.gradcache_probe import split
 from train.config import TrainerConfig, compose
 from train.engine import batch_sizes, contrastive_chunks
 from train.gradcache import cached_forwards
@@ -88,11 +89,6 @@ def _batch(demo_shards, n: int) -> dict:
     return next(iter(build_loader(cfg.data, split="train", batch_size=n)))
 
 
-def _chunks(batch: dict, parts: int) -> list[dict]:
-    rows = len(batch["__key__"]) // parts
-    return [{k: v[i * rows : (i + 1) * rows] for k, v in batch.items()} for i in range(parts)]
-
-
 def _cached_step(model, batches: list[dict]) -> float:
     """cached_forwards over `batches` (one group), each backward divided by
     the micro batches as DeepSpeed's accumulation does; returns the loss."""
@@ -116,7 +112,7 @@ def test_gradient_caching_gives_the_whole_batch_gradient(demo_shards, objective)
     out["loss"].backward()
     reference = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    loss = _cached_step(model, _chunks(whole, 4))
+    loss = _cached_step(model, split(whole, 4))
     assert loss == pytest.approx(out["loss"].item(), rel=1e-6)
     got = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == reference.keys() and "contrastive.logit_scale" in got
@@ -130,7 +126,7 @@ def test_matching_and_masked_text_still_train_per_micro_batch(demo_shards):
     masked-text losses: every parameter (fusion and heads too) gets a finite
     gradient, and the losses are reported."""
     model = _model("objective=matching_mtm", "fusion=attention")
-    outs = cached_forwards(_Plain(model), iter(_chunks(_batch(demo_shards, 16), 2)).__next__, accum=2, chunks=2)
+    outs = cached_forwards(_Plain(model), iter(split(_batch(demo_shards, 16), 2)).__next__, accum=2, chunks=2)
     for out in outs:
         assert {"loss/matching", "loss/masked_text", "loss/contrastive"} <= out.keys()
         (out["loss"] / 2).backward()
@@ -145,7 +141,7 @@ def test_the_replay_repeats_dropout_and_token_dropout(demo_shards):
     model.model.register_forward_hook(
         lambda m, i, out: seen[torch.is_grad_enabled()].append(out["image"]["embed"].detach().clone())
     )
-    batches = _chunks(_batch(demo_shards, 16), 2)
+    batches = split(_batch(demo_shards, 16), 2)
     _cached_step(model, batches)
     assert len(seen[False]) == len(seen[True]) == 2
     assert all(torch.equal(a, b) for a, b in zip(seen[False], seen[True]))

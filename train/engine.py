@@ -137,8 +137,9 @@ def batch_sizes(trainer: TrainerConfig, world_size: int) -> tuple[int, int, int]
     micro, accum = trainer.micro_batch_size, trainer.grad_accum_steps
     if trainer.global_batch_size <= 0:
         if trainer.contrastive_batch > 0 and accum == 1:
-            accum = contrastive_chunks(trainer, world_size, accum=None)
-        contrastive_chunks(trainer, world_size, accum=accum)
+            accum = contrastive_chunks(trainer, world_size, accum=None)  # one contrastive batch
+        else:
+            contrastive_chunks(trainer, world_size, accum=accum)
         return micro, accum, micro * accum * world_size
     per_step = micro * world_size
     derived, remainder = divmod(trainer.global_batch_size, per_step)
