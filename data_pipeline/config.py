@@ -55,6 +55,12 @@ class DataConfig:
     # Untrusted shards: a tar member larger than this is never read into
     # memory; its sample is a counted skip (data/skipped/oversized_member).
     max_member_bytes: int = 256 << 20
+    # Remote shards (s3://, gs://, az://, http(s)://) are kept in this local
+    # directory, one per node, and read from there by every rank, worker and
+    # epoch; "" (the default) reads them remotely each time. Bounded by
+    # cache_max_gb: the least recently read shards are deleted beyond it.
+    cache_dir: str = ""
+    cache_max_gb: float = 50.0
     # "byte" (no training needed) or the path of a tokenizer JSON.
     tokenizer: str = "byte"
 

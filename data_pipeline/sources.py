@@ -28,6 +28,8 @@ from typing import IO, Iterator
 
 from braceexpand import braceexpand
 
+from data_pipeline.cache import ShardCache
+
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
@@ -347,11 +349,18 @@ def _samples(tar: tarfile.TarFile, url: str, *, max_member_bytes: int = DEFAULT_
 
 
 def read_shard(
-    url: str, *, size: int, skip: int = 0, take: int | None = None, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    url: str,
+    *,
+    size: int,
+    skip: int = 0,
+    take: int | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    cache: ShardCache | None = None,
 ) -> Iterator[dict | Skip]:
     """Yields exactly `take` items (default: size - skip), samples skip.. of the
     shard: raw sample dicts, or Skip where the shard is short or broken or a
-    sample holds a member over max_member_bytes.
+    sample holds a member over max_member_bytes. A remote shard is read
+    through `cache` (data.cache_dir) when one is given.
 
     Skipped leading samples are read past, not decoded.
     """
@@ -361,7 +370,8 @@ def read_shard(
     produced = 0
     position = 0
     try:
-        with open_url(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        cached = cache is not None and url.startswith(_REMOTE)
+        with cache.open(url, open_url) if cached else open_url(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for sample in _samples(tar, url, max_member_bytes=max_member_bytes):
                 if position >= skip:
                     oversized = sample.get("__oversized__")

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from data_pipeline.cache import from_config as cache_from_config
 from data_pipeline.config import DataConfig
 from data_pipeline.decode import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, decode_audio, decode_image, first_present
 from data_pipeline.labels import LabelError, LabelSpec
@@ -183,6 +184,7 @@ class BatchStream:
         self.pool, self.generation = pool, generation
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.mode, self.epoch, self.start_batch, self.shuffle = mode, epoch, start_batch, shuffle
+        self.cache = cache_from_config(cfg.cache_dir, cfg.cache_max_gb)
 
     # -- epoch mode -----------------------------------------------------
     def _epoch_batches(self, worker: int, num_workers: int) -> Iterator[dict]:
@@ -221,6 +223,7 @@ class BatchStream:
                     skip=first,
                     take=end - first,
                     max_member_bytes=self.cfg.max_member_bytes,
+                    cache=self.cache,
                 )
                 j = 0
                 for at, item in enumerate(items, start=first):
@@ -252,7 +255,9 @@ class BatchStream:
             if start >= size:
                 start -= size
                 continue
-            yield from read_shard(src.urls[shard], size=size, skip=start, max_member_bytes=self.cfg.max_member_bytes)
+            yield from read_shard(
+                src.urls[shard], size=size, skip=start, max_member_bytes=self.cfg.max_member_bytes, cache=self.cache
+            )
             start = 0
 
     def _choices(self, worker: int) -> Iterator[int]:

@@ -158,3 +158,34 @@ def test_training_from_the_bucket_on_two_ranks(bucket, s3, tmp_path):
     for path in run.rglob("*"):
         if path.is_file() and path.stat().st_size < 50 << 20:
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_a_node_cache_keeps_the_shards_and_later_epochs_read_them_from_disk(bucket, tmp_path):
+    """data.cache_dir: a loader with 2 workers reads s3:// shards once into the
+    cache; with the objects then deleted from the bucket, a new loader on the
+    same cache streams the same samples, so they come from the cache."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    for name in ("index.json", *(f"shard-{i:06d}.tar" for i in range(3))):
+        fs.copy(f"shards/train/{name}", f"shards/cached/{name}")
+    cache = tmp_path / "cache"
+
+    def batches(train: str) -> list[dict]:
+        cfg = DataConfig(
+            train=train, heldout=train, num_workers=2, image_size=32, n_mels=32, audio_frames=32, cache_dir=str(cache)
+        )
+        return [batch for _, batch in zip(range(6), build_loader(cfg, split="train", batch_size=16))]  # one epoch
+
+    shards = "s3://shards/cached/shard-{000000..000002}.tar"  # named, not listed: the bucket loses them below
+    first = batches(shards)
+    assert len(list(cache.iterdir())) == len(list(cache.glob("*.tar"))) == 3  # no temporary file left behind
+    assert sum(p.stat().st_size for p in cache.glob("*.tar")) == sum(
+        (bucket["train"] / f"shard-{i:06d}.tar").stat().st_size for i in range(3)
+    )
+    fs.rm([f"shards/cached/shard-{i:06d}.tar" for i in range(3)])  # the index stays: the loader lists it
+    second = batches(shards)
+    assert [b["__key__"] for b in second] == [b["__key__"] for b in first]
+    for a, b in zip(first, second):
+        for k in ("image", "audio", "text"):
+            assert (a[k] == b[k]).all()

@@ -397,6 +397,8 @@ def validate(cfg: Config) -> None:
     from data_pipeline.config import worker_count
 
     worker_count(cfg.data.num_workers)  # "auto" or an integer >= 0, else an error naming the key
+    if cfg.data.cache_dir and not cfg.data.cache_max_gb > 0:
+        raise ValueError(f"data.cache_max_gb must be positive with data.cache_dir set, got {cfg.data.cache_max_gb}")
     if cfg.trainer.global_batch_size < 0:
         raise ValueError(
             f"trainer.global_batch_size must be 0 (derived) or positive, got {cfg.trainer.global_batch_size}"
