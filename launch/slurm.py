@@ -14,7 +14,7 @@ Renders an sbatch script and submits it (or prints it, with --dry-run):
   agree on a step, checkpoint and stop (train.signals); the script then
   requeues the job, which resumes into the same run and W&B run.
 - Fewer nodes after a requeue: with --min-nodes M, the job may be resized
-  while it waits (`scontrol update JobId=ID NumNodes=K`, M <= K <= --nodes),
+  while it waits (`scontrol update JobId=ID NumNodes=K NumTasks=K`, M <= K <= --nodes),
   for example when a node fails or is drained. The overrides are checked for
   every K, the global batch is fixed (trainer.global_batch_size, at its
   value on --nodes nodes unless given), and the run resumes on K nodes with
@@ -150,7 +150,10 @@ def render(job: SlurmJob) -> str:
         backend = ["# CPU: gloo. Set GLOO_SOCKET_IFNAME if the nodes' default interface cannot reach each other."]
     if job.cpus_per_task:
         backend.append(f"export OMP_NUM_THREADS={max(1, job.cpus_per_task // job.nproc_per_node)}")
-    srun = ["srun", "--kill-on-bad-exit=1"]
+    # One torchrun per node of this allocation, said outright: a job resized while it waited
+    # (NumNodes=K) still carries the task count of its submission in its environment.
+    srun = ["srun", "--kill-on-bad-exit=1", "--nodes=$SLURM_JOB_NUM_NODES", "--ntasks=$SLURM_JOB_NUM_NODES",
+            "--ntasks-per-node=1"]  # fmt: skip
     if job.cpus_per_task:
         srun.append(f"--cpus-per-task={job.cpus_per_task}")
     # One line each: launcher, topology, rendezvous, trainer. $-variables are for the shell.
@@ -258,7 +261,8 @@ def parse_args(argv: list[str]) -> tuple[SlurmJob, bool]:
         "--min-nodes",
         type=int,
         default=None,
-        help="the job may be resized down to this many nodes while it waits (scontrol update JobId=ID NumNodes=K) "
+        help="the job may be resized down to this many nodes while it waits "
+        "(scontrol update JobId=ID NumNodes=K NumTasks=K) "
         "and resume there; the global batch stays fixed",
     )
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one process each (0: CPU)")

@@ -151,14 +151,15 @@ def cluster():
         subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
 
 
-def _submit(cwd: Path, overrides: list[str], *, name: str) -> tuple[str, Path, Path]:
-    """Submits through `python -m launch.slurm --nodes 2`; returns (job id, run dir, log)."""
+def _submit(cwd: Path, overrides: list[str], *, name: str, launcher: tuple[str, ...] = ()) -> tuple[str, Path, Path]:
+    """Submits through `python -m launch.slurm --nodes 2 [launcher]`; returns (job id, run dir, log)."""
     cmd = [
         python(),
         "-m",
         "launch.slurm",
         "--nodes",
         "2",
+        *launcher,
         "--job-name",
         name,
         "--output-dir",
@@ -304,6 +305,64 @@ def test_preemption_warning_checkpoints_requeues_and_the_job_resumes_to_the_end(
         assert seen == expected, (
             f"epoch {epoch}: {len(seen)} distinct of {len(expected)}, max count {max(seen.values())}"
         )
+
+
+@pytest.mark.slurm
+@pytest.mark.integration
+def test_a_job_requeued_onto_one_node_resumes_there_and_finishes(cluster, demo_shards, tmp_path):
+    """--nodes 2 --min-nodes 1: node n2 is drained and the job preempted; the
+    requeued job, resized to 1 node while it waits, starts on n1, resumes
+    the 2-rank checkpoint on 1 rank (universal checkpoint, accumulation 2
+    for the same global batch) and finishes, every sample of each epoch read
+    once across the change."""
+    steps, per_epoch = 16, 8  # the change falls in epoch 0; epoch 1 is read on one node
+    overrides = _overrides(
+        demo_shards, f"trainer.max_steps={steps}", "trainer.log_samples=true", "logger.mode=disabled"
+    )
+    job_id, run_dir, log = _submit(tmp_path, overrides, name="shrunk", launcher=("--min-nodes", "1"))
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        _wait(
+            lambda: metrics.exists() and metrics.read_text().count('"train/loss":') >= 2,
+            timeout=600,
+            what="step 2",
+            log=log,
+        )
+        # n2 leaves (its running job goes on), then the job is preempted and requeues itself.
+        subprocess.run(["scontrol", "update", "NodeName=n2", "State=DRAIN", "Reason=test_slurm"], check=True)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+        _wait(
+            lambda: (lambda j: j.get("JobState") == "PENDING" and j.get("Restarts") == "1")(_job(job_id)),
+            timeout=600,
+            what="the job to be requeued",
+            log=log,
+        )
+        # What a user (or a cluster's own tooling) does with a job that can no longer get 2 nodes.
+        # One task per node (--ntasks-per-node=1): the task count follows the node count.
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1"], check=True)
+        job = _wait_done(job_id, log)
+    finally:
+        subprocess.run(["scancel", job_id])
+        subprocess.run(["scontrol", "update", "NodeName=n2", "State=RESUME"], capture_output=True)
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text[-5000:]
+    assert job["NodeList"] == "n1" and job["NumNodes"] == "1", job
+    assert f"job {job_id} (requeued 1 times) on n1:" in text
+    stopped_at = int(text.split("stopped by a signal after step ")[1].split(";")[0])
+    assert 2 <= stopped_at < per_epoch
+    assert "resuming on 1 ranks a run saved on 2: global batch 32 = 16 micro × 2 accum × 1 ranks" in text
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:06d}" / "universal").is_dir()
+
+    steps_logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train/loss" in line]
+    assert steps_logged == list(range(1, steps + 1))
+    expected = _train_keys(demo_shards["train"])
+    logs = read_sample_logs(run_dir)
+    assert sorted(logs) == [0, 1]
+    for epoch in (0, 1):
+        seen = Counter(k for records in logs.values() for r in records if r["epoch"] == epoch for k in r["keys"])
+        assert seen == expected, f"epoch {epoch}: {len(seen)} distinct of {len(expected)}, max {max(seen.values())}"
+    # Rank 1 read nothing after the change: epoch 1 came from rank 0 alone.
+    assert all(r["epoch"] == 0 for r in logs[1])
 
 
 @pytest.mark.slurm
