@@ -71,19 +71,28 @@ def collate(
     return batch
 
 
-def _specs(cfg: DataConfig, split: str) -> list[tuple[str, float]]:
+def source_specs(cfg: DataConfig, split: str) -> list[tuple[str, str, float]]:
+    """(config key, shard pattern, weight) of each source of a split."""
     if split == "heldout":
-        return [(cfg.heldout, 1.0)]
+        return [("data.heldout", cfg.heldout, 1.0)]
     if cfg.sources:
-        return [(s.url, s.weight) for s in cfg.sources]
-    return [(cfg.train, 1.0)]
+        return [(f"data.sources[{i}]", s.url, s.weight) for i, s in enumerate(cfg.sources)]
+    return [("data.train", cfg.train, 1.0)]
+
+
+def check_spec(key: str, spec: str, weight: float) -> None:
+    """A ValueError naming the key for an empty pattern or a weight <= 0."""
+    if not spec.strip():
+        raise ValueError(f"{key} is empty: give a shard directory, glob or brace pattern")
+    if weight <= 0:
+        raise ValueError(f"{key}: data source {spec!r} has weight {weight}; weights must be positive")
 
 
 def shard_size_table(cfg: DataConfig, split: str) -> dict[str, int]:
     """{shard URL: samples} for every shard of a split: what one rank reads
     (index.json, or a scan) and hands to the others (build_loader's sizes=)."""
     table: dict[str, int] = {}
-    for spec, _ in _specs(cfg, split):
+    for _, spec, _ in source_specs(cfg, split):
         if spec.strip():
             urls = expand_shards(spec, allow_pipe=cfg.allow_pipe)
             table.update(zip(urls, shard_sizes(urls)))
@@ -91,14 +100,9 @@ def shard_size_table(cfg: DataConfig, split: str) -> dict[str, int]:
 
 
 def _sources(cfg: DataConfig, split: str, known: dict[str, int] | None = None) -> list[Source]:
-    specs = _specs(cfg, split)
     out = []
-    for spec, weight in specs:
-        if not spec.strip():
-            which = "data.heldout" if split == "heldout" else "data.train (or data.sources)"
-            raise ValueError(f"{which} is empty: give a shard directory, glob or brace pattern")
-        if weight <= 0:
-            raise ValueError(f"data source {spec!r} has weight {weight}; weights must be positive")
+    for key, spec, weight in source_specs(cfg, split):
+        check_spec(key, spec, weight)
         urls = expand_shards(spec, allow_pipe=cfg.allow_pipe)
         sizes = [known[u] for u in urls] if known and all(u in known for u in urls) else shard_sizes(urls)
         if sum(sizes) == 0:

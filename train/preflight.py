@@ -63,19 +63,15 @@ def _check(cfg: Config, *, world_size: int, cuda: bool, run_dir: Path | None) ->
 def check_shards(cfg: Config) -> None:
     """Every shard pattern names shards (local patterns match files; remote
     ones expand); nothing is downloaded or read."""
+    from data_pipeline.loader import check_spec, source_specs
     from data_pipeline.sources import expand_shards
 
     data = cfg.data
-    specs = [("data.heldout", data.heldout, 1.0)]
-    if data.sources:
-        specs += [(f"data.sources[{i}]", s.url, s.weight) for i, s in enumerate(data.sources)]
-    else:
-        specs += [("data.train", data.train, 1.0)]
-    for key, spec, weight in specs:
-        if not spec.strip():
-            raise StartError(f"{key} is empty: give a shard directory, glob or brace pattern")
-        if weight <= 0:
-            raise StartError(f"{key}: data source {spec!r} has weight {weight}; weights must be positive")
+    for key, spec, weight in source_specs(data, "heldout") + source_specs(data, "train"):
+        try:
+            check_spec(key, spec, weight)
+        except ValueError as e:
+            raise StartError(str(e)) from None
         try:
             expand_shards(spec, allow_pipe=data.allow_pipe)
         except (ValueError, OSError) as e:
