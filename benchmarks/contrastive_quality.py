@@ -13,15 +13,20 @@ recipe otherwise (experiment=demo):
 
 The run without caching takes --steps steps. Caching costs a forward pass
 per micro batch, so the cached run gets the steps that fit in the same
-training time: a short calibration run measures its samples/s (the median
-of its log windows, so that start-up does not count), and its step count is
-the baseline's training seconds × that rate ÷ the global batch.
-Each run's training time is read from its own logged throughput.
+training time. This machine's speed drifts by tens of percent from one
+minute to the next, and a run's first steps are slower than the rest, so
+the step count is found in two rounds: a short cached calibration run
+(--calibration-steps, its first log window dropped) gives a first count
+from the baseline's measured training time, and if the cached run then
+takes more than 3% longer or shorter than the baseline, it runs again with
+its count scaled by the time it missed by. Each run's training time is
+read from its own logged throughput, and their ratio is reported.
 
     make demo-data                  # the demo corpus, once
     python benchmarks/contrastive_quality.py [--micro-batch 16] [--steps 150] [--seed 0]
 
-The last line of output is JSON: {"without": {...}, "cached": {...}} with
+The last line of output is JSON: {"without": {...}, "cached": {...},
+"time_ratio": ...} with
 each run's steps, training seconds, held-out R@1, R@5 and R@10 (each the
 mean over the three pairs; R@1 per pair too) and zero-shot top-1 for images
 and audio.
@@ -31,17 +36,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from statistics import median
 
 REPO = Path(__file__).resolve().parents[1]
 RANKS = 2
+TIME_TOLERANCE = 0.03  # the cached run's training time within 3% of the baseline's
 
 
-def train(out: Path, steps: int, args, *extra: str) -> dict:
+def train(out: Path, steps: int, args, *extra: str, skip_first: bool = False) -> dict:
     """A demo pretraining run; returns its final results and training seconds."""
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume of an earlier one
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={RANKS}",
            "-m", "train", "experiment=demo", f"data.train={args.data / 'train'}",
            f"data.heldout={args.data / 'heldout'}", f"trainer.max_steps={steps}",
@@ -71,7 +81,7 @@ def train(out: Path, steps: int, args, *extra: str) -> dict:
         "steps": steps,
         "train_seconds": round(seconds, 1),
         "samples_per_s": round(steps * global_batch / seconds, 2),
-        "median_window_samples_per_s": sorted(sps for _, sps in logged)[len(logged) // 2],
+        "median_window_samples_per_s": median([sps for _, sps in logged[1 if skip_first else 0 :]]),
         **{f"mean_{k}": mean(k) for k in ("R@1", "R@5", "R@10")},
         "R@1": {p: v["R@1"] for p, v in final["heldout"].items()},
         "zero_shot_top1": {m: final["zero_shot"][m]["top1"] for m in ("image", "audio")},
@@ -84,19 +94,24 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=16, help="per rank: the memory batch")
     parser.add_argument("--accum", type=int, default=8, help="micro batches per rank per step")
     parser.add_argument("--steps", type=int, default=150, help="steps of the run without caching")
+    parser.add_argument("--calibration-steps", type=int, default=30, help="steps of the cached calibration run")
     parser.add_argument("--seed", type=int, default=0, help="trainer.seed and data.seed of both runs")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "contrastive_quality")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
         sys.exit(f"no demo corpus at {args.data}: run `make demo-data` first")
     contrastive = f"trainer.contrastive_batch={args.micro_batch * RANKS * args.accum}"
+    global_batch = args.micro_batch * RANKS * args.accum
     without = train(args.out / "without", args.steps, args)
-    probe = train(args.out / "calibrate", 10, args, contrastive)
-    rate = probe["median_window_samples_per_s"]
-    steps = max(1, round(without["train_seconds"] * rate / (args.micro_batch * RANKS * args.accum)))
+    probe = train(args.out / "calibrate", args.calibration_steps, args, contrastive, skip_first=True)
+    steps = max(1, math.floor(without["train_seconds"] * probe["median_window_samples_per_s"] / global_batch))
     cached = train(args.out / "cached", steps, args, contrastive)
+    if abs(cached["train_seconds"] / without["train_seconds"] - 1) > TIME_TOLERANCE:
+        steps = max(1, math.floor(steps * without["train_seconds"] / cached["train_seconds"]))
+        cached = train(args.out / "cached_again", steps, args, contrastive)
     print(json.dumps({"without": without, "cached": cached, "micro_batch": args.micro_batch, "accum": args.accum,
-                      "seed": args.seed}))  # fmt: skip
+                      "seed": args.seed,
+                      "time_ratio": round(cached["train_seconds"] / without["train_seconds"], 3)}))  # fmt: skip
 
 
 if __name__ == "__main__":

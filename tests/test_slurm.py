@@ -197,6 +197,17 @@ def _wait_done(job_id: str, log: Path, timeout: float = 600) -> dict[str, str]:
     return _job(job_id)
 
 
+def _wait_for_step(step: int, metrics: Path, log: Path) -> None:
+    """Until the run has logged `step` training steps."""
+    # Counts '"train/loss":' (not its per-objective sub-keys); a line still being written counts at most once.
+    _wait(
+        lambda: metrics.exists() and metrics.read_text().count('"train/loss":') >= step,
+        timeout=600,
+        what=f"step {step}",
+        log=log,
+    )
+
+
 def _losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
@@ -256,13 +267,7 @@ def test_preemption_warning_checkpoints_requeues_and_the_job_resumes_to_the_end(
     job_id, run_dir, log = _submit(tmp_path, overrides, name="preempted")
     metrics = run_dir / "metrics.jsonl"
     try:
-        # Counts '"train/loss":' (not its per-objective sub-keys); a line still being written counts at most once.
-        _wait(
-            lambda: metrics.exists() and metrics.read_text().count('"train/loss":') >= 2,
-            timeout=600,
-            what="step 2",
-            log=log,
-        )
+        _wait_for_step(2, metrics, log)
         # What SLURM sends --warning-seconds before the time limit: USR1 to the batch script.
         subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
         job = _wait_done(job_id, log)
@@ -312,22 +317,19 @@ def test_preemption_warning_checkpoints_requeues_and_the_job_resumes_to_the_end(
 def test_a_job_requeued_onto_one_node_resumes_there_and_finishes(cluster, demo_shards, tmp_path):
     """--nodes 2 --min-nodes 1: node n2 is drained and the job preempted; the
     requeued job, resized to 1 node while it waits, starts on n1, resumes
-    the 2-rank checkpoint on 1 rank (universal checkpoint, accumulation 2
-    for the same global batch) and finishes, every sample of each epoch read
+    the 2-rank ZeRO-1 checkpoint on 1 rank (universal checkpoint,
+    accumulation 2 for the same global batch) and finishes, every sample of each epoch read
     once across the change."""
     steps, per_epoch = 16, 8  # the change falls in epoch 0; epoch 1 is read on one node
     overrides = _overrides(
         demo_shards, f"trainer.max_steps={steps}", "trainer.log_samples=true", "logger.mode=disabled"
     )
+    # ZeRO-1 here (the 2 → 1 → 2 rank tests in test_world_size.py cover stages 2 and 3).
+    overrides = ["deepspeed=zero1" if o == "deepspeed=zero2" else o for o in overrides]
     job_id, run_dir, log = _submit(tmp_path, overrides, name="shrunk", launcher=("--min-nodes", "1"))
     metrics = run_dir / "metrics.jsonl"
     try:
-        _wait(
-            lambda: metrics.exists() and metrics.read_text().count('"train/loss":') >= 2,
-            timeout=600,
-            what="step 2",
-            log=log,
-        )
+        _wait_for_step(2, metrics, log)
         # n2 leaves (its running job goes on), then the job is preempted and requeues itself.
         subprocess.run(["scontrol", "update", "NodeName=n2", "State=DRAIN", "Reason=test_slurm"], check=True)
         subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
@@ -352,6 +354,7 @@ def test_a_job_requeued_onto_one_node_resumes_there_and_finishes(cluster, demo_s
     assert 2 <= stopped_at < per_epoch
     assert "resuming on 1 ranks a run saved on 2: global batch 32 = 16 micro × 2 accum × 1 ranks" in text
     assert (run_dir / "checkpoints" / f"step_{stopped_at:06d}" / "universal").is_dir()
+    assert text.count("ZeRO-1, float32 | global batch 32") == 2  # both starts
 
     steps_logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train/loss" in line]
     assert steps_logged == list(range(1, steps + 1))
