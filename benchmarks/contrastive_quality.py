@@ -100,8 +100,8 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
         sys.exit(f"no demo corpus at {args.data}: run `make demo-data` first")
-    contrastive = f"trainer.contrastive_batch={args.micro_batch * RANKS * args.accum}"
     global_batch = args.micro_batch * RANKS * args.accum
+    contrastive = f"trainer.contrastive_batch={global_batch}"  # the whole global batch
     without = train(args.out / "without", args.steps, args)
     probe = train(args.out / "calibrate", args.calibration_steps, args, contrastive, skip_first=True)
     steps = max(1, math.floor(without["train_seconds"] * probe["median_window_samples_per_s"] / global_batch))

@@ -71,8 +71,12 @@ class ShardCache:
                 return fetch(url)
             try:
                 f = open(tmp, "rb")  # opened before it is in place, where another process may evict it
+            except OSError as e:
+                raise _StoreFailed(e) from e
+            try:
                 os.replace(tmp, path)
             except OSError as e:
+                f.close()
                 raise _StoreFailed(e) from e
         except _StoreFailed as e:
             tmp.unlink(missing_ok=True)
