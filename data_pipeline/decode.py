@@ -18,6 +18,7 @@ from PIL import Image
 
 from data_pipeline.config import DataConfig
 
+MODALITIES = ("image", "audio", "text")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 AUDIO_EXTS = ("flac", "wav", "mp3", "ogg")
 TEXT_EXTS = ("txt", "caption")
@@ -52,7 +53,7 @@ def load_audio(data: bytes, *, sample_rate: int, max_samples: int | None = None)
             # The source frames behind max_samples output samples, plus a margin for the resampler's filter.
             frames = int(np.ceil(max_samples * sr / sample_rate)) + (64 if sr != sample_rate else 0)
         wav = f.read(frames=frames, dtype="float32", always_2d=True)
-    wav = wav.mean(axis=1)
+    wav = wav[:, 0] if wav.shape[1] == 1 else wav.mean(axis=1)
     if sr != sample_rate:
         wav = soxr.resample(wav, sr, sample_rate, quality="HQ").astype(np.float32)
     return wav
@@ -60,18 +61,27 @@ def load_audio(data: bytes, *, sample_rate: int, max_samples: int | None = None)
 
 @lru_cache(maxsize=8)
 def mel_filterbank(*, sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
-    """librosa's Slaney-style mel filters as an (n_fft//2 + 1)×n_mels tensor.
+    """librosa's Slaney-style mel filters as an n_mels×(n_fft//2 + 1) tensor.
 
     Cached: the loader builds it once in the main process before workers fork.
     """
     import librosa.filters  # imported here: it is slow to import and only this needs it
 
     fb = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=0.0, fmax=sample_rate / 2)
-    return torch.from_numpy(fb.T.astype(np.float32))
+    return torch.from_numpy(np.ascontiguousarray(fb, dtype=np.float32))
+
+
+@lru_cache(maxsize=8)
+def _hann(n_fft: int) -> torch.Tensor:
+    return torch.hann_window(n_fft)
 
 
 def log_mel(wav: np.ndarray, cfg: DataConfig) -> torch.Tensor:
-    """Crops or pads to cfg.audio_samples, then n_mels×audio_frames log-mel."""
+    """Crops or pads to cfg.audio_samples, then n_mels×audio_frames log-mel
+    (power spectrogram, centred Hann frames, Slaney mel filters: librosa's
+    melspectrogram). Runs for every sample in the data workers, so it avoids
+    work: a cached window, the power from the real and imaginary parts
+    (no square root), only the kept frames, in-place arithmetic."""
     n = cfg.audio_samples
     x = torch.zeros(n, dtype=torch.float32)
     clip = torch.from_numpy(np.ascontiguousarray(wav[:n], dtype=np.float32))
@@ -80,15 +90,13 @@ def log_mel(wav: np.ndarray, cfg: DataConfig) -> torch.Tensor:
         x,
         n_fft=cfg.n_fft,
         hop_length=cfg.hop_length,
-        window=torch.hann_window(cfg.n_fft),
+        window=_hann(cfg.n_fft),
         center=True,
         return_complex=True,
-    )
-    power = spec.abs().pow(2)[:, : cfg.audio_frames]  # F×T
-    fb = mel_filterbank(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
-    mel = fb.T @ power  # M×T
-    out = torch.log(mel + 1e-6)
-    return (out - cfg.log_mel_mean) / cfg.log_mel_std
+    )[:, : cfg.audio_frames]
+    power = torch.view_as_real(spec).pow(2).sum(-1)  # F×T
+    mel = mel_filterbank(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels) @ power  # M×T
+    return mel.add_(1e-6).log_().sub_(cfg.log_mel_mean).div_(cfg.log_mel_std)
 
 
 def decode_audio(data: bytes, cfg: DataConfig) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from data_pipeline.config import MODES, DataConfig, worker_count
-from data_pipeline.decode import mel_filterbank, warm_decoders
+from data_pipeline.decode import MODALITIES, mel_filterbank, warm_decoders
 from data_pipeline.labels import LabelSpec
 from data_pipeline.plan import Pool, batches_per_rank, consumed_by_worker, epoch_plan, pool_size, remaining
 from data_pipeline.sources import expand_shards, shard_sizes
@@ -27,7 +27,6 @@ from data_pipeline.tokenizer import ByteTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1  # pool and generation were added later; absent means None and 0
-MODALITIES = ("image", "audio", "text")
 
 
 def collate(
@@ -164,6 +163,7 @@ class StreamLoader:
         tokenizer=None,
         labels: LabelSpec | None = None,
         sizes: dict[str, int] | None = None,
+        modalities: tuple[str, ...] | list[str] = MODALITIES,
     ):
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
@@ -172,6 +172,11 @@ class StreamLoader:
         unknown = set(cfg.require) - set(MODALITIES)
         if unknown:
             raise ValueError(f"data.require names unknown modalities {sorted(unknown)}; choose from {MODALITIES}")
+        if not modalities or set(modalities) - set(MODALITIES):
+            raise ValueError(f"modalities={list(modalities)}: choose a non-empty subset of {list(MODALITIES)}")
+        # Only these are decoded: a classifier over image and text never pays
+        # for the log-mel of samples' audio (the costliest decode).
+        self.modalities = tuple(m for m in MODALITIES if m in modalities)
         self.cfg, self.split, self.batch_size = cfg, split, batch_size
         self.train = split == "train"
         # Held-out data is read unshuffled: whole on every rank by default, or
@@ -220,6 +225,7 @@ class StreamLoader:
             start_batch=self.batches,
             shuffle=self.train,
             labels=self.labels,
+            modalities=self.modalities,
             pool=self.pool,
             generation=self.generation,
         )
@@ -418,9 +424,13 @@ def build_loader(
     tokenizer=None,
     labels: LabelSpec | None = None,
     sizes: dict[str, int] | None = None,
+    modalities: tuple[str, ...] | list[str] = MODALITIES,
 ) -> StreamLoader:
     """sizes: {shard URL: samples} already known (shard_size_table on one
-    rank, shared with the others), so not every rank reads every index."""
+    rank, shared with the others), so not every rank reads every index.
+    modalities: the ones the model reads; the others are not decoded (their
+    masks are False), but a sample that carries only them still counts as
+    having data."""
     return StreamLoader(
         cfg,
         split=split,
@@ -430,4 +440,5 @@ def build_loader(
         tokenizer=tokenizer,
         labels=labels,
         sizes=sizes,
+        modalities=modalities,
     )

@@ -19,7 +19,15 @@ import torch
 
 from data_pipeline.cache import from_config as cache_from_config
 from data_pipeline.config import DataConfig
-from data_pipeline.decode import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, decode_audio, decode_image, first_present
+from data_pipeline.decode import (
+    AUDIO_EXTS,
+    IMAGE_EXTS,
+    MODALITIES,
+    TEXT_EXTS,
+    decode_audio,
+    decode_image,
+    first_present,
+)
 from data_pipeline.labels import LabelError, LabelSpec
 from data_pipeline.plan import Pool, Segment, block_key, block_permutation, consumed_by_worker, epoch_plan
 from data_pipeline.sources import Skip, read_shard
@@ -59,8 +67,16 @@ def decode_caption(raw: bytes, *, max_tokens: int) -> str:
         raise
 
 
-def decode_sample(sample: dict, *, cfg: DataConfig, tokenizer, labels: LabelSpec | None = None) -> dict:
-    """Raw tar members -> tensors; an absent modality becomes None.
+def decode_sample(
+    sample: dict,
+    *,
+    cfg: DataConfig,
+    tokenizer,
+    labels: LabelSpec | None = None,
+    modalities: tuple[str, ...] = MODALITIES,
+) -> dict:
+    """Raw tar members -> tensors; an absent modality becomes None, and so
+    does one outside `modalities` (the model does not read it: not decoded).
 
     Raises BadSample for data that is present but unusable, for a sample
     that lacks a modality listed in cfg.require, and (with `labels`, a
@@ -72,6 +88,8 @@ def decode_sample(sample: dict, *, cfg: DataConfig, tokenizer, labels: LabelSpec
     if image is None and audio is None and text is None:
         raise BadSample("no_modalities", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
     out: dict = {"__key__": sample["__key__"], "image": None, "audio": None, "text": None}
+    present = {"image": image is not None, "audio": audio is not None, "text": text is not None}
+    image, audio, text = (raw if m in modalities else None for m, raw in zip(MODALITIES, (image, audio, text)))
     if image is not None:
         try:
             out["image"] = decode_image(image, size=cfg.image_size)
@@ -91,7 +109,7 @@ def decode_sample(sample: dict, *, cfg: DataConfig, tokenizer, labels: LabelSpec
             raise BadSample("empty_text")
         out["text"] = tokenizer.encode(caption, max_len=cfg.max_text_len)
     for m in cfg.require:
-        if out.get(m) is None:
+        if not present[m]:
             raise BadSample(f"missing_{m}")
     if labels is None:
         out["label"], out["class_name"] = read_label(sample.get("json"), cfg)
@@ -174,11 +192,12 @@ class BatchStream:
         start_batch: int,
         shuffle: bool,
         labels: LabelSpec | None = None,
+        modalities: tuple[str, ...] = MODALITIES,
         pool: Pool | None = None,
         generation: int = 0,
     ):
         self.sources, self.cfg, self.tokenizer, self.collate = sources, cfg, tokenizer, collate
-        self.labels = labels
+        self.labels, self.modalities = labels, modalities
         # The epoch's positions still to read (None: all) and which plan over
         # them this is (0 unless the run resumed on another topology).
         self.pool, self.generation = pool, generation
@@ -298,7 +317,11 @@ class BatchStream:
                 self._error(item.shard, item.reason, item.detail, event=(item.shard, item.reason))
                 continue
             try:
-                decoded.append(decode_sample(item, cfg=self.cfg, tokenizer=self.tokenizer, labels=self.labels))
+                decoded.append(
+                    decode_sample(
+                        item, cfg=self.cfg, tokenizer=self.tokenizer, labels=self.labels, modalities=self.modalities
+                    )
+                )
                 self._consecutive, self._last_event = 0, None
             except BadSample as e:
                 skipped[e.reason] += 1

@@ -225,3 +225,69 @@ def test_only_the_audio_and_text_a_sample_uses_are_decoded(monkeypatch):
     assert 0 < len(caption.encode()) <= 4096
     with pytest.raises(UnicodeDecodeError):
         decode_caption(b"bad \xff byte", max_tokens=48)
+
+
+@pytest.mark.parametrize("seconds", [1.5, 0.4])  # longer than the model's window (cropped), and shorter (padded)
+def test_log_mel_is_librosas_melspectrogram(seconds):
+    """The hand-tuned log-mel (cached window, power without the square root,
+    only the kept frames) against librosa's reference computation."""
+    import io
+
+    import librosa
+    import numpy as np
+    import soundfile
+
+    from data_pipeline.decode import decode_audio
+
+    cfg = DataConfig(sample_rate=16000, n_fft=512, n_mels=32, audio_frames=48, hop_length=320)
+    t = np.arange(int(16000 * seconds)) / 16000
+    rng = np.random.default_rng(1)
+    stereo = np.stack([np.sin(2 * np.pi * (200 + 1500 * t) * t), rng.normal(0, 0.05, t.size)], axis=1) * 0.5
+    raw = io.BytesIO()
+    soundfile.write(raw, stereo.astype(np.float32), 16000, format="WAV", subtype="FLOAT")
+    got = decode_audio(raw.getvalue(), cfg)
+
+    mono = np.zeros(cfg.audio_samples, dtype=np.float32)
+    clip = stereo.mean(axis=1)[: cfg.audio_samples]
+    mono[: clip.size] = clip
+    mel = librosa.feature.melspectrogram(
+        y=mono,
+        sr=16000,
+        n_fft=512,
+        hop_length=320,
+        n_mels=32,
+        power=2.0,
+        center=True,
+        pad_mode="reflect",
+        fmin=0.0,
+        fmax=8000.0,
+    )[:, : cfg.audio_frames]
+    want = (np.log(mel + 1e-6) - cfg.log_mel_mean) / cfg.log_mel_std
+    assert got.shape == (32, 48)
+    torch.testing.assert_close(got, torch.from_numpy(want.astype(np.float32)), atol=2e-4, rtol=0)
+
+
+def test_a_loader_decodes_only_the_modalities_its_model_reads(demo_shards, monkeypatch):
+    """A classifier over image and text never decodes audio; a sample that
+    carries only audio is still a row (every mask False), not a skip."""
+    import data_pipeline.stream as stream
+
+    cfg = _cfg(demo_shards)
+    full = list(build_loader(cfg, split="heldout", batch_size=24))
+    calls = []
+    real = stream.decode_audio
+    monkeypatch.setattr(stream, "decode_audio", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loader = build_loader(cfg, split="heldout", batch_size=24, modalities=("text", "image"))
+    part = list(loader)
+    assert not calls
+    assert [b["__key__"] for b in part] == [b["__key__"] for b in full] and not loader.skipped
+    for b, f in zip(part, full):
+        assert not b["audio_mask"].any() and torch.count_nonzero(b["audio"]) == 0
+        for key in ("image", "image_mask", "text", "text_pad", "text_mask", "label"):
+            assert torch.equal(b[key], f[key]), key
+    # data.require still means "the sample carries it", decoded or not.
+    with_audio = build_loader(_cfg(demo_shards, require=["audio"]), split="heldout", batch_size=24)
+    narrowed = build_loader(_cfg(demo_shards, require=["audio"]), split="heldout", batch_size=24, modalities=("image",))
+    assert [b["__key__"] for b in narrowed] == [b["__key__"] for b in with_audio]
+    with pytest.raises(ValueError, match="non-empty subset"):
+        build_loader(cfg, split="heldout", batch_size=24, modalities=("smell",))

@@ -83,12 +83,22 @@ def classifier_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(demo_shards, tmp_path_factory):
-    """The demo's 4 training shards plus one holding 2 undecodable images: 258 samples, 2 bad."""
+    """The demo's 4 training shards plus one holding 2 undecodable images
+    (bad) and one image whose sound is broken (the image-only classifier
+    never decodes it, so it is predicted): 259 samples, 2 bad."""
+    import io
+
+    from PIL import Image
+
     root = tmp_path_factory.mktemp("predict_corpus")
     for shard in sorted(demo_shards["train"].glob("*.tar")):
         shutil.copy(shard, root / shard.name)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(jpeg, "JPEG")
     write_tar(
-        root / "zz-bad-000000.tar", [{"__key__": f"bad{i}", "jpg": b"not an image", "txt": b"broken"} for i in range(2)]
+        root / "zz-bad-000000.tar",
+        [{"__key__": f"bad{i}", "jpg": b"not an image", "txt": b"broken"} for i in range(2)]
+        + [{"__key__": "bad_sound", "jpg": jpeg.getvalue(), "flac": b"not a sound", "txt": b"red square"}],
     )
     keys, no_image = set(), set()
     for shard in sorted(root.glob("*.tar")):

@@ -351,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
 
         task_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), task))
         spec = label_spec(task_cfg)
-        loader = build_loader(data, split="heldout", batch_size=batch_size, labels=spec)
+        loader = build_loader(
+            data, split="heldout", batch_size=batch_size, labels=spec, modalities=tuple(task_cfg.modalities)
+        )
         try:
             heldout = classification_metrics(
                 predict_split(model, loader, device=device, dtype=torch.float32), spec, threshold=task_cfg.threshold

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from data_pipeline import build_loader
+from data_pipeline.decode import MODALITIES
 from data_pipeline.loader import shard_size_table
 from mm_models import PretrainModel
 from mm_models.classifier import ClassifierModel, attach_weights, classifier_config
@@ -93,7 +94,9 @@ def shared_size_table(data, split: str, info: DistInfo) -> dict[str, int]:
     return value
 
 
-def checked_loader(data, split: str, *, batch_size: int, info: DistInfo, tokenizer=None, labels=None):
+def checked_loader(
+    data, split: str, *, batch_size: int, info: DistInfo, tokenizer=None, labels=None, modalities=MODALITIES
+):
     """build_loader, with an error that names the config key at fault."""
     try:
         sizes = shared_size_table(data, split, info)
@@ -106,6 +109,7 @@ def checked_loader(data, split: str, *, batch_size: int, info: DistInfo, tokeniz
             tokenizer=tokenizer,
             labels=labels,
             sizes=sizes,
+            modalities=modalities,
         )
     except (ValueError, OSError) as e:
         key = "data.heldout" if split == "heldout" else ("data.sources" if data.sources else "data.train")
@@ -233,9 +237,19 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
 
     # Data first: a bad shard pattern or tokenizer fails before any engine
     # starts, the held-out set's too (not only when the first evaluation needs it).
-    loader = checked_loader(cfg.data, "train", batch_size=t_cfg.micro_batch_size, info=info, labels=spec)
+    # A classifier's loaders decode only the modalities it reads.
+    reads = tuple(cfg.task.modalities) if classify else MODALITIES
+    loader = checked_loader(
+        cfg.data, "train", batch_size=t_cfg.micro_batch_size, info=info, labels=spec, modalities=reads
+    )
     heldout_check = checked_loader(
-        cfg.data, "heldout", batch_size=t_cfg.eval_batch_size, info=info, tokenizer=loader.tokenizer, labels=spec
+        cfg.data,
+        "heldout",
+        batch_size=t_cfg.eval_batch_size,
+        info=info,
+        tokenizer=loader.tokenizer,
+        labels=spec,
+        modalities=reads,
     )
     # Read once at start (by rank 0), reused by every evaluation.
     heldout_sizes = {u: n for s in heldout_check.sources for u, n in zip(s.urls, s.sizes)}

@@ -109,6 +109,7 @@ class ClassifyEvaluation(Evaluation):
             batch_size=self.cfg.trainer.eval_batch_size,
             labels=self.spec,
             sizes=self.sizes,
+            modalities=tuple(self.cfg.task.modalities),
         )
         split = classify_mod.predict_split(self.engine, heldout, device=self.device, dtype=self.dtype)
         results = classify_mod.classification_metrics(split, self.spec, threshold=self.cfg.task.threshold)

@@ -249,6 +249,7 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     from tqdm import tqdm
 
     from data_pipeline import build_loader
+    from data_pipeline.decode import MODALITIES
     from data_pipeline.sources import expand_shards, shard_sizes
     from train.batch import to_device
     from train.cli import data_config
@@ -298,12 +299,17 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     progress = tqdm(
         total=sum(sizes[i] for i in todo), unit="sample", desc=f"predict rank {rank}", disable=rank != 0 or None
     )
+    # A classifier's prediction decodes only the modalities it reads (--embed: all of them).
+    reads = MODALITIES
+    if classify and not embed:
+        reads = tuple(m for m in MODALITIES if m in (task.get("modalities") or MODALITIES))
     batches = ShardBatches(
         todo,
         lambda i: build_loader(
             dataclasses.replace(data, heldout=urls[i]),
             split="heldout",
             batch_size=batch_size,
+            modalities=reads,
         ),
     )
     rows: list[dict] = []
