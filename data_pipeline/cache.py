@@ -46,7 +46,8 @@ class ShardCache:
         there; otherwise `fetch(url)` (a readable stream of the remote
         object) is copied into the cache first. A shard larger than the
         whole cache, or one that cannot be stored (disk full), is read
-        straight from `fetch`."""
+        straight from `fetch`; when the stream states its size (an object
+        store's file does), a shard too large is never downloaded twice."""
         path = self.path(url)
         try:
             f = open(path, "rb")
@@ -55,9 +56,14 @@ class ShardCache:
         else:
             _touch(path)
             return f
+        src = fetch(url)  # a failed remote read raises: the caller counts the shard as skipped
+        size = getattr(src, "size", None)  # object stores' files know it before any byte is read
+        if isinstance(size, int) and size > self.max_bytes:
+            log.warning("a shard is larger than data.cache_max_gb; it is read without the cache")
+            return src
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{PART}")
         try:
-            with fetch(url) as src:  # a failed remote read raises: the caller counts the shard as skipped
+            with src:
                 try:
                     self.root.mkdir(parents=True, exist_ok=True)
                     dst = open(tmp, "wb")

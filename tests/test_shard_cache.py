@@ -77,6 +77,27 @@ def test_a_shard_larger_than_the_cache_is_read_without_it(tmp_path):
     assert cache.size() == 0 and not any(tmp_path.iterdir())
 
 
+def test_a_shard_whose_size_the_store_states_is_not_downloaded_twice(tmp_path):
+    """An object store's file (fsspec's) knows its size: one too large for
+    the cache is streamed at once, not copied up to the bound, dropped and
+    fetched again."""
+    import fsspec
+
+    store = fsspec.filesystem("memory")
+    store.pipe("/bucket/big.tar", bytes(range(256)) * 20)
+    fetches = []
+
+    def fetch(url):
+        fetches.append(url)
+        return store.open("/bucket/big.tar", "rb")
+
+    cache = ShardCache(tmp_path, max_bytes=4000)
+    with cache.open("s3://bucket/big.tar", fetch) as f:
+        assert f.read() == bytes(range(256)) * 20
+    assert fetches == ["s3://bucket/big.tar"] and not any(tmp_path.iterdir())
+    store.rm("/bucket/big.tar")
+
+
 def test_a_download_that_breaks_leaves_nothing_in_the_cache(tmp_path):
     remote = Remote(_objects({"a": 3000}))
     remote.fail_after = 1000
