@@ -298,3 +298,36 @@ def test_the_demo_report_adds_the_fine_tuning_figures(tmp_path):
     assert any("+0.400" in line for line in out)
     (tmp_path / "finetune_scratch" / "results.json").unlink()
     assert main([str(tmp_path)]) == 2
+
+
+def test_labels_no_sample_has_are_refused_at_start_naming_the_keys_there_are(demo_shards, tmp_path):
+    """A misspelled data.label_key: one clear error at start that names the
+    reasons and the keys the .json members hold (not a data worker's
+    traceback after max_consecutive_errors bad samples)."""
+    from shardkit import write_tar
+
+    from data_pipeline import DataConfig
+    from train.classify import check_labels
+
+    colours = LabelSpec(num_classes=6, classes=("red", "green", "blue", "yellow", "magenta", "cyan"))
+    with pytest.raises(ValueError) as e:
+        check_labels(DataConfig(train=str(demo_shards["train"]), label_key="colour"), colours)
+    message = str(e.value)
+    assert message.startswith("data.label_key='colour'") and "unknown_class" in message
+    assert "'color'" in message and "'shape'" in message
+    check_labels(DataConfig(train=str(demo_shards["train"]), label_key="color"), colours)
+
+    # The first shards unlabelled, later ones labelled: not refused.
+    root = tmp_path / "shards"
+    root.mkdir()
+    for s in range(8):
+        meta = {"color": "red"} if s >= 5 else {}
+        write_tar(
+            root / f"shard-{s:06d}.tar",
+            [{"__key__": f"s{s}_{i}", "json": json.dumps(meta).encode(), "txt": b"x"} for i in range(30)],
+        )
+    check_labels(DataConfig(train=str(root), label_key="color"), colours)
+    for p in sorted(root.glob("*.tar"))[5:]:
+        p.unlink()
+    with pytest.raises(ValueError, match="missing_label .*no .json with any key"):
+        check_labels(DataConfig(train=str(root), label_key="color"), colours)

@@ -230,7 +230,9 @@ def test_bad_labels_are_counted_skips_and_all_bad_is_a_clear_error(tmp_path):
     proc = torchrun(tmp_path, f"data.train={tmp_path / 'bad'}", f"data.heldout={tmp_path / 'bad'}", *common, name="bad")
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
-    assert "missing_label" in err or "unknown_class" in err, err[-3000:]
+    # Refused at start with the reasons, not after a data worker gave up.
+    assert "error: data.label_key='label'" in err and "missing_label" in err and "unknown_class" in err, err[-3000:]
+    assert "max_consecutive_errors" not in err, err[-3000:]
 
 
 def test_a_fine_tune_resumes_exactly_and_logs_to_wandb(demo_shards, pretrained, tmp_path):

@@ -127,6 +127,11 @@ def test_evaluate_takes_an_export_and_data_overrides(trained, demo_shards, tmp_p
 
     bad = _run("train.evaluate", f"checkpoint={out}", "data.no_such_key=1")
     assert bad.returncode == 2 and "no_such_key" in bad.stderr and "Traceback" not in bad.stderr
+    (tmp_path / "empty").mkdir()
+    missing = _run("train.evaluate", f"checkpoint={out}", f"data.heldout={tmp_path / 'empty'}")
+    lines = missing.stderr.strip().splitlines()
+    assert missing.returncode == 2 and len(lines) == 1, missing.stderr[-3000:]
+    assert lines[0].startswith("train.evaluate: error: data.heldout=") and "pass data.heldout=SHARDS" in lines[0]
 
 
 @pytest.mark.parametrize("make", ["missing", "empty_dir", "no_latest_target", "no_args"])

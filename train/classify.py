@@ -370,6 +370,57 @@ def final_summary(results: dict) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items() if k in keep}
 
 
+def check_labels(data: DataConfig, spec: LabelSpec, *, samples: int = 200) -> None:
+    """At start: about `samples` training samples, the first ones of up to 8
+    shards spread over each source (their .json parsed, nothing decoded),
+    must include one with a usable label. Otherwise a
+    ValueError names the reasons with an example, and the keys the .json
+    members do hold, so a misspelled data.label_key is told at once instead
+    of as data.max_consecutive_errors bad samples in a data worker."""
+    import json
+
+    from data_pipeline.loader import source_specs
+    from data_pipeline.sources import Skip, expand_shards, read_shard, shard_sizes
+
+    reasons: Counter = Counter()
+    example: dict[str, str] = {}
+    keys: set[str] = set()
+    read = 0
+    for _, pattern, _ in source_specs(data, "train"):
+        urls = expand_shards(pattern, allow_pipe=data.allow_pipe)
+        # Up to 8 shards spread over the list, the first samples of each: a
+        # corpus whose first shard happens to be unlabelled is not refused.
+        picked = urls[:: max(1, len(urls) // 8)][:8]
+        for url in picked:
+            size = shard_sizes([url])[0]  # its index.json, else one scan of this shard only
+            for item in read_shard(url, size=size, take=min(size, samples // len(picked)), cache=None):
+                if isinstance(item, Skip):
+                    continue
+                read += 1
+                try:
+                    spec.read(item.get("json"), label_key=data.label_key, class_key=data.class_key)
+                    return
+                except LabelError as e:
+                    reasons[e.reason] += 1
+                    example.setdefault(e.reason, e.detail)
+                try:
+                    meta = json.loads(item.get("json") or b"null")
+                except ValueError:
+                    meta = None
+                if isinstance(meta, dict):
+                    keys.update(str(k)[:40] for k in list(meta)[:50])
+    if not reasons:
+        return  # nothing readable here: the loader counts unreadable shards itself
+    why = "; ".join(f"{reason} {n} (e.g. {example[reason]})" for reason, n in reasons.most_common())
+    hold = f"their .json members hold {sorted(keys)[:20]}" if keys else "they have no .json with any key"
+    named = f"data.label_key={data.label_key!r}" + (f", data.class_key={data.class_key!r}" if data.class_key else "")
+    raise ValueError(
+        f"{named}: none of {read} training samples read at start has a usable label: {why}. "
+        f"{hold[0].upper() + hold[1:]}; set data.label_key to the key that holds each sample's class"
+        + (" and task.classes to the class names" if spec.classes else "")
+    )
+
+
 def data_for_classify(data: DataConfig) -> None:
     """A classifier needs labels: an empty data.label_key cannot work."""
     if not data.label_key and not data.class_key:

@@ -318,6 +318,19 @@ example: python -m train.evaluate checkpoint=outputs/2026-11-30/10-00-00 data.he
 """
 
 
+def check_heldout(data, *, overridden: bool) -> None:
+    """The held-out shards exist, else a ValueError that says where the
+    pattern came from: the one saved with the model is the training run's,
+    relative to the directory it ran in."""
+    from data_pipeline.sources import expand_shards
+
+    try:
+        expand_shards(data.heldout, allow_pipe=data.allow_pipe)
+    except (ValueError, OSError) as e:
+        where = "" if overridden else " (saved with the model: a relative path is read from where training ran)"
+        raise ValueError(f"data.heldout={data.heldout!r}{where}: {e}; pass data.heldout=SHARDS") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Held-out retrieval of a checkpoint, in one process; the last stdout
     line is the same JSON object a training run prints at its end."""
@@ -338,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         model, config = load_for_eval(args.checkpoint, trust=args.trust_checkpoint)
         data = data_config(config.get("data", {}), data_overrides)
+        check_heldout(data, overridden=any(o.startswith("data.heldout=") for o in data_overrides))
         batch_size = args.batch_size or int(config.get("trainer", {}).get("eval_batch_size", 128))
     except (CheckpointError, UsageError, ValueError) as e:
         print(f"train.evaluate: error: {e}", file=sys.stderr)

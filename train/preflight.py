@@ -3,7 +3,8 @@
 `launch.slurm` runs the same pass (with the job's world size) before it
 submits, so a job never waits in the queue only to fail at start. What the
 pass cannot know ahead is left to the run: whether the shards hold readable
-samples (that needs reading them).
+samples (that needs reading them). The one exception: a classifier's
+labels, read from the first training samples' .json (nothing is decoded).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def _check(cfg: Config, *, world_size: int, cuda: bool, run_dir: Path | None) ->
             classify.adopt_pretrained_config(adopted, pretrained, init=cfg.task.init)
             model = adopted.model
     check_shards(cfg)
+    if cfg.task.name == "classify":
+        classify.check_labels(cfg.data, classify.label_spec(cfg.task))  # reads the first samples' .json
     check_vocabulary(cfg, model)
     if cfg.trainer.resume == "none" or (cfg.trainer.resume == "auto" and run_dir is None):
         return
