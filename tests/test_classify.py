@@ -331,3 +331,21 @@ def test_labels_no_sample_has_are_refused_at_start_naming_the_keys_there_are(dem
         p.unlink()
     with pytest.raises(ValueError, match="missing_label .*no .json with any key"):
         check_labels(DataConfig(train=str(root), label_key="color"), colours)
+
+
+def test_the_table_says_which_held_out_samples_n_leaves_out():
+    from train.classify import classify_table
+
+    spec = LabelSpec(num_classes=2, classes=("cat", "dog"))
+    split = {
+        "probs": torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]]),
+        "labels": torch.tensor([0, 1, 0]),
+        "valid": torch.tensor([True, True, False]),
+        "skipped": {"unknown_class": 96, "missing_label": 4},
+    }
+    table = classify_table(classification_metrics(split, spec))
+    assert table.splitlines()[0].startswith("n 2 ")
+    want = "not counted in n: 100 skipped (missing_label 4, unknown_class 96); 1 without any of task.modalities"
+    assert want in table
+    split.update(valid=torch.tensor([True, True, True]), skipped={})
+    assert "not counted" not in classify_table(classification_metrics(split, spec))

@@ -214,12 +214,14 @@ def test_bad_labels_are_counted_skips_and_all_bad_is_a_clear_error(tmp_path):
         "data.audio_frames=48",
         "data.max_consecutive_errors=20",
     ]
-    result = last_json(
-        torchrun(
-            tmp_path, f"data.train={tmp_path / 'mixed'}", f"data.heldout={tmp_path / 'mixed'}", *common, name="mixed"
-        )
+    proc = torchrun(
+        tmp_path, f"data.train={tmp_path / 'mixed'}", f"data.heldout={tmp_path / 'mixed'}", *common, name="mixed"
     )
+    result = last_json(proc)
     assert result["heldout"]["n"] == len(good)
+    # The console says what n leaves out, in training and in the held-out table.
+    log = proc.stdout + proc.stderr
+    assert "skipped so far: " in log and "not counted in n: 9 skipped (" in log, log[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "mixed" / "metrics.jsonl").read_text().splitlines()]
     skipped = {k: v for row in rows for k, v in row.items() if k.startswith("data/skipped/")}
     assert {"data/skipped/missing_label", "data/skipped/label_out_of_range", "data/skipped/unknown_class"} <= set(

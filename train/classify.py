@@ -331,6 +331,16 @@ def classify_table(results: dict, *, max_rows: int = 20) -> str:
         f"n {results['n']}  classes {results['classes']}  accuracy {results['accuracy']:.3f}  "
         f"macro-F1 {results['macro_f1']:.3f}{auc}  (majority class {results['majority']:.3f})"
     ]
+    # Samples outside n: an accuracy over fewer samples than the shards hold must say so.
+    skipped, no_modality = results.get("skipped") or {}, results.get("no_modality", 0)
+    parts = []
+    if skipped:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
+        parts.append(f"{sum(skipped.values())} skipped ({reasons})")
+    if no_modality:
+        parts.append(f"{no_modality} without any of task.modalities")
+    if parts:
+        lines.append("not counted in n: " + "; ".join(parts))
     rows = results["per_class"]
     if len(rows) > max_rows:
         rows = sorted(rows, key=lambda r: r["f1"])[:max_rows]

@@ -226,6 +226,13 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
 
     classify = cfg.task.name == "classify"
     spec, init_state, pretrained = None, None, None
+    if info.is_main and cfg.optimizer.warmup_steps >= t_cfg.max_steps:
+        log.warning(
+            "optimizer.warmup_steps=%d >= trainer.max_steps=%d: the learning rate never reaches optimizer.lr "
+            "(set optimizer.warmup_steps to about a tenth of the steps)",
+            cfg.optimizer.warmup_steps,
+            t_cfg.max_steps,
+        )
     # The config passed train.preflight.check_start (the task, the batch
     # arithmetic, the shard patterns, the vocabulary) before train() was called.
     if classify:
@@ -432,14 +439,16 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
             metrics = window.metrics(read_losses(losses), engine=engine, skipped=loader.skipped)
             tracker.log(metrics, step=step)
             if info.is_main:
+                skips = {k.removeprefix("data/skipped/"): int(v) for k, v in metrics.items() if "/skipped/" in k}
                 log.info(
-                    "step %d/%d  loss %.4f  lr %.2e  %.0f samples/s  data wait %.0f%%",
+                    "step %d/%d  loss %.4f  lr %.2e  %.0f samples/s  data wait %.0f%%%s",
                     step,
                     t_cfg.max_steps,
                     metrics["train/loss"],
                     metrics["train/lr"],
                     metrics["perf/samples_per_s"],
                     100 * metrics["perf/data_wait_frac"],
+                    f"  skipped so far: {', '.join(f'{k} {v}' for k, v in sorted(skips.items()))}" if skips else "",
                 )
         if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step != t_cfg.max_steps:
             evaluate(step)

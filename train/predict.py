@@ -267,7 +267,6 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     rank, world = rank_and_world()
     out_dir = Path(args.out)
     parts_dir = out_dir / "parts"
-    parts_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     model, config = load_model(
         args.checkpoint,
@@ -286,6 +285,7 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     data = data_config(config.get("data", {}), data_overrides)
     urls = expand_shards(args.shards, allow_pipe=data.allow_pipe)
     sizes = shard_sizes(urls)
+    parts_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to predict
     mine = my_shards(len(urls), rank=rank, world=world)
     batch_size = args.batch_size
     classes = list(task.get("classes") or [])
