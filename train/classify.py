@@ -130,27 +130,39 @@ def init_weights_from(
 # -- class weights -----------------------------------------------------------------------------
 
 
-def count_labels(loader, spec: LabelSpec) -> tuple[np.ndarray, int, Counter]:
-    """Per-class counts over every training shard (labels only: the .json
-    members are parsed, nothing is decoded). Returns (counts, labelled samples, skips by reason)."""
+def read_labels(shards, data: DataConfig, spec: LabelSpec, *, take: int | None = None):
+    """For each sample position of the (url, size) shards, the first `take`
+    of each (default all): (Skip, None) where the shard yields no sample,
+    else (sample, its label or the LabelError saying why it has none).
+    Labels only: the .json members are parsed, nothing is decoded."""
     from data_pipeline.sources import Skip, read_shard
+
+    for url, size in shards:
+        for item in read_shard(url, size=size, take=None if take is None else min(size, take)):
+            if isinstance(item, Skip):
+                yield item, None
+                continue
+            try:
+                yield item, spec.read(item.get("json"), label_key=data.label_key, class_key=data.class_key)
+            except LabelError as e:
+                yield item, e
+
+
+def count_labels(loader, spec: LabelSpec) -> tuple[np.ndarray, int, Counter]:
+    """Per-class counts over every training shard (see read_labels).
+    Returns (counts, labelled samples, skips by reason)."""
+    from data_pipeline.sources import Skip
 
     counts = np.zeros(spec.num_classes, dtype=np.int64)
     labelled, skipped = 0, Counter()
-    for source in loader.sources:
-        for url, size in zip(source.urls, source.sizes):
-            for item in read_shard(url, size=size):
-                if isinstance(item, Skip):
-                    skipped[item.reason] += 1
-                    continue
-                try:
-                    value = spec.read(item.get("json"), label_key=loader.cfg.label_key, class_key=loader.cfg.class_key)
-                except LabelError as e:
-                    skipped[e.reason] += 1
-                    continue
-                for c in value if spec.multi_label else [value]:
-                    counts[c] += 1
-                labelled += 1
+    shards = ((url, size) for source in loader.sources for url, size in zip(source.urls, source.sizes))
+    for item, value in read_labels(shards, loader.cfg, spec):
+        if isinstance(item, Skip) or isinstance(value, LabelError):
+            skipped[item.reason if isinstance(item, Skip) else value.reason] += 1
+            continue
+        for c in value if spec.multi_label else [value]:
+            counts[c] += 1
+        labelled += 1
     return counts, labelled, skipped
 
 
@@ -390,7 +402,7 @@ def check_labels(data: DataConfig, spec: LabelSpec, *, samples: int = 200) -> No
     import json
 
     from data_pipeline.loader import source_specs
-    from data_pipeline.sources import Skip, expand_shards, read_shard, shard_sizes
+    from data_pipeline.sources import Skip, expand_shards, shard_sizes
 
     reasons: Counter = Counter()
     example: dict[str, str] = {}
@@ -401,24 +413,21 @@ def check_labels(data: DataConfig, spec: LabelSpec, *, samples: int = 200) -> No
         # Up to 8 shards spread over the list, the first samples of each: a
         # corpus whose first shard happens to be unlabelled is not refused.
         picked = urls[:: max(1, len(urls) // 8)][:8]
-        for url in picked:
-            size = shard_sizes([url])[0]  # its index.json, else one scan of this shard only
-            for item in read_shard(url, size=size, take=min(size, samples // len(picked)), cache=None):
-                if isinstance(item, Skip):
-                    continue
-                read += 1
-                try:
-                    spec.read(item.get("json"), label_key=data.label_key, class_key=data.class_key)
-                    return
-                except LabelError as e:
-                    reasons[e.reason] += 1
-                    example.setdefault(e.reason, e.detail)
-                try:
-                    meta = json.loads(item.get("json") or b"null")
-                except ValueError:
-                    meta = None
-                if isinstance(meta, dict):
-                    keys.update(str(k)[:40] for k in list(meta)[:50])
+        shards = ((url, shard_sizes([url])[0]) for url in picked)  # its index.json, else one scan of it only
+        for item, value in read_labels(shards, data, spec, take=samples // len(picked)):
+            if isinstance(item, Skip):
+                continue
+            read += 1
+            if not isinstance(value, LabelError):
+                return
+            reasons[value.reason] += 1
+            example.setdefault(value.reason, value.detail)
+            try:
+                meta = json.loads(item.get("json") or b"null")
+            except ValueError:
+                meta = None
+            if isinstance(meta, dict):
+                keys.update(str(k)[:40] for k in list(meta)[:50])
     if not reasons:
         return  # nothing readable here: the loader counts unreadable shards itself
     why = "; ".join(f"{reason} {n} (e.g. {example[reason]})" for reason, n in reasons.most_common())

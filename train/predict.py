@@ -300,9 +300,7 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
         total=sum(sizes[i] for i in todo), unit="sample", desc=f"predict rank {rank}", disable=rank != 0 or None
     )
     # A classifier's prediction decodes only the modalities it reads (--embed: all of them).
-    reads = MODALITIES
-    if classify and not embed:
-        reads = tuple(m for m in MODALITIES if m in (task.get("modalities") or MODALITIES))
+    reads = tuple(task.get("modalities") or MODALITIES) if classify and not embed else MODALITIES
     batches = ShardBatches(
         todo,
         lambda i: build_loader(
