@@ -3,8 +3,9 @@
 Writes demo-like shards (256 px JPEG, 5 s FLAC, a caption) into a temporary
 directory, then measures
   - bound: the same sample bytes decoded in a tight loop by the same decoders
-    on one thread, as a loader worker runs (no tar reading, no workers, no
-    collation, no transfer between processes);
+    on one thread, as a loader worker runs, and collated in batches of the
+    same size (collate() finishes a batch's log-mels and pixel scaling at
+    once); no tar reading, no workers, no transfer between processes;
   - pipeline: samples/s out of the full loader (tar reading, block shuffle,
     decoding, collation, worker transfer) with 1 and 2 workers.
 The last line of output is one JSON object with the figures.
@@ -25,12 +26,14 @@ import soundfile
 import torch
 from PIL import Image
 
-from data_pipeline import DataConfig, build_loader
+from data_pipeline import DataConfig, build_loader, collate
 from data_pipeline.manifest import RawSample
 from data_pipeline.sources import expand_shards, read_shard, shard_sizes
 from data_pipeline.stream import decode_sample
 from data_pipeline.tokenizer import ByteTokenizer
 from data_pipeline.writer import write_shards
+
+BATCH = 32  # the loader's batch, and the bound's collation
 
 
 def make_shards(root: Path, n: int) -> Path:
@@ -71,7 +74,7 @@ def config(shards: Path, workers: int) -> DataConfig:
     )
 
 
-def bound_sps(shards: Path, cfg: DataConfig) -> float:
+def bound_sps(shards: Path, cfg: DataConfig, batch_size: int = BATCH) -> float:
     urls = expand_shards(str(shards))
     raw = [s for u, n in zip(urls, shard_sizes(urls)) for s in read_shard(u, size=n)]
     tok = ByteTokenizer()
@@ -80,16 +83,16 @@ def bound_sps(shards: Path, cfg: DataConfig) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        decode_sample(raw[0], cfg=cfg, tokenizer=tok)  # warm caches (mel filterbank, window)
+        collate([decode_sample(raw[0], cfg=cfg, tokenizer=tok)], cfg=cfg)  # warm caches (mel filterbank, window)
         t = time.perf_counter()
-        for sample in raw:
-            decode_sample(sample, cfg=cfg, tokenizer=tok)
+        for i in range(0, len(raw), batch_size):
+            collate([decode_sample(sample, cfg=cfg, tokenizer=tok) for sample in raw[i : i + batch_size]], cfg=cfg)
         return len(raw) / (time.perf_counter() - t)
     finally:
         torch.set_num_threads(threads)
 
 
-def pipeline_sps(shards: Path, cfg: DataConfig, batch_size: int = 32) -> float:
+def pipeline_sps(shards: Path, cfg: DataConfig, batch_size: int = BATCH) -> float:
     loader = build_loader(cfg, split="train", batch_size=batch_size)
     it = iter(loader)
     next(it)  # start-up (worker spawn, first block) is not throughput

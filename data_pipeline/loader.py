@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from data_pipeline.config import MODES, DataConfig, worker_count
-from data_pipeline.decode import MODALITIES, mel_filterbank, warm_decoders
+from data_pipeline.decode import MODALITIES, log_mel, mel_filterbank, scale_pixels, warm_decoders
 from data_pipeline.labels import LabelSpec
 from data_pipeline.plan import Pool, batches_per_rank, consumed_by_worker, epoch_plan, pool_size, remaining
 from data_pipeline.sources import expand_shards, shard_sizes
@@ -34,7 +34,12 @@ def collate(
 ) -> dict:
     """Stacks decoded samples. An absent modality is zeros with mask False; a
     None sample is a padding row (key "", every mask False). "label" is -1
-    and "class_name" "" where a sample has no class label."""
+    and "class_name" "" where a sample has no class label.
+
+    A sample's image is float in [-1, 1] (decode_image) or uint8 pixels
+    (image_pixels, as decode_sample gives it); its audio a log-mel
+    (decode_audio) or a fitted waveform (audio_wave). The uint8 images are
+    scaled, and the waveforms' log-mels taken, here for the batch at once."""
     b = len(samples)
     batch = {
         "image": torch.zeros(b, 3, cfg.image_size, cfg.image_size),
@@ -51,22 +56,35 @@ def collate(
     }
     if multi_label_classes:
         batch["label_multi"] = torch.zeros(b, multi_label_classes)
+    pixels, waves = [], []  # (row, tensor) to finish as a batch
     for i, s in enumerate(samples):
         if s is None:
             continue
         if multi_label_classes and "label_multi" in s:
             batch["label_multi"][i] = s["label_multi"]
         if s["image"] is not None:
-            batch["image"][i] = s["image"]
+            if s["image"].dtype == torch.uint8:
+                pixels.append((i, s["image"]))
+            else:
+                batch["image"][i] = s["image"]
             batch["image_mask"][i] = True
         if s["audio"] is not None:
-            batch["audio"][i] = s["audio"]
+            if s["audio"].dim() == 1:
+                waves.append((i, s["audio"]))
+            else:
+                batch["audio"][i] = s["audio"]
             batch["audio_mask"][i] = True
         if s["text"] is not None:
             n = s["text"].numel()
             batch["text"][i, :n] = s["text"]
             batch["text_pad"][i, :n] = False
             batch["text_mask"][i] = True
+    if pixels:
+        rows = torch.tensor([i for i, _ in pixels])
+        batch["image"][rows] = scale_pixels(torch.stack([p for _, p in pixels]))
+    if waves:
+        rows = torch.tensor([i for i, _ in waves])
+        batch["audio"][rows] = log_mel(torch.stack([w for _, w in waves]), cfg)
     return batch
 
 

@@ -24,9 +24,9 @@ from data_pipeline.decode import (
     IMAGE_EXTS,
     MODALITIES,
     TEXT_EXTS,
-    decode_audio,
-    decode_image,
+    audio_wave,
     first_present,
+    image_pixels,
 )
 from data_pipeline.labels import LabelError, LabelSpec
 from data_pipeline.plan import Pool, Segment, block_key, block_permutation, consumed_by_worker, epoch_plan
@@ -77,6 +77,8 @@ def decode_sample(
 ) -> dict:
     """Raw tar members -> tensors; an absent modality becomes None, and so
     does one outside `modalities` (the model does not read it: not decoded).
+    The image is uint8 pixels and the audio a waveform: collate() scales
+    the one and takes the log-mel of the other for the whole batch at once.
 
     Raises BadSample for data that is present but unusable, for a sample
     that lacks a modality listed in cfg.require, and (with `labels`, a
@@ -92,12 +94,12 @@ def decode_sample(
     image, audio, text = (raw if m in modalities else None for m, raw in zip(MODALITIES, (image, audio, text)))
     if image is not None:
         try:
-            out["image"] = decode_image(image, size=cfg.image_size)
+            out["image"] = image_pixels(image, size=cfg.image_size)
         except Exception as e:
             raise BadSample("bad_image", f"{type(e).__name__}: {e}") from e
     if audio is not None:
         try:
-            out["audio"] = decode_audio(audio, cfg)
+            out["audio"] = audio_wave(audio, cfg)
         except Exception as e:
             raise BadSample("bad_audio", f"{type(e).__name__}: {e}") from e
     if text is not None:

@@ -267,6 +267,34 @@ def test_log_mel_is_librosas_melspectrogram(seconds):
     torch.testing.assert_close(got, torch.from_numpy(want.astype(np.float32)), atol=2e-4, rtol=0)
 
 
+@pytest.mark.parametrize("image_size", [32, 24])  # the demo's 64² JPEGs: draft-decoded to size, or resized too
+def test_a_batch_finished_at_once_equals_samples_decoded_one_by_one(demo_shards, image_size):
+    """The loader's workers leave images as uint8 and audio as waveforms,
+    and collate() scales and takes log-mels for the batch at once; the rows
+    equal decode_image and decode_audio sample by sample, each in its own
+    row, with samples lacking a modality in between."""
+    from data_pipeline.decode import AUDIO_EXTS, IMAGE_EXTS, decode_audio, decode_image, first_present
+    from data_pipeline.sources import expand_shards, read_shard, shard_sizes
+
+    cfg = _cfg(demo_shards, image_size=image_size)
+    (batch,) = build_loader(cfg, split="heldout", batch_size=64)
+    (url,) = expand_shards(cfg.heldout)
+    raw = {s["__key__"]: s for s in read_shard(url, size=shard_sizes([url])[0])}
+    assert not batch["image_mask"].all() and not batch["audio_mask"].all()  # rows without them in between
+    for i, key in enumerate(batch["__key__"]):
+        image, audio = first_present(raw[key], IMAGE_EXTS), first_present(raw[key], AUDIO_EXTS)
+        assert bool(batch["image_mask"][i]) == (image is not None)
+        assert bool(batch["audio_mask"][i]) == (audio is not None)
+        if image is None:
+            assert torch.count_nonzero(batch["image"][i]) == 0
+        else:
+            torch.testing.assert_close(batch["image"][i], decode_image(image, size=image_size), atol=0, rtol=0)
+        if audio is None:
+            assert torch.count_nonzero(batch["audio"][i]) == 0
+        else:
+            torch.testing.assert_close(batch["audio"][i], decode_audio(audio, cfg), atol=1e-5, rtol=0)
+
+
 def test_a_loader_decodes_only_the_modalities_its_model_reads(demo_shards, monkeypatch):
     """A classifier over image and text never decodes audio; a sample that
     carries only audio is still a row (every mask False), not a skip."""
@@ -275,8 +303,8 @@ def test_a_loader_decodes_only_the_modalities_its_model_reads(demo_shards, monke
     cfg = _cfg(demo_shards)
     full = list(build_loader(cfg, split="heldout", batch_size=24))
     calls = []
-    real = stream.decode_audio
-    monkeypatch.setattr(stream, "decode_audio", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = stream.audio_wave
+    monkeypatch.setattr(stream, "audio_wave", lambda *a, **k: calls.append(1) or real(*a, **k))
     loader = build_loader(cfg, split="heldout", batch_size=24, modalities=("text", "image"))
     part = list(loader)
     assert not calls
@@ -291,3 +319,35 @@ def test_a_loader_decodes_only_the_modalities_its_model_reads(demo_shards, monke
     assert [b["__key__"] for b in narrowed] == [b["__key__"] for b in with_audio]
     with pytest.raises(ValueError, match="non-empty subset"):
         build_loader(cfg, split="heldout", batch_size=24, modalities=("smell",))
+
+
+def test_image_pixels_keep_each_pixel_and_channel_in_place():
+    """Lossless images of known pixels: at their own size they come back
+    exactly, channels first; grey becomes three equal channels; a wide image
+    is resized by its shorter side and centre-cropped."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_pipeline.decode import decode_image, image_pixels
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    wide = np.zeros((8, 24, 3), dtype=np.uint8)
+    wide[:, 8:16] = (10, 200, 30)  # the centre third, the rest black
+
+    def png(array) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(array).save(out, "PNG")
+        return out.getvalue()
+
+    got = image_pixels(png(rgb), size=16)
+    assert got.dtype == torch.uint8 and got.shape == (3, 16, 16)
+    assert torch.equal(got, torch.from_numpy(rgb).permute(2, 0, 1))
+    assert torch.equal(image_pixels(png(grey), size=16), torch.from_numpy(grey).expand(3, 16, 16))
+    centre = image_pixels(png(wide), size=8)
+    assert torch.equal(centre, torch.tensor([10, 200, 30], dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8))
+    scaled = decode_image(png(rgb), size=16)
+    torch.testing.assert_close(scaled, torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1)

@@ -238,24 +238,39 @@ def results_table(results: dict) -> str:
 # -- `python -m train.evaluate checkpoint=PATH [data.KEY=VALUE ...] [batch_size=N]` --------------
 
 
-def load_for_eval(checkpoint: str, *, trust: bool = False) -> tuple[torch.nn.Module, dict]:
-    """A plain fp32 model (PretrainModel or ClassifierModel) on CPU and the training config it was saved
-    with (model, fusion, objective, data, and the step), from a checkpoint
-    directory (consolidated as `train.export` does) or an exported .safetensors."""
+def saved_config(checkpoint: str) -> dict:
+    """The training config a checkpoint directory or an exported .safetensors
+    was saved with (model, fusion, objective, data, task, and the step),
+    read without loading its weights."""
     from pathlib import Path
 
-    from mm_models import load
-    from mm_models.io import build_loaded, read_config
-    from train.export import CheckpointError, consolidate, read_meta, resolve_step_dir
+    from mm_models.io import read_config
+    from train.export import CheckpointError, read_meta, resolve_step_dir
 
     path = Path(checkpoint)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise CheckpointError(f"checkpoint={path}: no such file")
-        return load(path), read_config(path)
+        return read_config(path)
+    meta = read_meta(resolve_step_dir(path))
+    return {**meta["config"], "step": meta.get("step")}
+
+
+def load_for_eval(checkpoint: str, *, trust: bool = False) -> tuple[torch.nn.Module, dict]:
+    """A plain fp32 model (PretrainModel or ClassifierModel) on CPU and the training config it was saved
+    with (saved_config), from a checkpoint directory (consolidated as
+    `train.export` does) or an exported .safetensors."""
+    from pathlib import Path
+
+    from mm_models import load
+    from mm_models.io import build_loaded
+    from train.export import CheckpointError, consolidate, resolve_step_dir
+
+    config = saved_config(checkpoint)
+    path = Path(checkpoint)
+    if path.suffix == ".safetensors":
+        return load(path), config
     step_dir = resolve_step_dir(path)
-    meta = read_meta(step_dir)
-    config = {**meta["config"], "step": meta.get("step")}
     state = consolidate(step_dir, trust=trust)  # verified before anything is unpickled
     try:
         model = build_loaded(config, state)

@@ -191,7 +191,12 @@ class ShardBatches:
                     raise item
                 yield item
         finally:
-            self._stop.set()
+            self.close()
+
+    def close(self) -> None:
+        """Stops reading ahead (the thread ends at its next hand-over, and
+        the loaders it holds with it)."""
+        self._stop.set()
 
 
 def write_part(rows: list[dict], path: Path, fmt: str) -> None:
@@ -228,20 +233,14 @@ def concat_parts(parts: list[Path], out: Path, fmt: str) -> None:
 def load_model(
     checkpoint: str, *, device: torch.device, max_memory: str | None, offload_dir: Path, trust: bool = False
 ):
-    """(model, training config): plain, or dispatched by accelerate with max_memory."""
+    """The model: plain, or dispatched by accelerate with max_memory."""
     if not max_memory:
         from train.evaluate import load_for_eval
 
-        model, config = load_for_eval(checkpoint, trust=trust)
-        return model.to(device), config
-    if not checkpoint.endswith(".safetensors"):
-        raise PredictError("max_memory= needs an exported .safetensors (python -m train.export)")
-    from mm_models.io import read_config
+        return load_for_eval(checkpoint, trust=trust)[0].to(device)
     from train.inference import load_dispatched, parse_max_memory
 
-    return load_dispatched(checkpoint, max_memory=parse_max_memory(max_memory), offload_dir=offload_dir), read_config(
-        checkpoint
-    )
+    return load_dispatched(checkpoint, max_memory=parse_max_memory(max_memory), offload_dir=offload_dir)
 
 
 def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
@@ -253,6 +252,7 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     from data_pipeline.sources import expand_shards, shard_sizes
     from train.batch import to_device
     from train.cli import data_config
+    from train.evaluate import saved_config
 
     fmt, embed = args.format, args.embed
     if fmt == "parquet":
@@ -267,14 +267,10 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     rank, world = rank_and_world()
     out_dir = Path(args.out)
     parts_dir = out_dir / "parts"
+    if args.max_memory and not args.checkpoint.endswith(".safetensors"):
+        raise PredictError("max_memory= needs an exported .safetensors (python -m train.export)")
     device = torch.device(args.device)
-    model, config = load_model(
-        args.checkpoint,
-        device=device,
-        max_memory=args.max_memory,
-        offload_dir=out_dir / "offload" / f"rank{rank}",
-        trust=args.trust_checkpoint,
-    )
+    config = saved_config(args.checkpoint)  # the weights load once the data workers are started
     task = config.get("task") or {}
     classify = task.get("name") == "classify"
     if not embed and not classify:
@@ -310,6 +306,18 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
             modalities=reads,
         ),
     )
+    try:
+        # The workers fork and decode the first batches while the weights load.
+        model = load_model(
+            args.checkpoint,
+            device=device,
+            max_memory=args.max_memory,
+            offload_dir=out_dir / "offload" / f"rank{rank}",
+            trust=args.trust_checkpoint,
+        )
+    except BaseException:
+        batches.close()
+        raise
     rows: list[dict] = []
     with torch.no_grad():
         for i, batch, shard_skips in batches:
