@@ -8,10 +8,12 @@ With PROBE_NAN_RANK=r and PROBE_NAN_STEP=s (and PROBE_NAN_MICRO=m, default
 one rank only); r or m "all": every rank, every micro batch of the step.
 
 Writes OUT/probe.json (per-rank parameter counts, whether the partitioned
-initialisation equals the plain one, per-step losses (None: skipped), each
-rank's digest of its final weights) and OUT/live_embeddings.pt
-(the live engine's embeddings of the first held-out batch), and saves a
-checkpoint of the final step under OUT/checkpoints.
+initialisation equals the plain one, per-step losses (None: skipped) and
+gradient norms, each rank's digest of its final weights) and
+OUT/live_embeddings.pt (the live engine's embeddings of the first held-out
+batch), with PROBE_SAVE_WEIGHTS=1 also OUT/final_weights.pt (the final
+weights, whole), and saves a checkpoint of the final step under
+OUT/checkpoints.
 """
 
 from __future__ import annotations
@@ -152,13 +154,15 @@ def main(out: Path, overrides: list[str]) -> None:
     accum = ds_config["gradient_accumulation_steps"]
     chunks = contrastive_chunks(t_cfg, info.world_size, accum=accum)  # gradient caching when > 1
     syncs = HostSyncs() if os.environ.get("PROBE_COUNT_SYNCS") else None
-    losses, state_digests, syncs_per_step = [], [], []
+    losses, state_digests, syncs_per_step, grad_norms = [], [], [], []
     for step in range(1, t_cfg.max_steps + 1):
         current["step"] = step
         before = syncs.count if syncs else 0
         step_losses, _ = train_step(engine, batches, accum=accum, device=engine.device, dtype=dtype, chunks=chunks)
         syncs_per_step.append(syncs.count - before if syncs else None)
         state_digests.append(state_digest())
+        norm = engine.get_global_grad_norm()
+        grad_norms.append(None if norm is None else float(norm))
         if step_losses is None:
             losses.append(None)
             continue
@@ -182,8 +186,12 @@ def main(out: Path, overrides: list[str]) -> None:
         loader_state=loader.state_dict(),
         rank=info.rank,
     )
+    weights = full_weights(model)
+    zero_optimizer = engine.optimizer if engine.zero_optimization_stage() in (1, 2) else None
     if info.is_main:
         torch.save(embeds, out / "live_embeddings.pt")
+        if os.environ.get("PROBE_SAVE_WEIGHTS"):
+            torch.save(weights, out / "final_weights.pt")
         report = {
             "local_numel": locals_,
             "total_numel": parameter_total(model),
@@ -198,6 +206,11 @@ def main(out: Path, overrides: list[str]) -> None:
             "lr": engine.get_lr()[0],
             "accum": ds_config["gradient_accumulation_steps"],
             "micro_batch": ds_config["train_micro_batch_size_per_gpu"],
+            "grad_norms": grad_norms,
+            # ZeRO-1/2: whether gradients went through the flat partition buffer (train/zero_fastpath.py)
+            "flat_gradients": None
+            if zero_optimizer is None
+            else zero_optimizer._use_compact_grad_partition_buffer(0),
         }
         (out / "probe.json").write_text(json.dumps(report) + "\n")
     dist.barrier()

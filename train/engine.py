@@ -208,6 +208,9 @@ def build_deepspeed_config(
             overlap_comm=False,
             contiguous_gradients=True,
         )
+    if ds.stage in (1, 2) and ds.flat_gradients and ds.offload_optimizer == "none":
+        # One all-reduce per bucket, added into the flat partition buffer (train/zero_fastpath.py).
+        zero["reduce_scatter"] = False
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": torch.cuda.is_available()}
     if ds.offload_param != "none":
@@ -318,6 +321,10 @@ def build_engine(
     """Wraps the model in a DeepSpeed engine with AdamW and warmup-cosine."""
     import deepspeed
 
+    if ds_config["zero_optimization"].get("reduce_scatter") is False:  # build_deepspeed_config: flat_gradients
+        from train import zero_fastpath
+
+        zero_fastpath.apply()
     opt = build_optimizer(model, optimizer, cpu_offload=offloads_optimizer(ds_config), lr_scales=lr_scales)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=build_schedule(opt, optimizer, total_steps), config=ds_config
