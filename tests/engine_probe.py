@@ -208,9 +208,7 @@ def main(out: Path, overrides: list[str]) -> None:
             "micro_batch": ds_config["train_micro_batch_size_per_gpu"],
             "grad_norms": grad_norms,
             # ZeRO-1/2: whether gradients went through the flat partition buffer (train/zero_fastpath.py)
-            "flat_gradients": None
-            if zero_optimizer is None
-            else zero_optimizer._use_compact_grad_partition_buffer(0),
+            "flat_gradients": None if zero_optimizer is None else zero_optimizer._use_compact_grad_partition_buffer(0),
         }
         (out / "probe.json").write_text(json.dumps(report) + "\n")
     dist.barrier()

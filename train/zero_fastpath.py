@@ -21,14 +21,16 @@ directly, and which step() hands to the optimizer as it is (its
    so the second copy and the flattening are gone;
 2. takes the gradient norm of that flat buffer in one pass, in fp32 (torch
    sums in blocks, so the result matches the per-parameter fp64 norms to
-   float precision), instead of one fp64 copy and norm per parameter.
+   float precision), instead of one fp64 copy and norm per parameter;
+3. keeps that buffer from one optimizer step to the next (zeroed) instead
+   of allocating it anew for each.
 
 train.engine also sets `reduce_scatter: false` for stages 1 and 2: one
 all-reduce of each bucket, whose result is added into the flat buffer,
 instead of one reduce per destination rank followed by a flatten and a
 copy back into the bucket.
 
-The patch replaces two methods of DeepSpeedZeroOptimizer, once per
+The patch wraps three methods of DeepSpeedZeroOptimizer, once per
 process, and checks that the DeepSpeed release is one it was written
 against: on another, it is not applied (a warning says so) and DeepSpeed
 runs as it ships. tests/test_zero_fastpath.py compares training with and
@@ -87,6 +89,23 @@ def _flat_norm(original):
     return get_grad_norm_direct
 
 
+def _reused_buffer(original):
+    def build_compact_grad_partition_buffer(self, group_idx):
+        # DeepSpeed allocates the buffer afresh for every optimizer step: a
+        # new zeroed allocation of the whole partition (the kernel maps and
+        # faults in every page again), about as costly as a gradient copy.
+        # The buffer is free again once step() has run, so keep it and zero it.
+        kept = self.__dict__.setdefault("_kept_flat_grad_buffers", {})
+        group = kept.get(group_idx)
+        if group is None or group.flat_partition.device != torch.device(self.device):
+            group = kept[group_idx] = original(self, group_idx)
+        else:
+            group.flat_partition.zero_()
+        return group
+
+    return build_compact_grad_partition_buffer
+
+
 def apply() -> bool:
     """Patches DeepSpeedZeroOptimizer (once per process); False where this
     DeepSpeed release is not one the patch was written against."""
@@ -95,7 +114,12 @@ def apply() -> bool:
     import deepspeed
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
 
-    needed = ("_use_compact_grad_partition_buffer", "get_grad_norm_direct", "_get_preflattened_grad_partition")
+    needed = (
+        "_use_compact_grad_partition_buffer",
+        "_build_compact_grad_partition_buffer",
+        "get_grad_norm_direct",
+        "_get_preflattened_grad_partition",
+    )
     if not deepspeed.__version__.startswith(TESTED_RELEASES) or not all(hasattr(Zero, n) for n in needed):
         log.warning(
             "DeepSpeed %s: the ZeRO-1/2 gradient fast path was written for %s; running DeepSpeed's own path",
@@ -105,5 +129,6 @@ def apply() -> bool:
         return False
     Zero._use_compact_grad_partition_buffer = _compact_for_fp32(Zero._use_compact_grad_partition_buffer)
     Zero.get_grad_norm_direct = _flat_norm(Zero.get_grad_norm_direct)
+    Zero._build_compact_grad_partition_buffer = _reused_buffer(Zero._build_compact_grad_partition_buffer)
     _state["applied"] = True
     return True
