@@ -20,9 +20,10 @@ Comparisons, each as engine samples/s ÷ baseline samples/s:
   zero2_vs_ddp          2 processes, against torch DistributedDataParallel
 
 Every variant runs in its own torchrun job, one after another, so none
-shares the CPU with another; the whole set runs --repeats times, and each
-ratio is the median over the repeats (each repeat's ratio from its own
-runs), with its smallest and largest. The last line of output is one JSON
+shares the CPU with another. The machine's speed drifts, so each engine run
+sits between two baseline runs (plain loop, or DDP) and is compared with
+their mean. The whole set runs --repeats times, and each ratio is the
+median over the repeats, with its smallest and largest. The last line of output is one JSON
 object: {"zero0": ..., "zero1": ..., "zero2": ..., "zero2_vs_ddp": ...,
 "spread": {...}, "samples_per_s": {...}}.
 """
@@ -196,12 +197,24 @@ def main() -> None:
     runs: list[dict] = []
     for repeat in range(args.repeats):
         print(f"repeat {repeat + 1} of {args.repeats}", file=sys.stderr)
-        sps = {v: run_variant(v, 1, args) for v in ("plain", "zero0", "zero1", "zero2")}
-        sps.update({f"{v}_2proc": run_variant(v, 2, args) for v in ("ddp", "zero2")})
-        runs.append(sps)
+        # The machine's speed drifts by tens of percent within a minute: each
+        # engine run sits between two baseline runs and is compared with their mean.
+        sps: dict[str, float] = {}
+        before = run_variant("plain", 1, args)
+        baselines = [before]
         for stage in ("zero0", "zero1", "zero2"):
-            ratios[stage].append(sps[stage] / sps["plain"])
-        ratios["zero2_vs_ddp"].append(sps["zero2_2proc"] / sps["ddp_2proc"])
+            sps[stage] = run_variant(stage, 1, args)
+            after = run_variant("plain", 1, args)
+            baselines.append(after)
+            ratios[stage].append(sps[stage] / ((before + after) / 2))
+            before = after
+        ddp_before = run_variant("ddp", 2, args)
+        sps["zero2_2proc"] = run_variant("zero2", 2, args)
+        ddp_after = run_variant("ddp", 2, args)
+        ratios["zero2_vs_ddp"].append(sps["zero2_2proc"] / ((ddp_before + ddp_after) / 2))
+        sps["plain"] = sum(baselines) / len(baselines)
+        sps["ddp_2proc"] = (ddp_before + ddp_after) / 2
+        runs.append(sps)
 
     def median(values: list[float]) -> float:
         return sorted(values)[len(values) // 2]

@@ -336,12 +336,13 @@ def test_each_rank_draws_its_own_random_stream_and_a_rerun_draws_the_same():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("stage", ["zero1", "zero2"])
-def test_the_flat_gradient_path_trains_exactly_as_deepspeeds_own(demo_shards, tmp_path, stage):
+@pytest.mark.parametrize(("stage", "precision"), [("zero1", "fp32"), ("zero2", "fp32"), ("zero2", "bf16")])
+def test_the_flat_gradient_path_trains_exactly_as_deepspeeds_own(demo_shards, tmp_path, stage, precision):
     """train/zero_fastpath.py (ZeRO-1/2 gradients reduced straight into a
-    flat partition buffer, its norm in one pass) against DeepSpeed's own
-    gradient path, on 2 ranks with accumulation 2: the same losses, gradient
-    norms and final weights, and the flat path was really taken."""
+    flat partition buffer, kept from step to step, its norm in one pass)
+    against DeepSpeed's own gradient path, on 2 ranks with accumulation 2:
+    the same losses, gradient norms and final weights, and the flat path
+    was really taken (in bf16, a bf16 buffer)."""
     runs = {}
     for flat in (True, False):
         out = tmp_path / f"flat_{flat}"
@@ -349,6 +350,7 @@ def test_the_flat_gradient_path_trains_exactly_as_deepspeeds_own(demo_shards, tm
             out,
             demo_shards,
             f"deepspeed={stage}",
+            f"deepspeed.precision={precision}",
             f"deepspeed.flat_gradients={str(flat).lower()}",
             "trainer.max_steps=4",
             "trainer.grad_accum_steps=2",
@@ -358,10 +360,11 @@ def test_the_flat_gradient_path_trains_exactly_as_deepspeeds_own(demo_shards, tm
         runs[flat] = report, torch.load(out / "final_weights.pt")
     (fast, fast_weights), (own, own_weights) = runs[True], runs[False]
     assert fast["flat_gradients"] is True and own["flat_gradients"] is False
-    assert fast["losses"] == pytest.approx(own["losses"], rel=1e-5)
+    tol = 1e-5 if precision == "fp32" else 2e-3
+    assert fast["losses"] == pytest.approx(own["losses"], rel=tol)
     assert all(n > 0.05 for n in own["grad_norms"]), own["grad_norms"]  # every step clipped
-    assert fast["grad_norms"] == pytest.approx(own["grad_norms"], rel=1e-5)
+    assert fast["grad_norms"] == pytest.approx(own["grad_norms"], rel=tol)
     assert fast_weights.keys() == own_weights.keys()
     for name, w in own_weights.items():
-        torch.testing.assert_close(fast_weights[name], w, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(fast_weights[name].float(), w.float(), rtol=tol, atol=tol / 10, msg=name)
     assert fast["weight_digests"][0] == fast["weight_digests"][1]

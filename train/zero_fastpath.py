@@ -17,8 +17,10 @@ optimizer partition, to which each bucket reduction adds this rank's slice
 directly, and which step() hands to the optimizer as it is (its
 `flat_partition`). This patch:
 
-1. takes that path for fp32 weights too (no CPU offload; not for Muon),
-   so the second copy and the flattening are gone;
+1. takes that path too where gradients accumulate in the weights' own
+   dtype, fp32 or bf16 (no CPU offload; not for Muon), so the second copy
+   and the flattening are gone (in bf16 the buffer is bf16, and step()
+   converts it to fp32 as it converted the flattened copy);
 2. takes the gradient norm of that flat buffer in one pass, in fp32 (torch
    sums in blocks, so the result matches the per-parameter fp64 norms to
    float precision), instead of one fp64 copy and norm per parameter;
@@ -55,9 +57,12 @@ def _compact_for_fp32(original):
     def use_compact_grad_partition_buffer(self, group_idx):
         if original(self, group_idx):
             return True
-        if self.cpu_offload or getattr(self, "gradient_accumulation_dtype", None) != torch.float32:
+        # Gradients accumulated in the weights' own dtype (fp32, or bf16 as
+        # DeepSpeed does by default); not with offload, not fp16 (whose
+        # overflow checks are left to DeepSpeed's own path).
+        if self.cpu_offload or self.dtype not in (torch.float32, torch.bfloat16):
             return False
-        if self.dtype != torch.float32:
+        if getattr(self, "gradient_accumulation_dtype", None) != self.dtype:
             return False
         params = self.params_in_partition[group_idx]
         return not (params and self._is_muon_group(params))
