@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from data_pipeline.config import MODES, DataConfig, worker_count
-from data_pipeline.decode import MODALITIES, log_mel, mel_filterbank, scale_pixels, warm_decoders
+from data_pipeline.decode import MODALITIES, fit_wave, log_mel, mel_filterbank, scale_pixels, warm_decoders
 from data_pipeline.labels import LabelSpec
 from data_pipeline.plan import Pool, batches_per_rank, consumed_by_worker, epoch_plan, pool_size, remaining
 from data_pipeline.sources import expand_shards, shard_sizes
@@ -38,7 +38,8 @@ def collate(
 
     A sample's image is float in [-1, 1] (decode_image) or uint8 pixels
     (image_pixels, as decode_sample gives it); its audio a log-mel
-    (decode_audio) or a fitted waveform (audio_wave). The uint8 images are
+    (decode_audio) or a mono waveform at cfg.sample_rate (audio_wave's,
+    already cropped or padded to cfg.audio_samples; any other is). The uint8 images are
     scaled, and the waveforms' log-mels taken, here for the batch at once."""
     b = len(samples)
     batch = {
@@ -84,7 +85,9 @@ def collate(
         batch["image"][rows] = scale_pixels(torch.stack([p for _, p in pixels]))
     if waves:
         rows = torch.tensor([i for i, _ in waves])
-        batch["audio"][rows] = log_mel(torch.stack([w for _, w in waves]), cfg)
+        n = cfg.audio_samples  # audio_wave's are fitted already; a caller's own waveform is fitted here
+        fitted = [w if w.numel() == n and w.dtype == torch.float32 else fit_wave(w.numpy(), n) for _, w in waves]
+        batch["audio"][rows] = log_mel(torch.stack(fitted), cfg)
     return batch
 
 

@@ -57,6 +57,24 @@ def test_deepspeed_json_carries_batch_precision_and_offload():
     assert _ds_json(precision="fp32")["bf16"]["enabled"] is False
 
 
+def test_the_flat_gradient_path_is_asked_for_only_where_it_applies():
+    """ZeRO-1/2 in fp32 or bf16 without optimizer offload: one all-reduce per
+    bucket (reduce_scatter false), which is also what switches
+    train/zero_fastpath.py on for that engine; elsewhere DeepSpeed's defaults."""
+    for stage in (1, 2):
+        for precision in ("fp32", "bf16"):
+            assert _ds_json(stage=stage, precision=precision)["zero_optimization"]["reduce_scatter"] is False
+        assert (
+            "reduce_scatter" not in _ds_json(stage=stage, precision="fp32", flat_gradients=False)["zero_optimization"]
+        )
+        assert (
+            "reduce_scatter"
+            not in _ds_json(stage=stage, precision="fp32", offload_optimizer="cpu")["zero_optimization"]
+        )
+    for stage in (0, 3):
+        assert "reduce_scatter" not in _ds_json(stage=stage, precision="fp32")["zero_optimization"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 needs CUDA")
 def test_fp16_uses_dynamic_loss_scaling():
     fp16 = _ds_json(precision="fp16", initial_scale_power=12)["fp16"]

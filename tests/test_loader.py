@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from data_pipeline import ByteTokenizer, DataConfig, build_loader
+from data_pipeline import ByteTokenizer, DataConfig, build_loader, collate
 from data_pipeline.sources import expand_shards
 
 
@@ -351,3 +351,25 @@ def test_image_pixels_keep_each_pixel_and_channel_in_place():
     assert torch.equal(centre, torch.tensor([10, 200, 30], dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8))
     scaled = decode_image(png(rgb), size=16)
     torch.testing.assert_close(scaled, torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def test_collate_fits_a_callers_own_waveform():
+    """A waveform handed to collate() that is not audio_wave's (another
+    length, float64) is cropped or padded first: its row equals the
+    single-clip log-mel."""
+    import numpy as np
+
+    from data_pipeline.decode import log_mel
+
+    cfg = DataConfig(sample_rate=16000, n_fft=512, n_mels=32, audio_frames=48, hop_length=320)
+    rng = np.random.default_rng(2)
+    short, long = rng.normal(0, 0.1, 9000), rng.normal(0, 0.1, 40000)  # float64
+    batch = collate(
+        [
+            {"__key__": k, "image": None, "audio": torch.from_numpy(w), "text": None}
+            for k, w in (("s", short), ("l", long))
+        ],
+        cfg=cfg,
+    )
+    for row, wav in zip(batch["audio"], (short, long)):
+        torch.testing.assert_close(row, log_mel(wav, cfg), atol=1e-5, rtol=0)

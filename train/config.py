@@ -161,10 +161,10 @@ class DeepSpeedConfig:
     min_loss_scale: float = 1.0
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
-    # ZeRO-1/2: reduce each gradient bucket straight into a flat buffer laid
-    # out as this rank's optimizer partition, and take the gradient norm of
-    # that buffer in one pass (train/zero_fastpath.py); false runs
-    # DeepSpeed's own gradient path.
+    # ZeRO-1/2 in fp32 or bf16 without optimizer offload: reduce each
+    # gradient bucket straight into a flat buffer laid out as this rank's
+    # optimizer partition, and take the gradient norm of that buffer in one
+    # pass (train/zero_fastpath.py); false runs DeepSpeed's own gradient path.
     flat_gradients: bool = True
 
 

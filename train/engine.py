@@ -208,7 +208,7 @@ def build_deepspeed_config(
             overlap_comm=False,
             contiguous_gradients=True,
         )
-    if ds.stage in (1, 2) and ds.flat_gradients and ds.offload_optimizer == "none":
+    if ds.stage in (1, 2) and ds.flat_gradients and ds.offload_optimizer == "none" and precision != "fp16":
         # One all-reduce per bucket, added into the flat partition buffer (train/zero_fastpath.py).
         zero["reduce_scatter"] = False
     if ds.offload_optimizer != "none":
@@ -324,7 +324,8 @@ def build_engine(
     if ds_config["zero_optimization"].get("reduce_scatter") is False:  # build_deepspeed_config: flat_gradients
         from train import zero_fastpath
 
-        zero_fastpath.apply()
+        if not zero_fastpath.apply():  # another DeepSpeed release: its own path, as it ships
+            del ds_config["zero_optimization"]["reduce_scatter"]
     opt = build_optimizer(model, optimizer, cpu_offload=offloads_optimizer(ds_config), lr_scales=lr_scales)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=build_schedule(opt, optimizer, total_steps), config=ds_config

@@ -281,7 +281,6 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     data = data_config(config.get("data", {}), data_overrides)
     urls = expand_shards(args.shards, allow_pipe=data.allow_pipe)
     sizes = shard_sizes(urls)
-    parts_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to predict
     mine = my_shards(len(urls), rank=rank, world=world)
     batch_size = args.batch_size
     classes = list(task.get("classes") or [])
@@ -318,6 +317,7 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     except BaseException:
         batches.close()
         raise
+    parts_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to predict, and a model
     rows: list[dict] = []
     with torch.no_grad():
         for i, batch, shard_skips in batches:

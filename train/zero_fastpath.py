@@ -33,10 +33,16 @@ instead of one reduce per destination rank followed by a flatten and a
 copy back into the bucket.
 
 The patch wraps three methods of DeepSpeedZeroOptimizer, once per
-process, and checks that the DeepSpeed release is one it was written
-against: on another, it is not applied (a warning says so) and DeepSpeed
-runs as it ships. tests/test_zero_fastpath.py compares training with and
-without it.
+process; each wrapper acts only for an optimizer built with
+`reduce_scatter: false` (what train.engine sets for flat_gradients), so an
+engine built with `deepspeed.flat_gradients=false` in the same process runs
+DeepSpeed's own path. apply() checks that the DeepSpeed release is one it
+was written against: on another it patches nothing (a warning says so) and
+train.engine keeps DeepSpeed's defaults. The kept buffer stays allocated
+between steps (DeepSpeed freed it after each step): one partition of
+gradients per parameter group. tests/test_engine.py
+(test_the_flat_gradient_path_trains_exactly_as_deepspeeds_own) compares
+training with and without the patch.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ def _compact_for_fp32(original):
     def use_compact_grad_partition_buffer(self, group_idx):
         if original(self, group_idx):
             return True
+        if self.reduce_scatter:  # this engine runs DeepSpeed's own path (deepspeed.flat_gradients=false)
+            return False
         # Gradients accumulated in the weights' own dtype (fp32, or bf16 as
         # DeepSpeed does by default); not with offload, not fp16 (whose
         # overflow checks are left to DeepSpeed's own path).
@@ -75,6 +83,7 @@ def _flat_norm(original):
         flat = getattr(gradients, "flat_partition", None)
         simple = (
             flat is not None
+            and not self.reduce_scatter
             and float(norm_type) == 2.0
             and self.model_parallel_world_size == 1
             and not any(getattr(p, "ds_pipe_replicated", False) for p in params)
@@ -100,6 +109,8 @@ def _reused_buffer(original):
         # new zeroed allocation of the whole partition (the kernel maps and
         # faults in every page again), about as costly as a gradient copy.
         # The buffer is free again once step() has run, so keep it and zero it.
+        if self.reduce_scatter:
+            return original(self, group_idx)
         kept = self.__dict__.setdefault("_kept_flat_grad_buffers", {})
         group = kept.get(group_idx)
         if group is None or group.flat_partition.device != torch.device(self.device):
@@ -120,6 +131,7 @@ def apply() -> bool:
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
 
     needed = (
+        "_add_full_reduction_to_compact_grad_partition",  # what puts each reduced bucket into the buffer
         "_use_compact_grad_partition_buffer",
         "_build_compact_grad_partition_buffer",
         "get_grad_norm_direct",
