@@ -238,6 +238,18 @@ def results_table(results: dict) -> str:
 # -- `python -m train.evaluate checkpoint=PATH [data.KEY=VALUE ...] [batch_size=N]` --------------
 
 
+def resolve_checkpoint(checkpoint: str) -> str:
+    """An exported .safetensors as given; a checkpoint directory as the step
+    directory it names now (see train.export.resolve_step_dir), so that the
+    config and the weights read after it come from the same step even if a
+    running job writes a newer one meanwhile."""
+    from pathlib import Path
+
+    from train.export import resolve_step_dir
+
+    return checkpoint if Path(checkpoint).suffix == ".safetensors" else str(resolve_step_dir(Path(checkpoint)))
+
+
 def saved_config(checkpoint: str) -> dict:
     """The training config a checkpoint directory or an exported .safetensors
     was saved with (model, fusion, objective, data, task, and the step),
@@ -264,18 +276,17 @@ def load_for_eval(checkpoint: str, *, trust: bool = False) -> tuple[torch.nn.Mod
 
     from mm_models import load
     from mm_models.io import build_loaded
-    from train.export import CheckpointError, consolidate, resolve_step_dir
+    from train.export import CheckpointError, consolidate
 
-    config = saved_config(checkpoint)
-    path = Path(checkpoint)
+    path = Path(resolve_checkpoint(checkpoint))
+    config = saved_config(str(path))
     if path.suffix == ".safetensors":
         return load(path), config
-    step_dir = resolve_step_dir(path)
-    state = consolidate(step_dir, trust=trust)  # verified before anything is unpickled
+    state = consolidate(path, trust=trust)  # the step directory; verified before anything is unpickled
     try:
         model = build_loaded(config, state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{step_dir}: its config and weights do not make a model: {e}") from None
+        raise CheckpointError(f"{path}: its config and weights do not make a model: {e}") from None
     return model.eval(), config
 
 

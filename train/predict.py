@@ -252,7 +252,7 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     from data_pipeline.sources import expand_shards, shard_sizes
     from train.batch import to_device
     from train.cli import data_config
-    from train.evaluate import saved_config
+    from train.evaluate import resolve_checkpoint, saved_config
 
     fmt, embed = args.format, args.embed
     if fmt == "parquet":
@@ -270,7 +270,8 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     if args.max_memory and not args.checkpoint.endswith(".safetensors"):
         raise PredictError("max_memory= needs an exported .safetensors (python -m train.export)")
     device = torch.device(args.device)
-    config = saved_config(args.checkpoint)  # the weights load once the data workers are started
+    checkpoint = resolve_checkpoint(args.checkpoint)  # one step for the config and the weights
+    config = saved_config(checkpoint)  # the weights load once the data workers are started
     task = config.get("task") or {}
     classify = task.get("name") == "classify"
     if not embed and not classify:
@@ -308,7 +309,7 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     try:
         # The workers fork and decode the first batches while the weights load.
         model = load_model(
-            args.checkpoint,
+            checkpoint,
             device=device,
             max_memory=args.max_memory,
             offload_dir=out_dir / "offload" / f"rank{rank}",

@@ -59,7 +59,7 @@ TESTED_RELEASES = ("0.19.",)
 _state = {"applied": False}
 
 
-def _compact_for_fp32(original):
+def _compact_in_own_dtype(original):
     def use_compact_grad_partition_buffer(self, group_idx):
         if original(self, group_idx):
             return True
@@ -144,7 +144,7 @@ def apply() -> bool:
             " / ".join(r + "x" for r in TESTED_RELEASES),
         )
         return False
-    Zero._use_compact_grad_partition_buffer = _compact_for_fp32(Zero._use_compact_grad_partition_buffer)
+    Zero._use_compact_grad_partition_buffer = _compact_in_own_dtype(Zero._use_compact_grad_partition_buffer)
     Zero.get_grad_norm_direct = _flat_norm(Zero.get_grad_norm_direct)
     Zero._build_compact_grad_partition_buffer = _reused_buffer(Zero._build_compact_grad_partition_buffer)
     _state["applied"] = True
