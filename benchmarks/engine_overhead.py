@@ -19,13 +19,16 @@ Comparisons, each as engine samples/s ÷ baseline samples/s:
   zero0, zero1, zero2   1 process, against the plain loop
   zero2_vs_ddp          2 processes, against torch DistributedDataParallel
 
-Every variant runs in its own torchrun job, one after another, so none
-shares the CPU with another. The machine's speed drifts, so each engine run
-sits between two baseline runs (plain loop, or DDP) and is compared with
-their mean. The whole set runs --repeats times, and each ratio is the
-median over the repeats, with its smallest and largest. The last line of output is one JSON
-object: {"zero0": ..., "zero1": ..., "zero2": ..., "zero2_vs_ddp": ...,
-"spread": {...}, "samples_per_s": {...}}.
+Each comparison runs in its own torchrun job, one after another, so none
+shares the CPU with another. Inside it, the engine and its baseline are
+built side by side and take turns, step by step (engine, baseline,
+baseline, engine, ...): this machine's speed drifts by tens of percent
+within a minute, and separate runs of the two compared the drift more than
+the code. Each side's step seconds are summed; the ratio is baseline
+seconds ÷ engine seconds. The whole set runs --repeats times, and each
+ratio is the median over the repeats, with its smallest and largest. The
+last line of output is one JSON object: {"zero0": ..., "zero1": ...,
+"zero2": ..., "zero2_vs_ddp": ..., "spread": {...}, "samples_per_s": {...}}.
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ def fixed_batch(model_cfg, b: int) -> dict:
     }
 
 
-def worker(variant: str, args) -> None:
-    """One variant, inside torchrun: prints RESULT {"variant", "samples_per_s"} on rank 0."""
+def worker(pair: str, args) -> None:
+    """One comparison, inside torchrun: builds the engine and its baseline in
+    this process and alternates their steps; prints RESULT {"pair",
+    "engine_s", "baseline_s"} (summed step seconds) on rank 0."""
     import itertools
 
     import torch
@@ -81,7 +86,7 @@ def worker(variant: str, args) -> None:
     from train.step import train_step
 
     info = init_distributed()
-    stage = variant if variant.startswith("zero") else "zero0"  # plain and ddp: the precision is what matters
+    stage = "zero2" if pair == "zero2_vs_ddp" else pair
     cfg = OmegaConf.to_object(
         compose(
             [
@@ -95,7 +100,6 @@ def worker(variant: str, args) -> None:
     )
     validate(cfg)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
-    seed_everything(0)
     ds_config = build_deepspeed_config(
         ds=cfg.deepspeed, trainer=cfg.trainer, optimizer=cfg.optimizer, world_size=info.world_size
     )
@@ -106,49 +110,66 @@ def worker(variant: str, args) -> None:
     def build() -> PretrainModel:
         return PretrainModel(cfg.model, cfg.fusion, cfg.objective, gather=feature_gather(info))
 
-    if variant.startswith("zero"):
-        engine = build_engine(
-            build_model(build, ds_config=ds_config), ds_config=ds_config, optimizer=o, total_steps=cfg.trainer.max_steps
-        )
-        accum = batch_sizes(cfg.trainer, info.world_size)[1]
-        batches = itertools.repeat(batch)
+    # The engine, exactly as python -m train builds it.
+    seed_everything(0)
+    engine = build_engine(
+        build_model(build, ds_config=ds_config), ds_config=ds_config, optimizer=o, total_steps=cfg.trainer.max_steps
+    )
+    accum = batch_sizes(cfg.trainer, info.world_size)[1]
+    batches = itertools.repeat(batch)
 
-        def step() -> None:
-            train_step(engine, batches, accum=accum, device=engine.device, dtype=dtype)
-    else:  # plain or ddp: the loop a user would write without DeepSpeed
-        model = build()
-        model.init_weights()
-        opt = build_optimizer(model, o)  # the engine's own torch AdamW: the comparison is DeepSpeed alone
-        sched = build_schedule(opt, o, cfg.trainer.max_steps)
-        net = torch.nn.parallel.DistributedDataParallel(model) if variant == "ddp" else model
-        amp = dtype != torch.float32
+    def engine_step() -> None:
+        train_step(engine, batches, accum=accum, device=engine.device, dtype=dtype)
 
-        def step() -> None:
-            with torch.autocast("cpu", dtype=dtype, enabled=amp):
-                loss = net(batch)["loss"]
-            if not torch.isfinite(loss.detach()).item():  # train.step's one decision per step
-                return
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+    # The loop a user would write without DeepSpeed (DDP across processes),
+    # with the same init and the engine's own torch AdamW: the comparison is
+    # DeepSpeed alone. Precision: autocast to the engine's compute dtype.
+    seed_everything(0)
+    model = build()
+    model.init_weights()
+    opt = build_optimizer(model, o)
+    sched = build_schedule(opt, o, cfg.trainer.max_steps)
+    net = torch.nn.parallel.DistributedDataParallel(model) if pair == "zero2_vs_ddp" else model
+    amp = dtype != torch.float32
+
+    def baseline_step() -> None:
+        with torch.autocast("cpu", dtype=dtype, enabled=amp):
+            loss = net(batch)["loss"]
+        if not torch.isfinite(loss.detach()).item():  # train.step's one decision per step
+            return
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    def timed(step) -> float:
+        dist.barrier()
+        t = time.perf_counter()
+        step()
+        dist.barrier()
+        return time.perf_counter() - t
 
     for _ in range(args.warmup):
-        step()
-    dist.barrier()
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    dist.barrier()
-    elapsed = time.perf_counter() - t
+        engine_step()
+        baseline_step()
+    # The machine's speed drifts by tens of percent within a minute: the two
+    # alternate step by step (in the order ABBA, so a steady drift weighs on
+    # both alike), and each side's seconds are summed over its steps.
+    spent = {"engine": 0.0, "baseline": 0.0}
+    for i in range(args.steps):
+        order = ("engine", "baseline") if i % 2 == 0 else ("baseline", "engine")
+        for side in order:
+            spent[side] += timed(engine_step if side == "engine" else baseline_step)
     if info.is_main:
-        samples = args.steps * cfg.trainer.micro_batch_size * info.world_size
-        print(RESULT + json.dumps({"variant": variant, "samples_per_s": samples / elapsed}), flush=True)
+        print(
+            RESULT + json.dumps({"pair": pair, "engine_s": spent["engine"], "baseline_s": spent["baseline"]}),
+            flush=True,
+        )
     dist.destroy_process_group()
 
 
-def run_variant(variant: str, nproc: int, args) -> float:
+def run_pair(pair: str, nproc: int, args) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -157,7 +178,7 @@ def run_variant(variant: str, nproc: int, args) -> float:
         f"--nproc_per_node={nproc}",
         str(Path(__file__).resolve()),
         "--worker",
-        variant,
+        pair,
         "--precision",
         args.precision,
         "--model",
@@ -174,10 +195,17 @@ def run_variant(variant: str, nproc: int, args) -> float:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT)]
     if proc.returncode != 0 or not lines:
-        sys.exit(f"{variant} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    value = json.loads(lines[-1].removeprefix(RESULT))["samples_per_s"]
-    print(f"{variant:<6} {nproc} proc  {value:8.2f} samples/s   ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
-    return value
+        sys.exit(f"{pair} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    out = json.loads(lines[-1].removeprefix(RESULT))
+    samples = args.steps * args.micro_batch * nproc
+    out["engine_sps"], out["baseline_sps"] = samples / out["engine_s"], samples / out["baseline_s"]
+    out["ratio"] = out["baseline_s"] / out["engine_s"]
+    print(
+        f"{pair:<12} {nproc} proc  engine {out['engine_sps']:7.2f} samples/s  baseline {out['baseline_sps']:7.2f}  "
+        f"ratio {out['ratio']:.3f}   ({time.perf_counter() - t:.0f} s)",
+        file=sys.stderr,
+    )
+    return out
 
 
 def main() -> None:
@@ -188,44 +216,41 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="runs of the whole set; medians are reported")
+    parser.add_argument(
+        "--pairs", default="zero0,zero1,zero2,zero2_vs_ddp", help="comma-separated comparisons to run (default: all)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args)
         return
-    ratios = {"zero0": [], "zero1": [], "zero2": [], "zero2_vs_ddp": []}
-    runs: list[dict] = []
+    known = {"zero0": 1, "zero1": 1, "zero2": 1, "zero2_vs_ddp": 2}  # comparison: processes
+    wanted = [p for p in args.pairs.split(",") if p]
+    if not wanted or any(p not in known for p in wanted):
+        parser.error(f"--pairs: choose from {', '.join(known)}")
+    pairs = [(p, known[p]) for p in wanted]
+    runs: dict[str, list[dict]] = {pair: [] for pair, _ in pairs}
     for repeat in range(args.repeats):
         print(f"repeat {repeat + 1} of {args.repeats}", file=sys.stderr)
-        # The machine's speed drifts by tens of percent within a minute: each
-        # engine run sits between two baseline runs and is compared with their mean.
-        sps: dict[str, float] = {}
-        before = run_variant("plain", 1, args)
-        baselines = [before]
-        for stage in ("zero0", "zero1", "zero2"):
-            sps[stage] = run_variant(stage, 1, args)
-            after = run_variant("plain", 1, args)
-            baselines.append(after)
-            ratios[stage].append(sps[stage] / ((before + after) / 2))
-            before = after
-        ddp_before = run_variant("ddp", 2, args)
-        sps["zero2_2proc"] = run_variant("zero2", 2, args)
-        ddp_after = run_variant("ddp", 2, args)
-        ratios["zero2_vs_ddp"].append(sps["zero2_2proc"] / ((ddp_before + ddp_after) / 2))
-        sps["plain"] = sum(baselines) / len(baselines)
-        sps["ddp_2proc"] = (ddp_before + ddp_after) / 2
-        runs.append(sps)
+        for pair, nproc in pairs:
+            runs[pair].append(run_pair(pair, nproc, args))
 
     def median(values: list[float]) -> float:
         return sorted(values)[len(values) // 2]
 
-    result = {k: round(median(v), 3) for k, v in ratios.items()}
+    result = {pair: round(median([r["ratio"] for r in rs]), 3) for pair, rs in runs.items()}
     result.update(
         {
-            "spread": {k: [round(min(v), 3), round(max(v), 3)] for k, v in ratios.items()},
+            "spread": {
+                pair: [round(min(r["ratio"] for r in rs), 3), round(max(r["ratio"] for r in rs), 3)]
+                for pair, rs in runs.items()
+            },
             "precision": args.precision,
             "repeats": args.repeats,
-            "samples_per_s": {k: round(median([r[k] for r in runs]), 2) for k in runs[0]},
+            "samples_per_s": {
+                pair: {side: round(median([r[f"{side}_sps"] for r in rs]), 2) for side in ("engine", "baseline")}
+                for pair, rs in runs.items()
+            },
         }
     )
     print(json.dumps(result))

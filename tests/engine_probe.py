@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 
 from data_pipeline import build_loader
 from mm_models import PretrainModel
+from train import zero_fastpath
 from train.checkpoint import save_checkpoint
 from train.config import Config, compose, validate
 from train.distributed import feature_gather, init_distributed
@@ -209,6 +210,16 @@ def main(out: Path, overrides: list[str]) -> None:
             "grad_norms": grad_norms,
             # ZeRO-1/2: whether gradients went through the flat partition buffer (train/zero_fastpath.py)
             "flat_gradients": None if zero_optimizer is None else zero_optimizer._use_compact_grad_partition_buffer(0),
+            # ... and whether its collectives went through DeepSpeed's shared memory, and that
+            # memory's /dev/shm names this job left behind
+            "shared_memory": zero_fastpath.shared_memory_active(),
+            "shm_segments_left": sorted(
+                p.name
+                for p in Path("/dev/shm").glob(
+                    f"{zero_fastpath.SHM_SEGMENT}_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                    f"{os.environ.get('MASTER_PORT')}_*"
+                )
+            ),
         }
         (out / "probe.json").write_text(json.dumps(report) + "\n")
     dist.barrier()

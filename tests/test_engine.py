@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 
 import pytest
@@ -378,6 +379,11 @@ def test_the_flat_gradient_path_trains_exactly_as_deepspeeds_own(demo_shards, tm
         runs[flat] = report, torch.load(out / "final_weights.pt")
     (fast, fast_weights), (own, own_weights) = runs[True], runs[False]
     assert fast["flat_gradients"] is True and own["flat_gradients"] is False
+    # Both ranks on this host with a core each: the flat path's gradient
+    # reduction and weight gather went through DeepSpeed's shared memory
+    # (DeepSpeed's own path: gloo), and no /dev/shm workspace was left behind.
+    assert fast["shared_memory"] is (len(os.sched_getaffinity(0)) >= 2) and own["shared_memory"] is False
+    assert fast["shm_segments_left"] == [] and own["shm_segments_left"] == []
     tol = 1e-5 if precision == "fp32" else 2e-3
     assert fast["losses"] == pytest.approx(own["losses"], rel=tol)
     assert all(n > 0.05 for n in own["grad_norms"]), own["grad_norms"]  # every step clipped

@@ -11,6 +11,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mm_models.model import finish_init, init_module
@@ -40,13 +41,18 @@ def _extension_built(name: str) -> bool:
         return True
 
 
-def start_deepspeed_comm(*, is_main: bool) -> None:
+def start_deepspeed_comm(*, is_main: bool, shared_memory: bool = False) -> None:
     """DeepSpeed's communication layer, started once before the model is
     built. On CPU it JIT-compiles a shared-memory op on first use (about a
     minute, silently): say so once instead of pausing without a word, and
-    drop the "built successfully" line each rank prints."""
+    drop the "built successfully" line each rank prints. With shared_memory
+    (the ZeRO-1/2 flat gradient path), that op reduces the path's gradients
+    and gathers its weights where every rank is on this host
+    (train/zero_fastpath.py)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+
+    from train import zero_fastpath
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if (
@@ -59,7 +65,7 @@ def start_deepspeed_comm(*, is_main: bool) -> None:
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured):
-            deepspeed.init_distributed()  # adopts our process group
+            zero_fastpath.start_comm(shared_memory=shared_memory)  # adopts our process group
     finally:
         rest = [line for line in captured.getvalue().splitlines() if "built successfully" not in line]
         if rest:
@@ -326,6 +332,8 @@ def build_engine(
 
         if not zero_fastpath.apply():  # another DeepSpeed release: its own path, as it ships
             del ds_config["zero_optimization"]["reduce_scatter"]
+        else:  # where the comm layer is not started yet (train.loop starts it before the model)
+            start_deepspeed_comm(is_main=not dist.is_initialized() or dist.get_rank() == 0, shared_memory=True)
     opt = build_optimizer(model, optimizer, cpu_offload=offloads_optimizer(ds_config), lr_scales=lr_scales)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=build_schedule(opt, optimizer, total_steps), config=ds_config

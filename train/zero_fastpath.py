@@ -48,15 +48,23 @@ training with and without the patch.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
+import torch.distributed as torch_dist
 
 log = logging.getLogger(__name__)
 
 # DeepSpeed releases whose stage_1_and_2.py this patch was written against.
 TESTED_RELEASES = ("0.19.",)
 
-_state = {"applied": False}
+# DeepSpeed's CPU shared-memory all-reduce (ops/csrc/cpu/comm/shm.cpp): each
+# rank's workspace is a /dev/shm segment named
+# SHM_SEGMENT_uid_MASTER_ADDR_MASTER_PORT_rank, 66 MiB and a few bytes.
+SHM_SEGMENT = "deepspeed_allreduce_buffer"
+SHM_WORKSPACE_BYTES = 70 << 20
+
+_state = {"applied": False, "shm": False, "shm_level": 0, "gather_by_sum": False}
 
 
 def _compact_in_own_dtype(original):
@@ -122,12 +130,195 @@ def _reused_buffer(original):
     return build_compact_grad_partition_buffer
 
 
+def shared_memory_refusal(
+    *, world_size: int, local_world_size: int, cores: int, shm_free_bytes: int, cuda: bool, backend: str
+) -> str | None:
+    """Why DeepSpeed's shared-memory all-reduce cannot serve this job (None: it can).
+
+    It needs every rank on this host (it reduces through /dev/shm), one core
+    per rank (its ranks wait by spinning, so a rank without a core of its own
+    stalls the others), room in /dev/shm for one workspace per rank, and a
+    CPU job on gloo (with CUDA, NCCL reduces)."""
+    if cuda:
+        return "CUDA: NCCL reduces"
+    if backend != "gloo":
+        return f"backend {backend}"
+    if world_size < 2:
+        return "one rank"
+    if local_world_size != world_size:
+        return f"{world_size} ranks, {local_world_size} on this host"
+    if world_size > cores:
+        return f"{world_size} ranks on {cores} cores"
+    if shm_free_bytes < world_size * SHM_WORKSPACE_BYTES:
+        return f"/dev/shm has {shm_free_bytes >> 20} MiB free, {world_size * SHM_WORKSPACE_BYTES >> 20} needed"
+    return None
+
+
+def _shm_free_bytes() -> int:
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def start_comm(*, shared_memory: bool) -> None:
+    """deepspeed.init_distributed(), with DeepSpeed's shared-memory
+    all-reduce made ready for the flat path where it can serve (see
+    shared_memory_refusal).
+
+    DeepSpeed builds that all-reduce on CPU but turns it on only when the
+    environment's LOCAL_SIZE (which its own launcher sets) equals the world
+    size, and then leaves each rank's /dev/shm workspace behind when the
+    process ends: 66 MiB of memory per rank, per run, until a reboot. Here
+    LOCAL_SIZE is set where every rank is on this host, and once every rank
+    has mapped every workspace, each removes its own name (the mappings stay
+    valid until the processes end)."""
+    import deepspeed
+    import deepspeed.comm.comm as ds_comm
+
+    if ds_comm.cdb is not None:  # started before: as it was started
+        return
+    world = torch_dist.get_world_size() if torch_dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    armed = False
+    if shared_memory and apply():
+        why = shared_memory_refusal(
+            world_size=world,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+            cores=len(os.sched_getaffinity(0)),
+            shm_free_bytes=_shm_free_bytes(),
+            cuda=torch.cuda.is_available(),
+            backend=torch_dist.get_backend() if torch_dist.is_initialized() else "gloo",
+        )
+        if why is not None:
+            log.debug("ZeRO flat path: gloo reduces (%s)", why)
+        elif os.environ.setdefault("LOCAL_SIZE", str(world)) == str(world):
+            armed = True
+    deepspeed.init_distributed()
+    op = getattr(ds_comm.cdb, "shm_comm_op", None)
+    if not armed or op is None:
+        return
+    torch_dist.barrier()  # every rank has mapped every workspace
+    name = "_".join(
+        (SHM_SEGMENT, str(os.getuid()), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
+    )
+    try:
+        os.unlink(f"/dev/shm/{name}_{torch_dist.get_rank()}")
+    except OSError:
+        pass
+    _state["shm"] = True
+    _state["shm_level"] = int(getattr(ds_comm.cdb, "shm_vector_kernel_level", 0))
+
+
+def shared_memory_active() -> bool:
+    """Whether the flat path reduces through DeepSpeed's shared memory in this process."""
+    return _state["shm"]
+
+
+def _shm_serves(tensor: torch.Tensor, group) -> bool:
+    """DeepSpeed's shared-memory kernel sums over every rank of the job, in
+    fp32 (AVX2) or bf16 (AVX512-BW; its own level check)."""
+    if not _state["shm"] or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return False
+    needed = {torch.float32: 1, torch.bfloat16: 2}.get(tensor.dtype)
+    if needed is None or _state["shm_level"] < needed:
+        return False
+    return torch_dist.get_world_size(group) == torch_dist.get_world_size()
+
+
+def _shm_sum(tensor: torch.Tensor) -> None:
+    torch.ops.deepspeed.inference_all_reduce_(tensor)
+
+
+def _reduction_in_shared_memory(original):
+    def gradient_reduction_w_predivide(self, tensor, communication_data_type):
+        if (
+            self.reduce_scatter
+            or tensor.numel() == 0
+            or communication_data_type != tensor.dtype
+            or not _shm_serves(tensor, self.dp_process_group)
+        ):
+            return original(self, tensor, communication_data_type)
+        # DeepSpeed's own scaling around its all-reduce, step for step.
+        world = torch_dist.get_world_size(self.dp_process_group) / float(self.sequence_parallel_size)
+        factor = self.gradient_predivide_factor
+        if not self.gradient_average:
+            _shm_sum(tensor)
+        elif self.postscale_gradients:
+            if factor != 1.0:
+                tensor.mul_(1.0 / factor)
+            _shm_sum(tensor)
+            if factor != torch_dist.get_world_size(self.dp_process_group):
+                tensor.mul_(factor / world)
+        else:
+            tensor.div_(world)
+            _shm_sum(tensor)
+        return tensor
+
+    return gradient_reduction_w_predivide
+
+
+def _gathers_by_sum(original):
+    def step(self, closure=None):
+        if self.reduce_scatter or not _state["shm"]:
+            return original(self, closure)
+        _state["gather_by_sum"] = True
+        try:
+            return original(self, closure)
+        finally:
+            _state["gather_by_sum"] = False
+
+    return step
+
+
+def _sum_gather(flat: torch.Tensor, parts: list, group) -> bool:
+    """All-gathers the partitions of `flat` as a sum: each rank zeroes the
+    others' partitions and all ranks sum (x + 0 is x exactly). False where
+    the partitions are not `flat`'s consecutive pieces in rank order."""
+    world = torch_dist.get_world_size(group)
+    if world == 1:
+        return True
+    if len(parts) != world or not _shm_serves(flat, group):
+        return False
+    size, offset = flat.element_size(), 0
+    for part in parts:
+        if part.dtype != flat.dtype or not part.is_contiguous() or part.data_ptr() != flat.data_ptr() + offset * size:
+            return False
+        offset += part.numel()
+    if offset != flat.numel():
+        return False
+    rank = torch_dist.get_rank(group)
+    with torch.no_grad():
+        for k, part in enumerate(parts):
+            if k != rank:
+                part.zero_()
+        _shm_sum(flat)
+    return True
+
+
+def _gather_in_shared_memory(original):
+    def all_gather_dp_groups(
+        groups_flat, partitioned_param_groups, dp_process_group, start_alignment_factor, allgather_bucket_size
+    ):
+        if not _state["gather_by_sum"]:
+            return original(
+                groups_flat, partitioned_param_groups, dp_process_group, start_alignment_factor, allgather_bucket_size
+            )
+        for flat, parts, group in zip(groups_flat, partitioned_param_groups, dp_process_group):
+            if not _sum_gather(flat, parts, group):
+                original([flat], [parts], [group], start_alignment_factor, allgather_bucket_size)
+        return None
+
+    return all_gather_dp_groups
+
+
 def apply() -> bool:
     """Patches DeepSpeedZeroOptimizer (once per process); False where this
     DeepSpeed release is not one the patch was written against."""
     if _state["applied"]:
         return True
     import deepspeed
+    from deepspeed.runtime.zero import stage_1_and_2
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
 
     needed = (
@@ -136,8 +327,14 @@ def apply() -> bool:
         "_build_compact_grad_partition_buffer",
         "get_grad_norm_direct",
         "_get_preflattened_grad_partition",
+        "gradient_reduction_w_predivide",
+        "step",
     )
-    if not deepspeed.__version__.startswith(TESTED_RELEASES) or not all(hasattr(Zero, n) for n in needed):
+    if (
+        not deepspeed.__version__.startswith(TESTED_RELEASES)
+        or not all(hasattr(Zero, n) for n in needed)
+        or not callable(getattr(stage_1_and_2, "all_gather_dp_groups", None))
+    ):
         log.warning(
             "DeepSpeed %s: the ZeRO-1/2 gradient fast path was written for %s; running DeepSpeed's own path",
             deepspeed.__version__,
@@ -147,5 +344,8 @@ def apply() -> bool:
     Zero._use_compact_grad_partition_buffer = _compact_in_own_dtype(Zero._use_compact_grad_partition_buffer)
     Zero.get_grad_norm_direct = _flat_norm(Zero.get_grad_norm_direct)
     Zero._build_compact_grad_partition_buffer = _reused_buffer(Zero._build_compact_grad_partition_buffer)
+    Zero.gradient_reduction_w_predivide = _reduction_in_shared_memory(Zero.gradient_reduction_w_predivide)
+    Zero.step = _gathers_by_sum(Zero.step)
+    stage_1_and_2.all_gather_dp_groups = _gather_in_shared_memory(stage_1_and_2.all_gather_dp_groups)
     _state["applied"] = True
     return True
