@@ -213,6 +213,11 @@ def main(out: Path, overrides: list[str]) -> None:
             # ... and whether its collectives went through DeepSpeed's shared memory, and that
             # memory's /dev/shm names this job left behind
             "shared_memory": zero_fastpath.shared_memory_active(),
+            # one rank: gradients added straight into that buffer; fp32: the optimizer steps the weights themselves
+            "direct_gradients": bool(getattr(zero_optimizer, "_mm_direct_gradients", False)),
+            "fp32_master_shared": zero_optimizer is not None
+            and zero_optimizer.single_partition_of_fp32_groups[0].data_ptr()
+            == zero_optimizer.parallel_partitioned_bit16_groups[0][dist.get_rank()].data_ptr(),
             "shm_segments_left": sorted(
                 p.name
                 for p in Path("/dev/shm").glob(

@@ -338,6 +338,10 @@ def build_engine(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=build_schedule(opt, optimizer, total_steps), config=ds_config
     )
+    if ds_config["zero_optimization"].get("reduce_scatter") is False:
+        from train import zero_fastpath
+
+        zero_fastpath.share_fp32_master(engine.optimizer)  # fp32: no second copy of the weights
     if engine.dp_world_size == 1 and ds_config["zero_optimization"]["stage"] == 0:
         # One data-parallel rank: the post-backward gradient all-reduce would
         # only copy every gradient into a bucket and back (about 14% of a step).

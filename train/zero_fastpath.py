@@ -86,6 +86,27 @@ def _compact_in_own_dtype(original):
     return use_compact_grad_partition_buffer
 
 
+# Elements per row of the blockwise norm: torch's vector_norm accumulates
+# each SIMD lane sequentially, so one fp32 pass over tens of millions of
+# elements is off by ~1e-4 (relative); rows of this size keep each row's
+# error near 1e-6, and the row norms are combined in fp64.
+NORM_ROW = 16384
+
+
+def _sum_of_squares(flat: torch.Tensor) -> torch.Tensor:
+    """Σ x² of a 1-D tensor, in one pass, as an fp32 scalar accurate to about 1e-6."""
+    rows = flat.numel() // NORM_ROW
+    parts = []
+    if rows:
+        parts.append(torch.linalg.vector_norm(flat[: rows * NORM_ROW].view(rows, NORM_ROW), dim=1, dtype=torch.float32))
+    if flat.numel() > rows * NORM_ROW:
+        parts.append(torch.linalg.vector_norm(flat[rows * NORM_ROW :], dtype=torch.float32).view(1))
+    if not parts:
+        return torch.zeros((), dtype=torch.float32, device=flat.device)
+    norms = torch.cat(parts).double()
+    return norms.square().sum().float()
+
+
 def _flat_norm(original):
     def get_grad_norm_direct(self, gradients, params, norm_type=2):
         flat = getattr(gradients, "flat_partition", None)
@@ -102,7 +123,7 @@ def _flat_norm(original):
         from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 
         # The padding views of the buffer are zeros: they add nothing to the norm.
-        total = torch.linalg.vector_norm(flat.view(-1), ord=2, dtype=torch.float32).square()
+        total = _sum_of_squares(flat.view(-1))
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
         total = total.sqrt()
         mask_nan_or_inf_with_val_inplace(total, device=self.device)
@@ -312,6 +333,63 @@ def _gather_in_shared_memory(original):
     return all_gather_dp_groups
 
 
+def _direct_when_alone(original):
+    def reduce_independent_p_g_buckets_and_remove_grads(self, param, i):
+        # One data-parallel rank has nothing to reduce: its gradients go
+        # straight into the flat partition buffer (which holds all of them),
+        # instead of being copied into a freshly allocated bucket first. The
+        # same sum as DeepSpeed's: an all-reduce over one rank with a
+        # predivide factor of 1 leaves the values as they are.
+        if (
+            self.reduce_scatter
+            or param.numel() == 0
+            or not getattr(param, "ds_grad_is_ready", True)
+            or getattr(param, "group_name", None) is not None  # MoE experts: their own groups
+            or self.gradient_predivide_factor != 1.0
+            or torch_dist.get_world_size(self.dp_process_group) != 1
+            or not self._use_compact_grad_partition_buffer(i)
+        ):
+            return original(self, param, i)
+        grad = self.get_gradient_for_reduction(param)
+        out = self._get_compact_grad_partition_slice(i, 0, self.get_param_id(param), param.numel())
+        if grad is None or out is None or grad.dtype != out.dtype:
+            return original(self, param, i)
+        out.add_(grad.reshape(-1))
+        self.clear_grad_attribute(param)
+        self._mm_direct_gradients = True  # for tests: this optimizer took the direct path
+        return None
+
+    return reduce_independent_p_g_buckets_and_remove_grads
+
+
+def share_fp32_master(optimizer) -> bool:
+    """fp32 weights on the flat path: the optimizer's fp32 partition becomes
+    a view of this rank's partition of the model's own flat weights, instead
+    of a copy of it (the same dtype, so the two would always hold the same
+    values). The step then updates the weights in place, the copy back into
+    them after every step finds source and destination the same and does
+    nothing, and a rank holds one fewer copy of its partition. DeepSpeed's
+    links from each weight to its fp32 fragment (used by universal
+    checkpoints) are rebuilt on the shared memory. False (nothing changed)
+    for anything else: bf16 keeps its fp32 master copy."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
+
+    if not isinstance(optimizer, Zero) or optimizer.reduce_scatter or optimizer.cpu_offload:
+        return False
+    pairs = []
+    for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
+        own = optimizer.parallel_partitioned_bit16_groups[i][torch_dist.get_rank(optimizer.real_dp_process_group[i])]
+        if master.dtype != torch.float32 or own.dtype != master.dtype or own.shape != master.shape:
+            return False
+        if own.device != master.device or not own.is_contiguous():
+            return False
+        pairs.append((master, own))
+    for master, own in pairs:
+        master.data = own.data
+    optimizer._link_all_hp_params()
+    return True
+
+
 def apply() -> bool:
     """Patches DeepSpeedZeroOptimizer (once per process); False where this
     DeepSpeed release is not one the patch was written against."""
@@ -329,6 +407,11 @@ def apply() -> bool:
         "_get_preflattened_grad_partition",
         "gradient_reduction_w_predivide",
         "step",
+        "reduce_independent_p_g_buckets_and_remove_grads",
+        "_get_compact_grad_partition_slice",
+        "clear_grad_attribute",
+        "_link_all_hp_params",
+        "get_gradient_for_reduction",
     )
     if (
         not deepspeed.__version__.startswith(TESTED_RELEASES)
@@ -346,6 +429,9 @@ def apply() -> bool:
     Zero._build_compact_grad_partition_buffer = _reused_buffer(Zero._build_compact_grad_partition_buffer)
     Zero.gradient_reduction_w_predivide = _reduction_in_shared_memory(Zero.gradient_reduction_w_predivide)
     Zero.step = _gathers_by_sum(Zero.step)
+    Zero.reduce_independent_p_g_buckets_and_remove_grads = _direct_when_alone(
+        Zero.reduce_independent_p_g_buckets_and_remove_grads
+    )
     stage_1_and_2.all_gather_dp_groups = _gather_in_shared_memory(stage_1_and_2.all_gather_dp_groups)
     _state["applied"] = True
     return True
