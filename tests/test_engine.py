@@ -417,3 +417,34 @@ def test_the_flat_gradient_norm_keeps_fp64_accuracy_over_a_large_buffer():
     for n in (0, 1, 100, 16384, 16385):  # empty, shorter than a row, whole rows, a remainder
         piece = flat[:n]
         torch.testing.assert_close(_sum_of_squares(piece).double(), piece.double().square().sum(), rtol=2e-6, atol=0)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_layer_without_gradients_in_a_step_trains_as_with_deepspeeds_own_path(tmp_path, stage):
+    """On one rank the flat path writes each gradient into a buffer it does
+    not zero first (train/zero_fastpath.py): a layer left out of a step must
+    still step on a zero gradient, not on the last step's."""
+    weights = {}
+    for flat in ("true", "false"):
+        out = tmp_path / flat
+        proc = subprocess.run(
+            [
+                venv_bin("torchrun"),
+                "--standalone",
+                "--nproc_per_node=1",
+                str(REPO / "tests" / "unused_params_probe.py"),
+                str(out),
+                str(stage),
+                flat,
+            ],
+            cwd=tmp_path,
+            env=clean_env(PYTHONPATH=str(REPO)),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        weights[flat] = torch.load(out / "weights.pt")
+    for name, w in weights["false"].items():
+        torch.testing.assert_close(weights["true"][name], w, rtol=1e-6, atol=1e-7, msg=name)

@@ -144,6 +144,13 @@ def _reused_buffer(original):
         group = kept.get(group_idx)
         if group is None or group.flat_partition.device != torch.device(self.device):
             group = kept[group_idx] = original(self, group_idx)
+        elif _alone(self):
+            # Every gradient reaches the buffer through _direct_when_alone,
+            # whose first write to a parameter's place copies instead of
+            # adding; whatever no gradient reached is zeroed when step()
+            # starts (_zero_unwritten). That spares a pass over the buffer.
+            ids = {self.get_param_id(p) for p in self.params_in_partition[group_idx]}
+            self.__dict__.setdefault("_mm_unwritten", {})[group_idx] = ids
         else:
             group.flat_partition.zero_()
         return group
@@ -279,8 +286,9 @@ def _reduction_in_shared_memory(original):
     return gradient_reduction_w_predivide
 
 
-def _gathers_by_sum(original):
+def _step(original):
     def step(self, closure=None):
+        _zero_unwritten(self)
         if self.reduce_scatter or not _state["shm"]:
             return original(self, closure)
         _state["gather_by_sum"] = True
@@ -333,28 +341,54 @@ def _gather_in_shared_memory(original):
     return all_gather_dp_groups
 
 
+def _alone(self) -> bool:
+    """The flat path on one data-parallel rank with DeepSpeed's plain
+    averaging: there is nothing to reduce (an all-reduce over one rank with a
+    predivide factor of 1 leaves the values as they are)."""
+    return (
+        not self.reduce_scatter
+        and not self.cpu_offload
+        and self.gradient_predivide_factor == 1.0
+        and torch_dist.get_world_size(self.dp_process_group) == 1
+    )
+
+
+def _zero_unwritten(self) -> None:
+    """Zeroes the places in the flat buffers that no gradient has reached
+    since they were handed out (see _reused_buffer), before anything reads
+    them; later gradients then add as usual."""
+    pending = self.__dict__.get("_mm_unwritten")
+    while pending:
+        group_idx, ids = pending.popitem()
+        for param_id in ids:
+            numel = self.param_dict[param_id].numel()
+            self._get_compact_grad_partition_slice(group_idx, 0, param_id, numel).zero_()
+
+
 def _direct_when_alone(original):
     def reduce_independent_p_g_buckets_and_remove_grads(self, param, i):
         # One data-parallel rank has nothing to reduce: its gradients go
         # straight into the flat partition buffer (which holds all of them),
-        # instead of being copied into a freshly allocated bucket first. The
-        # same sum as DeepSpeed's: an all-reduce over one rank with a
-        # predivide factor of 1 leaves the values as they are.
-        if (
-            self.reduce_scatter
-            or param.numel() == 0
-            or not getattr(param, "ds_grad_is_ready", True)
-            or getattr(param, "group_name", None) is not None  # MoE experts: their own groups
-            or self.gradient_predivide_factor != 1.0
-            or torch_dist.get_world_size(self.dp_process_group) != 1
-            or not self._use_compact_grad_partition_buffer(i)
-        ):
+        # instead of being copied into a freshly allocated bucket first.
+        direct = (
+            _alone(self)
+            and param.numel() > 0
+            and getattr(param, "ds_grad_is_ready", True)
+            and getattr(param, "group_name", None) is None  # MoE experts: their own groups
+            and self._use_compact_grad_partition_buffer(i)
+        )
+        grad = self.get_gradient_for_reduction(param) if direct else None
+        param_id = self.get_param_id(param)
+        out = self._get_compact_grad_partition_slice(i, 0, param_id, param.numel()) if grad is not None else None
+        if out is None or grad.dtype != out.dtype:
+            _zero_unwritten(self)  # DeepSpeed's path adds into the buffer
             return original(self, param, i)
-        grad = self.get_gradient_for_reduction(param)
-        out = self._get_compact_grad_partition_slice(i, 0, self.get_param_id(param), param.numel())
-        if grad is None or out is None or grad.dtype != out.dtype:
-            return original(self, param, i)
-        out.add_(grad.reshape(-1))
+        unwritten = self.__dict__.get("_mm_unwritten", {}).get(i)
+        if unwritten is not None and param_id in unwritten:
+            out.copy_(grad.reshape(-1))
+            unwritten.discard(param_id)
+        else:
+            out.add_(grad.reshape(-1))
         self.clear_grad_attribute(param)
         self._mm_direct_gradients = True  # for tests: this optimizer took the direct path
         return None
@@ -428,7 +462,7 @@ def apply() -> bool:
     Zero.get_grad_norm_direct = _flat_norm(Zero.get_grad_norm_direct)
     Zero._build_compact_grad_partition_buffer = _reused_buffer(Zero._build_compact_grad_partition_buffer)
     Zero.gradient_reduction_w_predivide = _reduction_in_shared_memory(Zero.gradient_reduction_w_predivide)
-    Zero.step = _gathers_by_sum(Zero.step)
+    Zero.step = _step(Zero.step)
     Zero.reduce_independent_p_g_buckets_and_remove_grads = _direct_when_alone(
         Zero.reduce_independent_p_g_buckets_and_remove_grads
     )
