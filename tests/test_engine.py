@@ -448,3 +448,30 @@ def test_a_layer_without_gradients_in_a_step_trains_as_with_deepspeeds_own_path(
         weights[flat] = torch.load(out / "weights.pt")
     for name, w in weights["false"].items():
         torch.testing.assert_close(weights["true"][name], w, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.integration
+def test_zero0_clips_and_reports_the_gradient_norm_as_zero1_does(demo_shards, tmp_path):
+    """ZeRO-0 in fp32 clips with torch's fused clip_grad_norm_ (train.engine
+    .clip_with_torch) and reports the norm (DeepSpeed's own clipping dropped
+    it: train/grad_norm was 0): the same norms, losses and weights as
+    ZeRO-1 with DeepSpeed's own gradient path, on 2 ranks, clipping every step."""
+    runs = {}
+    for stage, flat in (("zero0", "true"), ("zero1", "false")):
+        out = tmp_path / stage
+        report = _probe(
+            out,
+            demo_shards,
+            f"deepspeed={stage}",
+            f"deepspeed.flat_gradients={flat}",
+            "trainer.max_steps=4",
+            "optimizer.grad_clip=0.05",
+            PROBE_SAVE_WEIGHTS="1",
+        )
+        runs[stage] = report, torch.load(out / "final_weights.pt")
+    (z0, z0_weights), (z1, z1_weights) = runs["zero0"], runs["zero1"]
+    assert all(n > 0.05 for n in z1["grad_norms"]), z1["grad_norms"]  # every step clipped
+    assert z0["grad_norms"] == pytest.approx(z1["grad_norms"], rel=1e-5)
+    assert z0["losses"] == pytest.approx(z1["losses"], rel=1e-5)
+    for name, w in z1_weights.items():
+        torch.testing.assert_close(z0_weights[name], w, rtol=1e-5, atol=1e-6, msg=name)

@@ -163,8 +163,9 @@ class DeepSpeedConfig:
     allgather_bucket_size: int = 50_000_000
     # ZeRO-1/2 in fp32 or bf16 without optimizer offload: reduce each
     # gradient bucket straight into a flat buffer laid out as this rank's
-    # optimizer partition, and take the gradient norm of that buffer in one
-    # pass (train/zero_fastpath.py); false runs DeepSpeed's own gradient path.
+    # optimizer partition, take the gradient norm of that buffer in one
+    # pass, and on CPU reduce through shared memory where every rank is on
+    # one machine (train/zero_fastpath.py); false runs DeepSpeed's own path.
     flat_gradients: bool = True
 
 
