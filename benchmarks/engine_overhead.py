@@ -13,7 +13,8 @@ backward), and both handle precision the same way (autocast to the
 compute dtype around the forward for the plain loop; DeepSpeed's own bf16
 path for the engine).
 
-    python benchmarks/engine_overhead.py [--model small] [--precision bf16] [--micro-batch 8] [--steps 10] [--repeats 3]
+    python benchmarks/engine_overhead.py [--model small] [--precision bf16] [--micro-batch 8]
+                                         [--steps 20] [--repeats 3] [--pairs zero0,...]
 
 Comparisons, each as engine samples/s ÷ baseline samples/s:
   zero0, zero1, zero2   1 process, against the plain loop
@@ -213,7 +214,7 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--model", default="small", help="conf/model/NAME.yaml")
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each side per comparison")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="runs of the whole set; medians are reported")
     parser.add_argument(
