@@ -212,7 +212,7 @@ def main(out: Path, overrides: list[str]) -> None:
             "flat_gradients": None if zero_optimizer is None else zero_optimizer._use_compact_grad_partition_buffer(0),
             # ... and whether its collectives went through DeepSpeed's shared memory, and that
             # memory's /dev/shm names this job left behind
-            "shared_memory": zero_fastpath.shared_memory_active(),
+            "shared_memory": zero_fastpath.shared_memory_report(),
             # one rank: gradients added straight into that buffer; fp32: the optimizer steps the weights themselves
             "direct_gradients": bool(getattr(zero_optimizer, "_mm_direct_gradients", False)),
             "fp32_master_shared": zero_optimizer is not None
@@ -226,6 +226,8 @@ def main(out: Path, overrides: list[str]) -> None:
                 )
             ),
         }
+        # bytes of the optimizer state files of the checkpoint saved below (all ranks)
+        report["optim_state_bytes"] = sum(f.stat().st_size for f in out.rglob("*optim_states.pt"))
         (out / "probe.json").write_text(json.dumps(report) + "\n")
     dist.barrier()
     dist.destroy_process_group()

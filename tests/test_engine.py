@@ -386,13 +386,30 @@ def test_the_flat_gradient_path_trains_exactly_as_deepspeeds_own(demo_shards, tm
     (fast, fast_weights), (own, own_weights) = runs[True], runs[False]
     assert fast["flat_gradients"] is True and own["flat_gradients"] is False
     # One rank: no bucket; more: each bucket reduced and the weights gathered
-    # through DeepSpeed's shared memory where both ranks have a core of their
-    # own on this host (DeepSpeed's own path: gloo), and no /dev/shm
-    # workspace left behind.
+    # through DeepSpeed's shared memory where this machine allows it (as
+    # train/zero_fastpath.py judges it; bf16 needs AVX512-BW), DeepSpeed's
+    # own path over gloo; no /dev/shm workspace left behind either way.
+    from train.zero_fastpath import _shm_free_bytes, shared_memory_refusal
+
     assert fast["direct_gradients"] is (ranks == 1) and own["direct_gradients"] is False
-    assert fast["shared_memory"] is (ranks > 1 and len(os.sched_getaffinity(0)) >= ranks)
-    assert own["shared_memory"] is False
+    refusal = shared_memory_refusal(
+        world_size=ranks,
+        local_world_size=ranks,
+        cores=len(os.sched_getaffinity(0)),
+        shm_free_bytes=_shm_free_bytes(),
+        cuda=False,
+        backend="gloo",
+    )
+    shm = fast["shared_memory"]
+    assert shm["active"] is (refusal is None)
+    if shm["active"] and shm["level"] >= (1 if precision == "fp32" else 2):
+        assert shm["sums"] >= 2 * 4  # a gradient bucket and a weight gather in each of the 4 steps
+    else:
+        assert shm["sums"] == 0
+    assert own["shared_memory"]["active"] is False and own["shared_memory"]["sums"] == 0
     assert fast["shm_segments_left"] == [] and own["shm_segments_left"] == []
+    # The shared fp32 master is saved as this rank's partition only, as DeepSpeed saves it.
+    assert fast["optim_state_bytes"] <= 1.02 * own["optim_state_bytes"]
     assert fast["fp32_master_shared"] is (precision == "fp32") and own["fp32_master_shared"] is False
     tol = 1e-5 if precision == "fp32" else 2e-3
     assert fast["losses"] == pytest.approx(own["losses"], rel=tol)
@@ -402,6 +419,20 @@ def test_the_flat_gradient_path_trains_exactly_as_deepspeeds_own(demo_shards, tm
     for name, w in own_weights.items():
         torch.testing.assert_close(fast_weights[name].float(), w.float(), rtol=tol, atol=tol / 10, msg=name)
     assert len(set(fast["weight_digests"])) == 1  # every rank holds the same weights
+
+
+def test_shared_memory_sums_go_in_pieces_under_the_kernels_byte_limit():
+    """DeepSpeed's shared-memory kernel counts bytes in a C int: a sum of a
+    2 GiB or larger tensor (a whole param group of model=large) must go in
+    pieces, which cover the tensor exactly."""
+    from train.zero_fastpath import SHM_CHUNK_BYTES, shm_chunks
+
+    for numel, size in ((1_000_000_000, 4), (1_500_000_000, 2), (10, 4), (0, 4), (SHM_CHUNK_BYTES // 4, 4)):
+        pieces = shm_chunks(numel, size)
+        assert all(length * size <= SHM_CHUNK_BYTES and length > 0 for _, length in pieces)
+        ends = [0] + [start + length for start, length in pieces]
+        assert [start for start, _ in pieces] == ends[:-1] and ends[-1] == numel  # back to back, to the end
+    assert len(shm_chunks(1_000_000_000, 4)) == 4
 
 
 def test_the_flat_gradient_norm_keeps_fp64_accuracy_over_a_large_buffer():

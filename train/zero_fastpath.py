@@ -40,8 +40,11 @@ directly, and which step() hands to the optimizer as it is (its
    bucket and gathers the updated weights through DeepSpeed's own CPU
    shared-memory all-reduce instead of gloo's TCP collectives (the gather
    as a sum: each rank zeroes the other ranks' partitions, and x + 0 is x
-   exactly); measured on 2 ranks and 49M fp32 values, gloo's all-reduce
-   takes 0.16 s, its all-gather 0.25 s, the shared-memory all-reduce 0.09 s.
+   exactly, but for a zero's sign); measured on 2 ranks and 49M fp32
+   values, gloo's all-reduce takes 0.16 s, its all-gather 0.25 s, the
+   shared-memory all-reduce 0.09 s. The ranks agree before any of them
+   makes its workspace, and sums of 1 GiB or more go in pieces (the kernel
+   counts bytes in a C int).
    DeepSpeed builds that kernel on CPU but uses it only for inference, and
    only where its launcher set LOCAL_SIZE; it leaves its /dev/shm
    workspaces behind, which start_comm removes once every rank has mapped
@@ -86,7 +89,7 @@ TESTED_RELEASES = ("0.19.",)
 SHM_SEGMENT = "deepspeed_allreduce_buffer"
 SHM_WORKSPACE_BYTES = 70 << 20
 
-_state = {"applied": False, "shm": False, "shm_level": 0, "gather_by_sum": False}
+_state = {"applied": False, "shm": False, "shm_level": 0, "shm_sums": 0, "gather_by_sum": False}
 
 
 def _compact_in_own_dtype(original):
@@ -229,26 +232,33 @@ def start_comm(*, shared_memory: bool) -> None:
 
     if ds_comm.cdb is not None:  # started before: as it was started
         return
-    world = torch_dist.get_world_size() if torch_dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    armed = False
-    if shared_memory and apply():
+    world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+    usable = False
+    if shared_memory and world > 1 and apply():
         why = shared_memory_refusal(
             world_size=world,
             local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
             cores=len(os.sched_getaffinity(0)),
             shm_free_bytes=_shm_free_bytes(),
             cuda=torch.cuda.is_available(),
-            backend=torch_dist.get_backend() if torch_dist.is_initialized() else "gloo",
+            backend=torch_dist.get_backend(),
         )
-        if why is not None:
-            log.debug("ZeRO flat path: gloo reduces (%s)", why)
-        elif os.environ.setdefault("LOCAL_SIZE", str(world)) == str(world):
-            armed = True
+        # Every rank must choose alike (a rank that waits for the workspace
+        # of a peer that made none spins for ever), and before any rank
+        # makes its workspace (which takes /dev/shm space the others measure).
+        agreed = torch.tensor([int(why is None)], dtype=torch.int32)
+        torch_dist.all_reduce(agreed, op=torch_dist.ReduceOp.MIN)
+        usable = bool(agreed.item())
+        if not usable:
+            log.debug("ZeRO flat path: gloo reduces (%s)", why or "another rank cannot use shared memory")
+        elif os.environ.setdefault("LOCAL_SIZE", str(world)) != str(world):
+            usable = False  # a launcher's own LOCAL_SIZE: DeepSpeed's kernel stays off
     deepspeed.init_distributed()
-    op = getattr(ds_comm.cdb, "shm_comm_op", None)
-    if not armed or op is None:
+    if world < 2 or getattr(ds_comm.cdb, "shm_comm_op", None) is None or os.environ.get("LOCAL_SIZE") != str(world):
         return
-    torch_dist.barrier()  # every rank has mapped every workspace
+    # DeepSpeed made a workspace on every rank (ours, or its launcher's
+    # LOCAL_SIZE): once every rank has mapped every one, remove the names.
+    torch_dist.barrier()
     name = "_".join(
         (SHM_SEGMENT, str(os.getuid()), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
     )
@@ -256,13 +266,18 @@ def start_comm(*, shared_memory: bool) -> None:
         os.unlink(f"/dev/shm/{name}_{torch_dist.get_rank()}")
     except OSError:
         pass
-    _state["shm"] = True
+    _state["shm"] = usable
     _state["shm_level"] = int(getattr(ds_comm.cdb, "shm_vector_kernel_level", 0))
 
 
 def shared_memory_active() -> bool:
-    """Whether the flat path reduces through DeepSpeed's shared memory in this process."""
+    """Whether the flat path may reduce through DeepSpeed's shared memory in this process."""
     return _state["shm"]
+
+
+def shared_memory_report() -> dict:
+    """For tests: whether shared memory is on, its kernel level (1: fp32, 2: bf16 too), and how many sums it did."""
+    return {"active": _state["shm"], "level": _state["shm_level"], "sums": _state["shm_sums"]}
 
 
 def _shm_serves(tensor: torch.Tensor, group) -> bool:
@@ -276,8 +291,22 @@ def _shm_serves(tensor: torch.Tensor, group) -> bool:
     return torch_dist.get_world_size(group) == torch_dist.get_world_size()
 
 
+# DeepSpeed's kernel counts a tensor's bytes in a C int: 2 GiB or more
+# wraps around (the sum silently does nothing, or divides by zero).
+SHM_CHUNK_BYTES = 1 << 30
+
+
+def shm_chunks(numel: int, element_size: int, limit: int = SHM_CHUNK_BYTES) -> list[tuple[int, int]]:
+    """(start, length) pieces of a tensor of numel elements, each under `limit` bytes."""
+    step = max(1, limit // element_size)
+    return [(start, min(step, numel - start)) for start in range(0, numel, step)]
+
+
 def _shm_sum(tensor: torch.Tensor) -> None:
-    torch.ops.deepspeed.inference_all_reduce_(tensor)
+    flat = tensor.view(-1)
+    for start, length in shm_chunks(flat.numel(), flat.element_size()):
+        torch.ops.deepspeed.inference_all_reduce_(flat.narrow(0, start, length))
+    _state["shm_sums"] += 1
 
 
 def _reduction_in_shared_memory(original):
@@ -324,7 +353,8 @@ def _step(original):
 
 def _sum_gather(flat: torch.Tensor, parts: list, group) -> bool:
     """All-gathers the partitions of `flat` as a sum: each rank zeroes the
-    others' partitions and all ranks sum (x + 0 is x exactly). False where
+    others' partitions and all ranks sum (x + 0 is x exactly, but for a
+    zero's sign). False where
     the partitions are not `flat`'s consecutive pieces in rank order."""
     world = torch_dist.get_world_size(group)
     if world == 1:
@@ -367,12 +397,16 @@ def _alone(self) -> bool:
     """The flat path on one data-parallel rank with DeepSpeed's plain
     averaging: there is nothing to reduce (an all-reduce over one rank with a
     predivide factor of 1 leaves the values as they are)."""
-    return (
-        not self.reduce_scatter
-        and not self.cpu_offload
-        and self.gradient_predivide_factor == 1.0
-        and torch_dist.get_world_size(self.dp_process_group) == 1
-    )
+    alone = self.__dict__.get("_mm_alone")
+    if alone is None:  # fixed for the optimizer's life
+        alone = self._mm_alone = (
+            not self.reduce_scatter
+            and not self.cpu_offload
+            and self.gradient_predivide_factor == 1.0
+            and getattr(self, "sequence_parallel_size", 1) == 1
+            and torch_dist.get_world_size(self.dp_process_group) == 1
+        )
+    return alone
 
 
 def _zero_unwritten(self) -> None:
@@ -443,7 +477,32 @@ def share_fp32_master(optimizer) -> bool:
     for master, own in pairs:
         master.data = own.data
     optimizer._link_all_hp_params()
+    optimizer._mm_shared_master = True
     return True
+
+
+def _epilogue_completes(original):
+    def independent_gradient_partition_epilogue(self):
+        original(self)
+        if self.is_gradient_accumulation_boundary():
+            _zero_unwritten(self)  # the buffer is whole for any reader from here on
+
+    return independent_gradient_partition_epilogue
+
+
+def _state_dict_own_partition(original):
+    def state_dict(self):
+        sd = original(self)
+        if self.__dict__.get("_mm_shared_master"):
+            # The master partition is a view of the whole flat weights, and
+            # torch.save writes a view's whole storage: save a copy of just
+            # this rank's partition, as DeepSpeed does.
+            from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS as KEY
+
+            sd[KEY] = [t.clone() for t in sd[KEY]]
+        return sd
+
+    return state_dict
 
 
 def apply() -> bool:
@@ -467,6 +526,9 @@ def apply() -> bool:
         "_get_compact_grad_partition_slice",
         "clear_grad_attribute",
         "_link_all_hp_params",
+        "independent_gradient_partition_epilogue",
+        "is_gradient_accumulation_boundary",
+        "state_dict",
         "get_gradient_for_reduction",
     )
     if (
@@ -485,6 +547,8 @@ def apply() -> bool:
     Zero._build_compact_grad_partition_buffer = _reused_buffer(Zero._build_compact_grad_partition_buffer)
     Zero.gradient_reduction_w_predivide = _reduction_in_shared_memory(Zero.gradient_reduction_w_predivide)
     Zero.step = _step(Zero.step)
+    Zero.independent_gradient_partition_epilogue = _epilogue_completes(Zero.independent_gradient_partition_epilogue)
+    Zero.state_dict = _state_dict_own_partition(Zero.state_dict)
     Zero.reduce_independent_p_g_buckets_and_remove_grads = _direct_when_alone(
         Zero.reduce_independent_p_g_buckets_and_remove_grads
     )
