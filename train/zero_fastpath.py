@@ -169,6 +169,7 @@ def _reused_buffer(original):
         group = kept.get(group_idx)
         if group is None or group.flat_partition.device != torch.device(self.device):
             group = kept[group_idx] = original(self, group_idx)
+            self.__dict__.pop("_mm_views", None)  # views of a buffer no longer used
         elif _alone(self):
             # Every gradient reaches the buffer through _direct_when_alone,
             # whose first write to a parameter's place copies instead of
@@ -421,21 +422,41 @@ def _zero_unwritten(self) -> None:
             self._get_compact_grad_partition_slice(group_idx, 0, param_id, numel).zero_()
 
 
+def _compact(self, group_idx: int) -> bool:
+    """_use_compact_grad_partition_buffer, fixed for the optimizer's life: asked once per group."""
+    known = self.__dict__.setdefault("_mm_compact", {})
+    if group_idx not in known:
+        known[group_idx] = bool(self._use_compact_grad_partition_buffer(group_idx))
+    return known[group_idx]
+
+
 def _direct_when_alone(original):
     def reduce_independent_p_g_buckets_and_remove_grads(self, param, i):
         # One data-parallel rank has nothing to reduce: its gradients go
         # straight into the flat partition buffer (which holds all of them),
-        # instead of being copied into a freshly allocated bucket first.
-        direct = (
+        # instead of being copied into a freshly allocated bucket first. This
+        # runs once per parameter per backward, so what does not change (the
+        # checks, each parameter's place in the kept buffer) is looked up once.
+        grad = None
+        if (
             _alone(self)
-            and param.numel() > 0
             and getattr(param, "ds_grad_is_ready", True)
             and getattr(param, "group_name", None) is None  # MoE experts: their own groups
-            and self._use_compact_grad_partition_buffer(i)
-        )
-        grad = self.get_gradient_for_reduction(param) if direct else None
-        param_id = self.get_param_id(param)
-        out = self._get_compact_grad_partition_slice(i, 0, param_id, param.numel()) if grad is not None else None
+            and param.numel() > 0
+            and _compact(self, i)
+        ):
+            grad = self.get_gradient_for_reduction(param)
+        out = None
+        if grad is not None:
+            if self.averaged_gradients.get(i) is None:
+                self._get_compact_grad_partition_buffer(i)  # this step's buffer, handed out once
+            views = self.__dict__.setdefault("_mm_views", {})  # emptied when a buffer is allocated anew
+            param_id = self.get_param_id(param)
+            out = views.get(param_id)
+            if out is None:
+                out = self._get_compact_grad_partition_slice(i, 0, param_id, param.numel())
+                if out is not None:
+                    views[param_id] = out
         if out is None or grad.dtype != out.dtype:
             _zero_unwritten(self)  # DeepSpeed's path adds into the buffer
             return original(self, param, i)
