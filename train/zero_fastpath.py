@@ -520,7 +520,7 @@ def _state_dict_own_partition(original):
             # this rank's partition, as DeepSpeed does.
             from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS as KEY
 
-            sd[KEY] = [t.clone() for t in sd[KEY]]
+            sd[KEY] = [t.detach().clone() for t in sd[KEY]]
         return sd
 
     return state_dict
