@@ -171,14 +171,24 @@ def test_every_zero_stage_trains_with_a_falling_loss(stage, demo_shards, tmp_pat
     assert all(torch.isfinite(e).all() for e in out.values())
 
 
+def _torchrun(script: str, *args: str, nproc: int, cwd, timeout: int = 900, **env: str) -> None:
+    """Runs tests/SCRIPT under torchrun on nproc processes; fails the test on a non-zero exit."""
+    proc = subprocess.run(
+        [venv_bin("torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(REPO / "tests" / script), *args],
+        cwd=cwd,
+        env=clean_env(PYTHONPATH=str(REPO), **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
 def _probe(out, shards, *overrides: str, nproc: int = 2, **env: str) -> dict:
     """Runs tests/engine_probe.py on nproc processes; returns its report."""
     out.mkdir()
-    cmd = [
-        venv_bin("torchrun"),
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(REPO / "tests" / "engine_probe.py"),
+    _torchrun(
+        "engine_probe.py",
         str(out),
         "model=tiny",
         "deepspeed.precision=fp32",
@@ -187,11 +197,10 @@ def _probe(out, shards, *overrides: str, nproc: int = 2, **env: str) -> dict:
         f"data.heldout={shards['heldout']}",
         "data.num_workers=0",
         *overrides,
-    ]
-    proc = subprocess.run(
-        cmd, cwd=out.parent, env=clean_env(PYTHONPATH=str(REPO), **env), capture_output=True, text=True, timeout=900
+        nproc=nproc,
+        cwd=out.parent,
+        **env,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads((out / "probe.json").read_text())
 
 
@@ -459,23 +468,7 @@ def test_a_layer_without_gradients_in_a_step_trains_as_with_deepspeeds_own_path(
     weights = {}
     for flat in ("true", "false"):
         out = tmp_path / flat
-        proc = subprocess.run(
-            [
-                venv_bin("torchrun"),
-                "--standalone",
-                "--nproc_per_node=1",
-                str(REPO / "tests" / "unused_params_probe.py"),
-                str(out),
-                str(stage),
-                flat,
-            ],
-            cwd=tmp_path,
-            env=clean_env(PYTHONPATH=str(REPO)),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        _torchrun("unused_params_probe.py", str(out), str(stage), flat, nproc=1, cwd=tmp_path, timeout=600)
         weights[flat] = torch.load(out / "weights.pt")
     for name, w in weights["false"].items():
         torch.testing.assert_close(weights["true"][name], w, rtol=1e-6, atol=1e-7, msg=name)

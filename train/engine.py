@@ -240,6 +240,12 @@ def offloads_optimizer(ds_config: dict) -> bool:
     return "offload_optimizer" in ds_config["zero_optimization"]
 
 
+def flat_gradients(ds_config: dict) -> bool:
+    """Whether the DeepSpeed JSON asks for the ZeRO-1/2 flat gradient path
+    (build_deepspeed_config sets reduce_scatter false for it)."""
+    return ds_config["zero_optimization"].get("reduce_scatter") is False
+
+
 def build_model(build, *, ds_config: dict):
     """Calls build() to construct the model and initialises its weights.
 
@@ -327,20 +333,19 @@ def build_engine(
     """Wraps the model in a DeepSpeed engine with AdamW and warmup-cosine."""
     import deepspeed
 
-    if ds_config["zero_optimization"].get("reduce_scatter") is False:  # build_deepspeed_config: flat_gradients
-        from train import zero_fastpath
+    from train import zero_fastpath
 
-        if not zero_fastpath.apply():  # another DeepSpeed release: its own path, as it ships
-            del ds_config["zero_optimization"]["reduce_scatter"]
-        else:  # where the comm layer is not started yet (train.loop starts it before the model)
-            start_deepspeed_comm(is_main=not dist.is_initialized() or dist.get_rank() == 0, shared_memory=True)
+    flat = flat_gradients(ds_config)
+    if flat and not zero_fastpath.apply():  # another DeepSpeed release: its own path, as it ships
+        del ds_config["zero_optimization"]["reduce_scatter"]
+        flat = False
+    if flat:  # where the comm layer is not started yet (train.loop starts it before the model)
+        start_deepspeed_comm(is_main=not dist.is_initialized() or dist.get_rank() == 0, shared_memory=True)
     opt = build_optimizer(model, optimizer, cpu_offload=offloads_optimizer(ds_config), lr_scales=lr_scales)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=build_schedule(opt, optimizer, total_steps), config=ds_config
     )
-    if ds_config["zero_optimization"].get("reduce_scatter") is False:
-        from train import zero_fastpath
-
+    if flat:
         zero_fastpath.share_fp32_master(engine.optimizer)  # fp32: no second copy of the weights
     clip_with_torch(engine)
     if engine.dp_world_size == 1 and ds_config["zero_optimization"]["stage"] == 0:

@@ -31,6 +31,7 @@ from train.engine import (
     build_model,
     compute_dtype,
     contrastive_chunks,
+    flat_gradients,
     parameter_total,
     start_deepspeed_comm,
 )
@@ -274,9 +275,7 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     accum = ds_config["gradient_accumulation_steps"]
     chunks = contrastive_chunks(t_cfg, info.world_size, accum=accum)  # > 1: gradient caching
     # ZeRO-1/2's flat gradient path reduces through shared memory where it can.
-    start_deepspeed_comm(
-        is_main=info.is_main, shared_memory=ds_config["zero_optimization"].get("reduce_scatter") is False
-    )
+    start_deepspeed_comm(is_main=info.is_main, shared_memory=flat_gradients(ds_config))
     if reshaped:
         if info.is_main:
             log.info(

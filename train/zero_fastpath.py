@@ -271,11 +271,6 @@ def start_comm(*, shared_memory: bool) -> None:
     _state["shm_level"] = int(getattr(ds_comm.cdb, "shm_vector_kernel_level", 0))
 
 
-def shared_memory_active() -> bool:
-    """Whether the flat path may reduce through DeepSpeed's shared memory in this process."""
-    return _state["shm"]
-
-
 def shared_memory_report() -> dict:
     """For tests: whether shared memory is on, its kernel level (1: fp32, 2: bf16 too), and how many sums it did."""
     return {"active": _state["shm"], "level": _state["shm_level"], "sums": _state["shm_sums"]}
@@ -355,8 +350,8 @@ def _step(original):
 def _sum_gather(flat: torch.Tensor, parts: list, group) -> bool:
     """All-gathers the partitions of `flat` as a sum: each rank zeroes the
     others' partitions and all ranks sum (x + 0 is x exactly, but for a
-    zero's sign). False where
-    the partitions are not `flat`'s consecutive pieces in rank order."""
+    zero's sign). False where the partitions are not `flat`'s consecutive
+    pieces in rank order."""
     world = torch_dist.get_world_size(group)
     if world == 1:
         return True
