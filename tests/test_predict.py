@@ -376,3 +376,84 @@ def test_loading_skips_random_init_but_keeps_computed_buffers(classifier_export)
     for name, p in model.state_dict().items():
         assert torch.equal(p, saved[name]), name
     assert torch.equal(model.class_weights, torch.ones(6))
+
+
+def test_a_closed_gate_holds_the_workers_back_until_it_opens(demo_shards):
+    """A DataLoader worker decodes no sample while the gate is closed (the
+    model's turn on the cores) and goes on once it opens."""
+    import threading
+
+    from data_pipeline import build_loader
+    from data_pipeline.turns import Turns
+
+    turns = Turns()
+    loader = build_loader(
+        dataclasses.replace(demo_geometry(), heldout=str(demo_shards["heldout"]), num_workers=1),
+        split="heldout",
+        batch_size=16,
+        turns=turns,
+    )
+    loader.start()  # the worker forks now and waits at the gate
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(loader), daemon=True)
+    reader.start()
+    reader.join(timeout=3)
+    assert reader.is_alive() and not got, "a worker decoded while the gate was closed"
+    turns.open()
+    reader.join(timeout=120)
+    assert not reader.is_alive() and sum(1 for b in got for k in b["__key__"] if k) == 64
+
+
+def test_taking_turns_the_model_computes_only_while_the_workers_wait(demo_shards):
+    """train.predict on a CPU: every batch of every shard arrives in shard
+    order with each shard's end, while it is handed out the gate is closed,
+    and the next run is read with it open."""
+    from data_pipeline import build_loader
+    from data_pipeline.sources import expand_shards
+    from data_pipeline.turns import Turns
+    from train.predict import TakingTurns
+
+    urls = expand_shards(str(demo_shards["train"])) + expand_shards(str(demo_shards["heldout"]))
+    turns = Turns()
+    loaders = []
+
+    def make_loader(i):
+        loaders.append(
+            build_loader(
+                dataclasses.replace(demo_geometry(), heldout=urls[i]),
+                split="heldout",
+                batch_size=16,
+                turns=turns,
+                spare_cores=0,
+            )
+        )
+        return loaders[-1]
+
+    items, open_while_handed_out = [], 0
+    for shard, batch, skipped in TakingTurns(list(range(len(urls))), make_loader, turns):
+        open_while_handed_out += turns.is_open
+        items.append((shard, None if batch is None else tuple(k for k in batch["__key__"] if k), skipped))
+    assert open_while_handed_out == 0
+    assert turns.is_open  # let go at the end
+    assert [s for s, b, _ in items if b is None] == list(range(len(urls)))  # each shard's end, in order
+    assert all(skipped == {} for _, b, skipped in items if b is None)
+    for i, url in enumerate(urls):  # each shard's samples, each once
+        with tarfile.open(url) as tar:
+            want = {name.partition(".")[0] for name in tar.getnames()}
+        got = [k for s, b, _ in items if s == i and b is not None for k in b]
+        assert len(got) == len(set(got)) and set(got) == want
+    assert loaders[0].num_workers == 2
+
+
+def test_taking_turns_and_overlapping_predict_the_same_rows(classifier_export, demo_shards, tmp_path, monkeypatch):
+    from train.predict import PredictArgs, predict
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    common = {"checkpoint": str(classifier_export), "shards": str(demo_shards["train"]), "batch_size": 16}
+    predict(PredictArgs(**common, out=str(tmp_path / "turns")), ["data.num_workers=2"])
+    predict(PredictArgs(**common, out=str(tmp_path / "overlap"), turns=False), ["data.num_workers=2"])
+    turns, overlap = read_rows(tmp_path / "turns"), read_rows(tmp_path / "overlap")
+    assert len(turns) == 256 and [r["key"] for r in turns] == [r["key"] for r in overlap]
+    for a, b in zip(turns, overlap):
+        assert a["label"] == b["label"] and a["probs"] == pytest.approx(b["probs"], abs=1e-5)
