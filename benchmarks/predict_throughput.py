@@ -6,7 +6,7 @@ the shards, decodes them in its workers, predicts and writes the rows. The
 ratio says what the pipeline costs on top of the model.
 
     python benchmarks/predict_throughput.py [--model small] [--shards data/demo/heldout] [--batch-size 64]
-                                            [--repeats 5] [--threads N] [--compare-overlap]
+                                            [--repeats 5] [--threads N]
 
 train.predict runs --repeats times, each between two runs of the model
 alone, and is compared with their mean (the machine's speed drifts); the
@@ -88,12 +88,6 @@ def main() -> None:
         help="torch threads for the model on both sides (0: torch's default, every core). "
         "Fewer than the cores leaves the data worker a core of its own, as on a GPU machine",
     )
-    parser.add_argument(
-        "--compare-overlap",
-        action="store_true",
-        help="also time train.predict with turns=false (data workers decoding while the model "
-        'computes), its runs alternating with the default\'s; reported under "overlap"',
-    )
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -134,64 +128,51 @@ def main() -> None:
         # This machine's speed drifts by tens of percent within a minute, so
         # every train.predict run is bracketed by a model-alone run before and
         # after it, and compared with their mean.
-        modes = {"default": None, "overlap": False} if args.compare_overlap else {"default": None}
-        runs: dict[str, list[dict]] = {name: [] for name in modes}
+        runs = []
         before = model_alone()
         for repeat in range(args.repeats):
-            for name, turns in modes.items():
-                t = time.perf_counter()
-                summary = predict(
-                    PredictArgs(
-                        checkpoint=str(export),
-                        shards=args.shards,
-                        out=str(tmp / f"pred-{name}{repeat}"),
-                        batch_size=args.batch_size,
-                        turns=turns,
-                    ),
-                    [],
-                )
-                predict_s = time.perf_counter() - t
-                after = model_alone()
-                model_s = (before + after) / 2
-                before = after
-                if summary["rows"] != n:
-                    raise SystemExit(f"train.predict wrote {summary['rows']} rows for {n} samples")
-                runs[name].append(
-                    {"model_sps": n / model_s, "predict_sps": n / predict_s, "ratio": model_s / predict_s}
-                )
-                print(
-                    f"run {repeat + 1} ({name}): model alone {n / model_s:6.1f}/s (mean of the runs before "
-                    f"and after), train.predict {n / predict_s:6.1f}/s, ratio {model_s / predict_s:.3f}",
-                    flush=True,
-                )
-
-    def summary_of(name: str) -> dict:
-        got = runs[name]
-        median = sorted(got, key=lambda r: r["ratio"])[len(got) // 2]
-        return {
-            "predict_sps": round(median["predict_sps"], 1),
-            "model_sps": round(median["model_sps"], 1),
-            "ratio": round(median["ratio"], 3),
-            "ratio_min_max": [round(min(r["ratio"] for r in got), 3), round(max(r["ratio"] for r in got), 3)],
-        }
-
-    result = summary_of("default")
+            t = time.perf_counter()
+            summary = predict(
+                PredictArgs(
+                    checkpoint=str(export),
+                    shards=args.shards,
+                    out=str(tmp / f"pred{repeat}"),
+                    batch_size=args.batch_size,
+                ),
+                [],
+            )
+            predict_s = time.perf_counter() - t
+            after = model_alone()
+            model_s = (before + after) / 2
+            before = after
+            if summary["rows"] != n:
+                raise SystemExit(f"train.predict wrote {summary['rows']} rows for {n} samples")
+            runs.append({"model_sps": n / model_s, "predict_sps": n / predict_s, "ratio": model_s / predict_s})
+            print(
+                f"run {repeat + 1}: model alone {n / model_s:6.1f}/s (mean of the runs before and after), "
+                f"train.predict {n / predict_s:6.1f}/s, ratio {model_s / predict_s:.3f}",
+                flush=True,
+            )
+    median = sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2]
+    model_sps, predict_sps = median["model_sps"], median["predict_sps"]
+    spread = [round(min(r["ratio"] for r in runs), 3), round(max(r["ratio"] for r in runs), 3)]
     print(
         f"model={args.model}, {n} samples, batch {args.batch_size}, {torch.get_num_threads()} threads, "
         f"data.num_workers=auto, CPU flags: {cpu_flags_line()}"
     )
-    print(f"model forward alone:  {result['model_sps']:8.1f} samples/s")
-    print(f"train.predict:        {result['predict_sps']:8.1f} samples/s (load, read, decode, predict, write)")
-    extra = {"overlap": summary_of("overlap")} if args.compare_overlap else {}
+    print(f"model forward alone:  {model_sps:8.1f} samples/s")
+    print(f"train.predict:        {predict_sps:8.1f} samples/s (load, read, decode, predict, write)")
     print(
         json.dumps(
             {
-                **result,
-                "repeats": args.repeats,
+                "predict_sps": round(predict_sps, 1),
+                "model_sps": round(model_sps, 1),
+                "ratio": round(median["ratio"], 3),
+                "ratio_min_max": spread,
+                "repeats": len(runs),
                 "threads": torch.get_num_threads(),
                 "model": args.model,
                 "samples": n,
-                **extra,
             }
         )
     )

@@ -94,16 +94,13 @@ class DataConfig:
         return self.audio_frames * self.hop_length
 
 
-def worker_count(value: Any, *, local_ranks: int | None = None, spare: int = 1) -> int:
-    """data.num_workers as a number: an integer >= 0 as given, or "auto":
-    this rank's share of the CPUs less `spare` for the main process (1; 0
-    where the workers and the model take turns on the cores, as
-    train.predict's do on a CPU device)."""
+def worker_count(value: Any, *, local_ranks: int | None = None) -> int:
+    """data.num_workers as a number: an integer >= 0 as given, or "auto"."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if local_ranks is None:
             local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-        return max(1, min(8, cpus // max(1, local_ranks) - spare))
+        return max(1, min(8, cpus // max(1, local_ranks) - 1))
     try:
         n = int(value)
     except (TypeError, ValueError):

@@ -24,11 +24,9 @@ from data_pipeline.plan import Pool, batches_per_rank, consumed_by_worker, epoch
 from data_pipeline.sources import expand_shards, shard_sizes
 from data_pipeline.stream import BatchDataset, BatchStream, Source
 from data_pipeline.tokenizer import ByteTokenizer, load_tokenizer
-from data_pipeline.turns import Turns
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1  # pool and generation were added later; absent means None and 0
-PREFETCH_FACTOR = 4  # batches each DataLoader worker decodes ahead
 
 
 def collate(
@@ -187,8 +185,6 @@ class StreamLoader:
         labels: LabelSpec | None = None,
         sizes: dict[str, int] | None = None,
         modalities: tuple[str, ...] | list[str] = MODALITIES,
-        turns: Turns | None = None,
-        spare_cores: int = 1,
     ):
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
@@ -212,8 +208,7 @@ class StreamLoader:
         self.sources = _sources(cfg, split, sizes)
         # Built before workers fork, so they inherit it instead of each importing librosa.
         mel_filterbank(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
-        self.num_workers = worker_count(cfg.num_workers, spare=spare_cores)
-        self.turns = turns
+        self.num_workers = worker_count(cfg.num_workers)
         if self.num_workers > 0:
             warm_decoders(cfg)  # before the workers fork: they inherit the set-up
         self.labels = labels  # a classifier's: samples without a usable label are counted skips
@@ -223,12 +218,6 @@ class StreamLoader:
         self.pool: Pool | None = None
         self.generation = 0
         self.skipped: Counter = Counter()
-        self._started = None  # the DataLoader iterator start() began
-
-    @property
-    def in_flight(self) -> int:
-        """Batches the workers decode ahead of the one taken (1 without workers)."""
-        return PREFETCH_FACTOR * self.num_workers if self.num_workers > 0 else 1
 
     @property
     def total_samples(self) -> int:
@@ -260,14 +249,13 @@ class StreamLoader:
             modalities=self.modalities,
             pool=self.pool,
             generation=self.generation,
-            turns=self.turns,
         )
         workers = self.num_workers
         return torch.utils.data.DataLoader(
             BatchDataset(stream),
             batch_size=None,
             num_workers=workers,
-            prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
+            prefetch_factor=4 if workers > 0 else None,
             worker_init_fn=ignore_stop_signals if workers > 0 else None,
             # Page-locked batches on a CUDA machine: the host-to-device copy
             # (to_device, non_blocking) then overlaps with compute.
@@ -278,18 +266,9 @@ class StreamLoader:
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
-    def start(self) -> None:
-        """Starts the workers now (they fork and decode ahead) instead of at
-        the first batch asked for, so that they work while the caller does
-        something else. Iterating takes the batches they decoded."""
-        if self._started is None:
-            self._started = iter(self._dataloader())
-
     def __iter__(self) -> Iterator[dict]:
         while True:
-            batches = self._started if self._started is not None else iter(self._dataloader())
-            self._started = None
-            for batch in batches:
+            for batch in self._dataloader():
                 self.batches += 1
                 self.skipped.update(batch.pop("__skipped__"))
                 yield batch
@@ -467,17 +446,12 @@ def build_loader(
     labels: LabelSpec | None = None,
     sizes: dict[str, int] | None = None,
     modalities: tuple[str, ...] | list[str] = MODALITIES,
-    turns: Turns | None = None,
-    spare_cores: int = 1,
 ) -> StreamLoader:
     """sizes: {shard URL: samples} already known (shard_size_table on one
     rank, shared with the others), so not every rank reads every index.
     modalities: the ones the model reads; the others are not decoded (their
     masks are False), but a sample that carries only them still counts as
-    having data.
-    turns: a gate the workers wait at before each sample (data_pipeline.turns),
-    for a model that computes on the same cores. spare_cores: the cores
-    data.num_workers=auto leaves to the main process (0 with turns)."""
+    having data."""
     return StreamLoader(
         cfg,
         split=split,
@@ -488,6 +462,4 @@ def build_loader(
         labels=labels,
         sizes=sizes,
         modalities=modalities,
-        turns=turns,
-        spare_cores=spare_cores,
     )

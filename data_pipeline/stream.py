@@ -31,7 +31,6 @@ from data_pipeline.decode import (
 from data_pipeline.labels import LabelError, LabelSpec
 from data_pipeline.plan import Pool, Segment, block_key, block_permutation, consumed_by_worker, epoch_plan
 from data_pipeline.sources import Skip, read_shard
-from data_pipeline.turns import Turns
 
 _CHOICE_CHUNK = 4096
 
@@ -198,10 +197,8 @@ class BatchStream:
         modalities: tuple[str, ...] = MODALITIES,
         pool: Pool | None = None,
         generation: int = 0,
-        turns: Turns | None = None,
     ):
         self.sources, self.cfg, self.tokenizer, self.collate = sources, cfg, tokenizer, collate
-        self.turns = turns  # with it, each sample is read and decoded only while the gate is open
         self.labels, self.modalities = labels, modalities
         # The epoch's positions still to read (None: all) and which plan over
         # them this is (0 unless the run resumed on another topology).
@@ -260,7 +257,7 @@ class BatchStream:
         key = block_key(seed=self.cfg.seed, epoch=self.epoch, rank=self.rank, worker=worker, generation=self.generation)
         items = block_shuffled(read_from, total=total, start=sum(plan.real[:done]), block=block, key=key)
         for real in plan.real[done:]:
-            yield self._batch([self._next(items) for _ in range(real)])
+            yield self._batch([next(items) for _ in range(real)])
 
     # -- resampled mode -------------------------------------------------
     def _fresh(self) -> list[int]:
@@ -308,22 +305,15 @@ class BatchStream:
             key=[self.cfg.seed, self.rank, worker, *self._fresh()],
         )
         while True:
-            yield self._batch([self._next(items) for _ in range(self.batch_size)])
+            yield self._batch([next(items) for _ in range(self.batch_size)])
 
     # -- shared -----------------------------------------------------------
-    def _next(self, items: Iterator):
-        if self.turns is not None:
-            self.turns.wait()
-        return next(items)
-
     def _batch(self, items: list) -> dict:
         """Decodes items into a batch of exactly batch_size rows; skipped and
         missing samples become padding rows (every mask False)."""
         decoded: list[dict | None] = []
         skipped: Counter = Counter()
         for item in items:
-            if self.turns is not None:
-                self.turns.wait()
             if isinstance(item, Skip):
                 skipped[item.reason] += 1
                 self._error(item.shard, item.reason, item.detail, event=(item.shard, item.reason))

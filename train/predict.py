@@ -55,9 +55,6 @@ skips the shards it finished.
                     CPU-only machine, cores minus data.num_workers gives each
                     data worker a core of its own
   device=DEVICE     cpu (default) or cuda
-  turns=BOOL        data workers and model take turns on the cores (default: true
-                    on device=cpu, false on cuda, where they overlap); with it,
-                    data.num_workers=auto gives the workers every core of the rank
   max_memory=...    big-model inference through accelerate, e.g. max_memory=cpu:2GB
                     (what does not fit is offloaded to disk under OUT/offload);
                     needs an exported .safetensors
@@ -85,7 +82,6 @@ class PredictArgs:
     batch_size: int = 64
     threads: int = 0  # 0: torch's default (every core)
     device: str = "cpu"
-    turns: bool | None = None  # None: on a CPU device
     max_memory: str = ""
     trust_checkpoint: bool = False
 
@@ -203,78 +199,6 @@ class ShardBatches:
         self._stop.set()
 
 
-class TakingTurns:
-    """ShardBatches' items for a model on the CPU, where the data workers
-    and the model take turns on the cores (data_pipeline.turns): the gate
-    is open while a run of batches is read (every worker decodes, on every
-    core; the model waits) and closed while the model computes them (the
-    workers wait). A run is what the loader's workers hold in flight. The
-    first run is read while the weights load."""
-
-    def __init__(self, shards: list[int], make_loader, turns):
-        import threading
-
-        self._turns = turns
-        self._window = 1
-        self._items = self._read(shards, make_loader)
-        self._first: list | BaseException = []
-        self._starter = threading.Thread(target=self._first_run, daemon=True, name="predict-first-run")
-        self._starter.start()
-
-    def _read(self, shards, make_loader):
-        # The next shard's workers start with the current shard's: no pause
-        # for a fork and a first batch at each shard's end.
-        loaders = [(i, make_loader(i)) for i in shards[:1]]
-        for k in range(len(shards)):
-            if k + 1 < len(shards):
-                loaders.append((shards[k + 1], make_loader(shards[k + 1])))
-                loaders[-1][1].start()
-            i, loader = loaders.pop(0)
-            self._window = loader.in_flight
-            for batch in loader:
-                yield i, batch, None
-            yield i, None, dict(loader.skipped)
-
-    def _run(self) -> list:
-        """The next run: up to one window of batches, with the shard ends among them."""
-        self._turns.open()
-        run, n = [], 0
-        try:
-            for item in self._items:
-                run.append(item)
-                n += item[1] is not None
-                if n >= self._window:
-                    break
-        finally:
-            self._turns.close()
-        return run
-
-    def _first_run(self) -> None:
-        try:
-            self._first = self._run()
-        except BaseException as e:  # raised again in __iter__
-            self._first = e
-
-    def __iter__(self):
-        try:
-            self._starter.join()
-            run = self._first
-            if isinstance(run, BaseException):
-                raise run
-            while run:
-                yield from run
-                run = self._run()
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Ends the reading: paused workers are let go, and the loader that
-        holds them is shut down."""
-        self._turns.open()
-        self._starter.join()
-        self._items.close()
-
-
 def write_part(rows: list[dict], path: Path, fmt: str) -> None:
     """Atomically: a part file exists only once its shard is finished."""
     tmp = path.with_name(path.name + ".tmp")
@@ -326,7 +250,6 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     from data_pipeline import build_loader
     from data_pipeline.decode import MODALITIES
     from data_pipeline.sources import expand_shards, shard_sizes
-    from data_pipeline.turns import Turns
     from train.batch import to_device
     from train.cli import data_config
     from train.evaluate import resolve_checkpoint, saved_config
@@ -374,21 +297,15 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     )
     # A classifier's prediction decodes only the modalities it reads (--embed: all of them).
     reads = tuple(task.get("modalities") or MODALITIES) if classify and not embed else MODALITIES
-    # On a CPU the data workers and the model take turns on the cores (see
-    # data_pipeline.turns), so data.num_workers=auto gives the workers them all.
-    turns = Turns() if (device.type == "cpu" if args.turns is None else args.turns) else None
-
-    def make_loader(i: int):
-        return build_loader(
+    batches = ShardBatches(
+        todo,
+        lambda i: build_loader(
             dataclasses.replace(data, heldout=urls[i]),
             split="heldout",
             batch_size=batch_size,
             modalities=reads,
-            turns=turns,
-            spare_cores=0 if turns else 1,
-        )
-
-    batches = TakingTurns(todo, make_loader, turns) if turns else ShardBatches(todo, make_loader)
+        ),
+    )
     try:
         # The workers fork and decode the first batches while the weights load.
         model = load_model(
