@@ -96,11 +96,14 @@ def main() -> None:
 
     import mm_models
     from data_pipeline import DataConfig, build_loader
+    from data_pipeline.sources import expand_shards
     from train.config import CONF_DIR
     from train.predict import PredictArgs, predict
 
-    if not Path(args.shards).exists():
-        raise SystemExit(f"{args.shards} does not exist: run `make demo-data` first (or pass --shards)")
+    try:
+        expand_shards(args.shards)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"{args.shards}: {e}; run `make demo-data` first (or pass --shards)") from None
     data = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(CONF_DIR / "data" / "demo.yaml"))
     )
