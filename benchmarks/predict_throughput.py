@@ -10,8 +10,10 @@ ratio says what the pipeline costs on top of the model.
 
 train.predict runs --repeats times, each between two runs of the model
 alone, and is compared with their mean (the machine's speed drifts); the
-median ratio is reported, with the smallest and largest. The last line is JSON: {"predict_sps": …,
-"model_sps": …, "ratio": …, "ratio_min_max": [...], ...}.
+median ratio is reported, with the smallest and largest, and the data
+workers' CPU time per sample (on a machine without a GPU, time the model's
+cores spend decoding). The last line is JSON: {"predict_sps": …,
+"model_sps": …, "ratio": …, "ratio_min_max": [...], "worker_cpu_ms_per_sample": …, ...}.
 Needs shards: `make demo-data` writes data/demo/heldout.
 """
 
@@ -21,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +37,12 @@ def cpu_flags_line() -> str:
     flags = cpu_flags()
     keep = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return " ".join(keep) or "unknown"
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's exited and waited-for children (the data workers)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def make_export(out: Path, model_name: str, data) -> Path:
@@ -134,6 +143,7 @@ def main() -> None:
         runs = []
         before = model_alone()
         for repeat in range(args.repeats):
+            workers_cpu = children_cpu_s()
             t = time.perf_counter()
             summary = predict(
                 PredictArgs(
@@ -145,15 +155,25 @@ def main() -> None:
                 [],
             )
             predict_s = time.perf_counter() - t
+            # The data workers have exited (and been waited for) by now.
+            workers_cpu = children_cpu_s() - workers_cpu
             after = model_alone()
             model_s = (before + after) / 2
             before = after
             if summary["rows"] != n:
                 raise SystemExit(f"train.predict wrote {summary['rows']} rows for {n} samples")
-            runs.append({"model_sps": n / model_s, "predict_sps": n / predict_s, "ratio": model_s / predict_s})
+            runs.append(
+                {
+                    "model_sps": n / model_s,
+                    "predict_sps": n / predict_s,
+                    "ratio": model_s / predict_s,
+                    "worker_ms": 1000 * workers_cpu / n,
+                }
+            )
             print(
                 f"run {repeat + 1}: model alone {n / model_s:6.1f}/s (mean of the runs before and after), "
-                f"train.predict {n / predict_s:6.1f}/s, ratio {model_s / predict_s:.3f}",
+                f"train.predict {n / predict_s:6.1f}/s, ratio {model_s / predict_s:.3f}, "
+                f"data workers' CPU {1000 * workers_cpu / n:.2f} ms/sample",
                 flush=True,
             )
     median = sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2]
@@ -165,6 +185,8 @@ def main() -> None:
     )
     print(f"model forward alone:  {model_sps:8.1f} samples/s")
     print(f"train.predict:        {predict_sps:8.1f} samples/s (load, read, decode, predict, write)")
+    worker_ms = sorted(r["worker_ms"] for r in runs)[len(runs) // 2]
+    print(f"data workers' CPU:    {worker_ms:8.2f} ms/sample (median), on the cores the model uses")
     print(
         json.dumps(
             {
@@ -172,6 +194,7 @@ def main() -> None:
                 "model_sps": round(model_sps, 1),
                 "ratio": round(median["ratio"], 3),
                 "ratio_min_max": spread,
+                "worker_cpu_ms_per_sample": round(worker_ms, 2),
                 "repeats": len(runs),
                 "threads": torch.get_num_threads(),
                 "model": args.model,

@@ -5,6 +5,7 @@ package's docstring), with a state_dict() that resumes at exactly the next batch
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
 import json
 import logging
@@ -12,6 +13,7 @@ import multiprocessing
 import signal
 import urllib.parse
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
 
@@ -227,8 +229,8 @@ class StreamLoader:
         """Batches each rank gets per epoch (epoch mode)."""
         return batches_per_rank(self.total_samples, world_size=self.world_size, batch_size=self.batch_size)
 
-    def _dataloader(self) -> torch.utils.data.DataLoader:
-        stream = BatchStream(
+    def _stream(self) -> BatchStream:
+        return BatchStream(
             sources=self.sources,
             cfg=self.cfg,
             tokenizer=self.tokenizer,
@@ -250,9 +252,11 @@ class StreamLoader:
             pool=self.pool,
             generation=self.generation,
         )
+
+    def _dataloader(self) -> torch.utils.data.DataLoader:
         workers = self.num_workers
         return torch.utils.data.DataLoader(
-            BatchDataset(stream),
+            BatchDataset(self._stream()),
             batch_size=None,
             num_workers=workers,
             prefetch_factor=4 if workers > 0 else None,
@@ -277,6 +281,19 @@ class StreamLoader:
             if not self.train:
                 return
             self.epoch, self.batches, self.pool, self.generation = self.epoch + 1, 0, None, 0
+
+    def read_here(self) -> Iterator[dict]:
+        """One pass of held-out batches decoded in the calling process,
+        whatever process that is, without workers of its own. A DataLoader
+        worker that reads many loaders in turn (ShardwiseLoader's) calls
+        this: iterated there, the loader would read only that worker's
+        share of its samples."""
+        if self.train:
+            raise ValueError("read_here() reads a held-out split")
+        for batch in self._stream().batches(0, 1):
+            self.batches += 1
+            self.skipped.update(batch.pop("__skipped__"))
+            yield batch
 
     # -- state --------------------------------------------------------------
     def _fingerprint(self) -> dict:
@@ -433,6 +450,117 @@ def _int(value, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"loader state: {name} must be an integer >= 0, got {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class ShardPiece:
+    """Piece `piece` of `pieces` (contiguous, in sample order) of shard
+    `shard`, an index into ShardwiseLoader's URL list."""
+
+    shard: int
+    piece: int = 0
+    pieces: int = 1
+
+
+def shard_pieces(shards: list[int], workers: int) -> list[ShardPiece]:
+    """The work of ShardwiseLoader's workers, handed out round-robin. Whole
+    shards when there are at least four per worker: the last round, in
+    which some workers may idle, is then a small part of the whole. With
+    fewer, each shard is cut into pieces (at most one per worker) so that
+    there are that many; a piece's worker reads the shard past the pieces
+    before its own without decoding them."""
+    if not shards:
+        return []
+    n = 1 if workers <= 1 else min(workers, -(-4 * workers // len(shards)))
+    return [ShardPiece(i, k, n) for i in shards for k in range(n)]
+
+
+class _Pieces(torch.utils.data.IterableDataset):
+    """Worker w of W reads pieces w, w + W, ... each through a loader of its
+    own, in the worker's process: (piece, batch, None) for each batch, then
+    (piece, None, samples skipped by reason)."""
+
+    def __init__(self, pieces: list[ShardPiece], loader_for):
+        super().__init__()
+        self.pieces, self.loader_for = pieces, loader_for
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for piece in self.pieces[worker::workers]:
+            loader = self.loader_for(piece)
+            if loader is None:  # an empty shard
+                yield piece, None, {}
+                continue
+            for batch in loader.read_here():
+                yield piece, batch, None
+            yield piece, None, dict(loader.skipped)
+
+
+def _unchanged(item):
+    return item
+
+
+class ShardwiseLoader:
+    """Held-out batches of many shards, each shard's kept apart, through one
+    set of DataLoader workers for all of them (train.predict's reader: it
+    writes a part per shard).
+
+    Iterating yields (ShardPiece, batch, None) for every batch and
+    (ShardPiece, None, skipped-by-reason) once a piece is read. The workers
+    start, and begin decoding, as soon as iter() is called. Pieces of
+    different workers interleave; within a piece, batches come in sample
+    order. A loader per shard would fork a worker set per shard, and each
+    fresh worker pays again for its start and its first, cold batches."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        urls: list[str],
+        sizes: list[int],
+        shards: list[int],
+        *,
+        batch_size: int,
+        modalities: tuple[str, ...] | list[str] = MODALITIES,
+    ):
+        self.cfg, self.urls, self.sizes, self.batch_size = cfg, urls, sizes, batch_size
+        self.modalities = tuple(modalities)
+        self.num_workers = worker_count(cfg.num_workers)
+        self.pieces = shard_pieces(shards, self.num_workers)
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        # Built before the workers fork: they inherit them.
+        mel_filterbank(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
+        if self.num_workers > 0:
+            warm_decoders(cfg)
+
+    def _loader_for(self, piece: ShardPiece) -> StreamLoader | None:
+        url, size = self.urls[piece.shard], self.sizes[piece.shard]
+        if size == 0:
+            return None
+        return StreamLoader(
+            dataclasses.replace(self.cfg, heldout=url, num_workers=0),
+            split="heldout",
+            batch_size=self.batch_size,
+            rank=piece.piece,
+            world_size=piece.pieces,
+            tokenizer=self.tokenizer,
+            sizes={url: size},
+            modalities=self.modalities,
+        )
+
+    def __iter__(self):
+        workers = self.num_workers
+        return iter(
+            torch.utils.data.DataLoader(
+                _Pieces(self.pieces, self._loader_for),
+                batch_size=None,
+                collate_fn=_unchanged,
+                num_workers=workers,
+                prefetch_factor=4 if workers > 0 else None,
+                worker_init_fn=ignore_stop_signals if workers > 0 else None,
+                pin_memory=torch.cuda.is_available(),
+            )
+        )
 
 
 def build_loader(

@@ -350,7 +350,11 @@ class BatchStream:
         worker, num_workers = worker_info()
         # A DataLoader always asks worker 0 first; the batch due next (number
         # start_batch) belongs to logical worker start_batch % num_workers.
-        worker = (worker + self.start_batch) % num_workers
+        return self.batches((worker + self.start_batch) % num_workers, num_workers)
+
+    def batches(self, worker: int, num_workers: int) -> Iterator[dict]:
+        """The batches of logical worker `worker` of `num_workers`, read in
+        this process (worker=0, num_workers=1: the whole stream)."""
         self._consecutive, self._last_event = 0, None
         if self.mode == "epoch":
             return self._epoch_batches(worker, num_workers)

@@ -335,32 +335,52 @@ def test_threads_sets_the_models_thread_count(classifier_export, demo_shards, tm
         torch.set_num_threads(before)
 
 
-def test_read_ahead_yields_each_shards_batches_then_its_end_and_passes_errors_on():
-    from train.predict import ShardBatches
+def test_shards_are_cut_into_pieces_only_when_there_are_few_per_worker():
+    from data_pipeline.loader import ShardPiece, shard_pieces
 
-    class Loader:
-        def __init__(self, i):
-            self.i, self.skipped = i, {"bad_image": i}
+    assert shard_pieces([3, 5, 7], 1) == [ShardPiece(3), ShardPiece(5), ShardPiece(7)]
+    assert shard_pieces([4], 0) == [ShardPiece(4)]
+    assert shard_pieces(list(range(8)), 2) == [ShardPiece(i) for i in range(8)]
+    assert shard_pieces(list(range(5)), 2) == [ShardPiece(i, k, 2) for i in range(5) for k in range(2)]
+    assert shard_pieces([3, 5], 3) == [ShardPiece(s, k, 3) for s in (3, 5) for k in range(3)]
+    assert shard_pieces([], 4) == []
 
-        def __iter__(self):
-            if self.i == 2:
-                raise OSError("shard 2 is unreadable")
-            yield from ({"n": (self.i, b)} for b in range(3))
 
-    got = []
-    with pytest.raises(OSError, match="shard 2 is unreadable"):
-        for shard, batch, skipped in ShardBatches([0, 1, 2], Loader, ahead=1):
-            got.append((shard, batch["n"] if batch is not None else None, skipped))
-    assert got == [
-        (0, (0, 0), None),
-        (0, (0, 1), None),
-        (0, (0, 2), None),
-        (0, None, {"bad_image": 0}),
-        (1, (1, 0), None),
-        (1, (1, 1), None),
-        (1, (1, 2), None),
-        (1, None, {"bad_image": 1}),
-    ]
+def test_one_worker_set_reads_all_shards_and_pieces_keep_sample_order(
+    classifier_export, corpus, demo_shards, tmp_path, monkeypatch
+):
+    """A rank's shards go through one set of data workers (not one set per
+    shard), and a shard cut into pieces for more workers than shards
+    yields its rows in the same order as one in-process reader."""
+    import os
+
+    import data_pipeline.loader as loader_module
+    from train.predict import PredictArgs, predict
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    started = tmp_path / "started"
+    started.mkdir()
+    quiet = loader_module.ignore_stop_signals
+
+    def count_start(worker_id):
+        quiet(worker_id)
+        (started / f"{os.getpid()}-{worker_id}").touch()
+
+    monkeypatch.setattr(loader_module, "ignore_stop_signals", count_start)
+    common = {"checkpoint": str(classifier_export), "batch_size": 16}
+    summary = predict(
+        PredictArgs(**common, shards=str(corpus["root"]), out=str(tmp_path / "all")), ["data.num_workers=1"]
+    )
+    assert len(summary["shards"]) == 5 and summary["rows"] == len(corpus["keys"] - corpus["bad"])
+    assert len(list(started.iterdir())) == 1, "a worker set per shard"
+
+    heldout = str(demo_shards["heldout"])
+    predict(PredictArgs(**common, shards=heldout, out=str(tmp_path / "here")), ["data.num_workers=0"])
+    predict(PredictArgs(**common, shards=heldout, out=str(tmp_path / "pieces")), ["data.num_workers=3"])
+    here, pieces = read_rows(tmp_path / "here"), read_rows(tmp_path / "pieces")
+    assert [r["key"] for r in pieces] == [r["key"] for r in here] and len(here) == 64
+    assert [r["label"] for r in pieces] == [r["label"] for r in here]
 
 
 def test_loading_skips_random_init_but_keeps_computed_buffers(classifier_export):

@@ -20,7 +20,6 @@ loader cannot decode are counted by reason in the manifest (and skipped).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -134,71 +133,6 @@ def rows_for(batch: dict, out: dict, *, embed: bool, names: list[str], multi_lab
     return rows
 
 
-class ShardBatches:
-    """(shard, batch, None) for every batch of each shard in turn, then
-    (shard, None, skipped-by-reason) when that shard is finished.
-
-    A thread reads ahead, at most `ahead` batches: it starts the next
-    shard's loader (whose workers take a moment to fork and decode the
-    first batch) while the model still works on the last batches of the
-    one before, so the model never waits at a shard boundary. Whatever the
-    thread raises is raised again here."""
-
-    _END = object()
-
-    def __init__(self, shards: list[int], make_loader, *, ahead: int = 2):
-        import queue
-        import threading
-
-        self._queue: queue.Queue = queue.Queue(maxsize=ahead)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._read, args=(shards, make_loader), daemon=True, name="predict-read-ahead"
-        )
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _read(self, shards, make_loader) -> None:
-        try:
-            for i in shards:
-                loader = make_loader(i)
-                for batch in loader:
-                    if not self._put((i, batch, None)):
-                        return
-                if not self._put((i, None, dict(loader.skipped))):
-                    return
-            self._put(self._END)
-        except BaseException as e:  # handed to the consumer, raised there
-            self._put(e)
-
-    def __iter__(self):
-        try:
-            while True:
-                item = self._queue.get()
-                if item is self._END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Stops reading ahead (the thread ends at its next hand-over, and
-        the loaders it holds with it)."""
-        self._stop.set()
-
-
 def write_part(rows: list[dict], path: Path, fmt: str) -> None:
     """Atomically: a part file exists only once its shard is finished."""
     tmp = path.with_name(path.name + ".tmp")
@@ -247,8 +181,8 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     """This rank's share of the shards through the model; returns its summary."""
     from tqdm import tqdm
 
-    from data_pipeline import build_loader
     from data_pipeline.decode import MODALITIES
+    from data_pipeline.loader import ShardwiseLoader
     from data_pipeline.sources import expand_shards, shard_sizes
     from train.batch import to_device
     from train.cli import data_config
@@ -297,17 +231,11 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     )
     # A classifier's prediction decodes only the modalities it reads (--embed: all of them).
     reads = tuple(task.get("modalities") or MODALITIES) if classify and not embed else MODALITIES
-    batches = ShardBatches(
-        todo,
-        lambda i: build_loader(
-            dataclasses.replace(data, heldout=urls[i]),
-            split="heldout",
-            batch_size=batch_size,
-            modalities=reads,
-        ),
-    )
+    # One set of workers reads all of this rank's shards; iter() starts them,
+    # so they fork and decode the first batches while the weights load.
+    reader = ShardwiseLoader(data, urls, sizes, todo, batch_size=batch_size, modalities=reads)
+    batches = iter(reader) if todo else iter(())
     try:
-        # The workers fork and decode the first batches while the weights load.
         model = load_model(
             checkpoint,
             device=device,
@@ -316,12 +244,15 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
             trust=args.trust_checkpoint,
         )
     except BaseException:
-        batches.close()
+        del batches  # ends the workers
         raise
     parts_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to predict, and a model
-    rows: list[dict] = []
+    # Rows and skips of each shard by piece, until all its pieces are read.
+    rows: dict[int, dict[int, list[dict]]] = {}
+    shard_skips: dict[int, dict[int, dict]] = {}
     with torch.no_grad():
-        for i, batch, shard_skips in batches:
+        for piece, batch, piece_skips in batches:
+            i = piece.shard
             if batch is not None:
                 moved = to_device(batch, device=device, dtype=torch.float32)
                 if embed:
@@ -329,17 +260,25 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
                     out = {m: (None if e is None else e.float().cpu()) for m, e in out.items()}
                 else:
                     out = {k: v.cpu() for k, v in model.predict(moved).items()} | {"threshold": threshold}
-                rows += rows_for(batch, out, embed=embed, names=names, multi_label=multi_label)
-                progress.update(sum(1 for k in batch["__key__"] if k))
+                got = rows_for(batch, out, embed=embed, names=names, multi_label=multi_label)
+                rows.setdefault(i, {}).setdefault(piece.piece, []).extend(got)
+                progress.update(len(got))
                 continue
-            # shard i is finished
-            progress.update(sum(shard_skips.values()))
-            write_part(rows, parts_dir / f"{i:06d}.{suffix}", fmt)
+            progress.update(sum(piece_skips.values()))
+            done = shard_skips.setdefault(i, {})
+            done[piece.piece] = piece_skips
+            if len(done) < piece.pieces:
+                continue
+            # shard i is finished: its rows in sample order, piece by piece
+            by_piece = rows.pop(i, {})
+            shard_rows = [r for k in range(piece.pieces) for r in by_piece.get(k, [])]
+            skipped_here = sum((Counter(done[k]) for k in range(piece.pieces)), Counter())
+            write_part(shard_rows, parts_dir / f"{i:06d}.{suffix}", fmt)
             (parts_dir / f"{i:06d}.done.json").write_text(
-                json.dumps({"shard": urls[i], "rows": len(rows), "skipped": shard_skips}) + "\n"
+                json.dumps({"shard": urls[i], "rows": len(shard_rows), "skipped": dict(skipped_here)}) + "\n"
             )
-            skipped.update(shard_skips)
-            rows = []
+            skipped.update(skipped_here)
+            del shard_skips[i]
     progress.close()
     # This rank's file: its shards' parts, in shard order (finished now or by an earlier run).
     rank_file = out_dir / f"predictions-rank{rank}.{suffix}"
