@@ -559,6 +559,8 @@ class ShardwiseLoader:
                 prefetch_factor=4 if workers > 0 else None,
                 worker_init_fn=ignore_stop_signals if workers > 0 else None,
                 pin_memory=torch.cuda.is_available(),
+                # Its own: the workers' base seed would otherwise be drawn from the global torch RNG.
+                generator=torch.Generator().manual_seed(self.cfg.seed),
             )
         )
 
