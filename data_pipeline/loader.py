@@ -165,6 +165,25 @@ def _without_credentials(url: str) -> str:
     return parts._replace(netloc=host, query="").geturl()
 
 
+def worker_loader(dataset, *, workers: int, seed: int, collate_fn=None) -> torch.utils.data.DataLoader:
+    """A DataLoader over an iterable dataset that yields whole batches."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        collate_fn=collate_fn,
+        num_workers=workers,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
+        # Page-locked batches on a CUDA machine: the host-to-device copy
+        # (to_device, non_blocking) then overlaps with compute.
+        pin_memory=torch.cuda.is_available(),
+        # Its own generator: a DataLoader draws its workers' base seed from the
+        # global torch RNG otherwise, so a resumed run (which starts a new
+        # iterator mid-epoch) would see other dropout masks than an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 class StreamLoader:
     """Iterates batches; for split="train" endlessly (epoch after epoch, or
     resampled), for "heldout" one unshuffled pass: over everything, or with
@@ -254,21 +273,7 @@ class StreamLoader:
         )
 
     def _dataloader(self) -> torch.utils.data.DataLoader:
-        workers = self.num_workers
-        return torch.utils.data.DataLoader(
-            BatchDataset(self._stream()),
-            batch_size=None,
-            num_workers=workers,
-            prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=ignore_stop_signals if workers > 0 else None,
-            # Page-locked batches on a CUDA machine: the host-to-device copy
-            # (to_device, non_blocking) then overlaps with compute.
-            pin_memory=torch.cuda.is_available(),
-            # Its own generator: a DataLoader draws its workers' base seed from the
-            # global torch RNG otherwise, so a resumed run (which starts a new
-            # iterator mid-epoch) would see other dropout masks than an uninterrupted one.
-            generator=torch.Generator().manual_seed(self.cfg.seed),
-        )
+        return worker_loader(BatchDataset(self._stream()), workers=self.num_workers, seed=self.cfg.seed)
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -549,20 +554,8 @@ class ShardwiseLoader:
         )
 
     def __iter__(self):
-        workers = self.num_workers
-        return iter(
-            torch.utils.data.DataLoader(
-                _Pieces(self.pieces, self._loader_for),
-                batch_size=None,
-                collate_fn=_unchanged,
-                num_workers=workers,
-                prefetch_factor=4 if workers > 0 else None,
-                worker_init_fn=ignore_stop_signals if workers > 0 else None,
-                pin_memory=torch.cuda.is_available(),
-                # Its own: the workers' base seed would otherwise be drawn from the global torch RNG.
-                generator=torch.Generator().manual_seed(self.cfg.seed),
-            )
-        )
+        dataset = _Pieces(self.pieces, self._loader_for)
+        return iter(worker_loader(dataset, workers=self.num_workers, seed=self.cfg.seed, collate_fn=_unchanged))
 
 
 def build_loader(

@@ -133,12 +133,21 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Mo
     PretrainModel, or a ClassifierModel for a fine-tuned classifier
     (`model.predict(batch)` gives its class probabilities).
 
-    Weights load strictly: a missing or unexpected tensor is an error.
+    Weights load strictly: a missing or unexpected tensor is an error. A
+    damaged file, or a config its weights do not fit, raises ValueError.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (export one with `python -m train.export`)")
-    model = build_loaded(read_config(path), load_file(str(path), device="cpu"))
+    try:
+        state = load_file(str(path), device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    try:
+        model = build_loaded(read_config(path), state)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: its config and weights do not make a model: {e}") from None
     return model.to(device).eval()

@@ -383,6 +383,42 @@ def test_one_worker_set_reads_all_shards_and_pieces_keep_sample_order(
     assert [r["label"] for r in pieces] == [r["label"] for r in here]
 
 
+@pytest.mark.parametrize("damage", ["truncated", "other_config"])
+def test_a_damaged_export_is_a_clear_error_and_ends_the_workers(
+    damage, classifier_export, demo_shards, tmp_path, monkeypatch, capsys
+):
+    """The data workers start before the weights load; a file that does not
+    load is a one-line error, and the workers are gone when it is printed."""
+    import multiprocessing
+
+    from train.predict import PredictArgs, main, predict
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    bad = tmp_path / "bad" / "model.safetensors"
+    bad.parent.mkdir()
+    weights, config = classifier_export.read_bytes(), json.loads(classifier_export.with_suffix(".json").read_text())
+    if damage == "truncated":
+        weights = weights[: len(weights) // 2]
+    else:
+        config["model"]["embed_dim"] *= 2
+    bad.write_bytes(weights)
+    bad.with_suffix(".json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    args = [f"checkpoint={bad}", f"shards={demo_shards['heldout']}", f"out={out}", "data.num_workers=2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    named = "not a readable safetensors file" if damage == "truncated" else "config and weights do not make a model"
+    assert err.startswith("train.predict: error: ") and named in err and "Traceback" not in err
+    assert not (out / "parts").exists()
+    # Ended when the error leaves predict(), not once its traceback is dropped.
+    with pytest.raises(ValueError, match=named) as raised:
+        predict(
+            PredictArgs(checkpoint=str(bad), shards=str(demo_shards["heldout"]), out=str(out)), ["data.num_workers=2"]
+        )
+    assert raised.traceback and not multiprocessing.active_children(), "data workers outlived the failed load"
+
+
 def test_loading_skips_random_init_but_keeps_computed_buffers(classifier_export):
     """Parameters are built on the meta device and replaced by the weights;
     a non-persistent buffer (computed in __init__, never saved) stays real."""
