@@ -233,8 +233,7 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     reads = tuple(task.get("modalities") or MODALITIES) if classify and not embed else MODALITIES
     # One set of workers reads all of this rank's shards; iter() starts them,
     # so they fork and decode the first batches while the weights load.
-    reader = ShardwiseLoader(data, urls, sizes, todo, batch_size=batch_size, modalities=reads)
-    batches = iter(reader) if todo else iter(())
+    batches = iter(ShardwiseLoader(data, urls, sizes, todo, batch_size=batch_size, modalities=reads) if todo else ())
     try:
         model = load_model(
             checkpoint,
