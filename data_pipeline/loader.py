@@ -206,7 +206,10 @@ class StreamLoader:
         labels: LabelSpec | None = None,
         sizes: dict[str, int] | None = None,
         modalities: tuple[str, ...] | list[str] = MODALITIES,
+        sources: list[Source] | None = None,
     ):
+        """sources: the split's shards already expanded and counted (cfg's
+        pattern for the split is then not read)."""
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
         if cfg.mode not in MODES:
@@ -226,7 +229,7 @@ class StreamLoader:
         self.rank, self.world_size = rank, world_size
         self.mode = cfg.mode if self.train else "epoch"
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
-        self.sources = _sources(cfg, split, sizes)
+        self.sources = sources if sources is not None else _sources(cfg, split, sizes)
         # Built before workers fork, so they inherit it instead of each importing librosa.
         mel_filterbank(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
         self.num_workers = worker_count(cfg.num_workers)
@@ -467,17 +470,23 @@ class ShardPiece:
     pieces: int = 1
 
 
-def shard_pieces(shards: list[int], workers: int) -> list[ShardPiece]:
-    """The work of ShardwiseLoader's workers, handed out round-robin. Whole
-    shards when there are at least four per worker: the last round, in
-    which some workers may idle, is then a small part of the whole. With
+def shard_pieces(shards: list[int], sizes: list[int], *, workers: int, batch_size: int) -> list[ShardPiece]:
+    """The work of ShardwiseLoader's workers, handed out round-robin.
+
+    Whole shards when there are at least four per worker: the last round,
+    in which some workers may idle, is then a small part of the whole. With
     fewer, each shard is cut into pieces (at most one per worker) so that
-    there are that many; a piece's worker reads the shard past the pieces
-    before its own without decoding them."""
+    there are that many, but never into pieces of under a batch (each piece
+    is read in batches of its own, padded). A piece's worker reads the shard
+    past the pieces before its own without decoding them."""
     if not shards:
         return []
     n = 1 if workers <= 1 else min(workers, -(-4 * workers // len(shards)))
-    return [ShardPiece(i, k, n) for i in shards for k in range(n)]
+    out = []
+    for i in shards:
+        cut = max(1, min(n, sizes[i] // max(1, batch_size)))
+        out += [ShardPiece(i, k, cut) for k in range(cut)]
+    return out
 
 
 class _Pieces(torch.utils.data.IterableDataset):
@@ -531,26 +540,32 @@ class ShardwiseLoader:
         self.cfg, self.urls, self.sizes, self.batch_size = cfg, urls, sizes, batch_size
         self.modalities = tuple(modalities)
         self.num_workers = worker_count(cfg.num_workers)
-        self.pieces = shard_pieces(shards, self.num_workers)
+        self.pieces = shard_pieces(shards, sizes, workers=self.num_workers, batch_size=batch_size)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         # Built before the workers fork: they inherit them.
         mel_filterbank(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
         if self.num_workers > 0:
             warm_decoders(cfg)
+        # A piece's loader, made here once, checks the settings in this
+        # process: a bad one is a plain error, not a worker's traceback.
+        for piece in self.pieces:
+            if self._loader_for(piece) is not None:
+                break
 
     def _loader_for(self, piece: ShardPiece) -> StreamLoader | None:
         url, size = self.urls[piece.shard], self.sizes[piece.shard]
         if size == 0:
             return None
         return StreamLoader(
-            dataclasses.replace(self.cfg, heldout=url, num_workers=0),
+            dataclasses.replace(self.cfg, num_workers=0),
             split="heldout",
             batch_size=self.batch_size,
             rank=piece.piece,
             world_size=piece.pieces,
             tokenizer=self.tokenizer,
-            sizes={url: size},
             modalities=self.modalities,
+            # As listed: the URL is not expanded again (a name may hold glob characters).
+            sources=[Source(urls=[url], sizes=[size])],
         )
 
     def __iter__(self):

@@ -338,12 +338,17 @@ def test_threads_sets_the_models_thread_count(classifier_export, demo_shards, tm
 def test_shards_are_cut_into_pieces_only_when_there_are_few_per_worker():
     from data_pipeline.loader import ShardPiece, shard_pieces
 
-    assert shard_pieces([3, 5, 7], 1) == [ShardPiece(3), ShardPiece(5), ShardPiece(7)]
-    assert shard_pieces([4], 0) == [ShardPiece(4)]
-    assert shard_pieces(list(range(8)), 2) == [ShardPiece(i) for i in range(8)]
-    assert shard_pieces(list(range(5)), 2) == [ShardPiece(i, k, 2) for i in range(5) for k in range(2)]
-    assert shard_pieces([3, 5], 3) == [ShardPiece(s, k, 3) for s in (3, 5) for k in range(3)]
-    assert shard_pieces([], 4) == []
+    def pieces(shards, workers, sizes=None):
+        return shard_pieces(shards, sizes or [1000] * 10, workers=workers, batch_size=64)
+
+    assert pieces([3, 5, 7], 1) == [ShardPiece(3), ShardPiece(5), ShardPiece(7)]
+    assert pieces([4], 0) == [ShardPiece(4)]
+    assert pieces(list(range(8)), 2) == [ShardPiece(i) for i in range(8)]
+    assert pieces(list(range(5)), 2) == [ShardPiece(i, k, 2) for i in range(5) for k in range(2)]
+    assert pieces([3, 5], 3) == [ShardPiece(s, k, 3) for s in (3, 5) for k in range(3)]
+    assert pieces([], 4) == []
+    # Never pieces of under a batch: each would be a padded batch of its own.
+    assert pieces([0, 1], 4, sizes=[130, 63]) == [ShardPiece(0, 0, 2), ShardPiece(0, 1, 2), ShardPiece(1)]
 
 
 def test_one_worker_set_reads_all_shards_and_pieces_keep_sample_order(
@@ -417,6 +422,53 @@ def test_a_damaged_export_is_a_clear_error_and_ends_the_workers(
             PredictArgs(checkpoint=str(bad), shards=str(demo_shards["heldout"]), out=str(out)), ["data.num_workers=2"]
         )
     assert raised.traceback and not multiprocessing.active_children(), "data workers outlived the failed load"
+
+
+def test_a_bad_data_setting_is_a_one_line_error_with_workers(classifier_export, demo_shards, tmp_path, capsys):
+    """The settings are checked in the main process, not first in a data
+    worker (whose error would arrive wrapped in its traceback)."""
+    from train.predict import main
+
+    args = [f"checkpoint={classifier_export}", f"shards={demo_shards['heldout']}", f"out={tmp_path}"]
+    assert main([*args, "data.require=[imgae]", "data.num_workers=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.predict: error: ") and "imgae" in err
+    assert len(err.splitlines()) == 1 and "worker" not in err, err
+
+
+def test_rows_left_by_an_interrupted_run_are_not_written_again(classifier_export, demo_shards, tmp_path, monkeypatch):
+    """A shard's rows wait on disk until all of it is read; what an
+    interrupted run left there is dropped, not added to the part."""
+    from train.predict import PredictArgs, predict
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    (tmp_path / "parts").mkdir()
+    for piece in (0, 1):
+        (tmp_path / "parts" / f"000000.{piece}.rows.tmp").write_text(json.dumps({"key": "stale"}) + "\n")
+    (tmp_path / "parts" / "notes.rows.tmp").write_text("not ours\n")
+    args = PredictArgs(
+        checkpoint=str(classifier_export), shards=str(demo_shards["heldout"]), out=str(tmp_path), batch_size=16
+    )
+    summary = predict(args, ["data.num_workers=2"])
+    rows = read_rows(tmp_path)
+    assert summary["rows"] == len(rows) == 64 and "stale" not in {r["key"] for r in rows}
+    assert sorted(p.name for p in (tmp_path / "parts").glob("*.rows.tmp")) == ["notes.rows.tmp"]
+
+
+def test_a_shard_whose_name_holds_glob_characters_is_read(classifier_export, demo_shards, tmp_path, monkeypatch):
+    """A listed shard is read as named, never expanded again as a pattern."""
+    from train.predict import PredictArgs, predict
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    first = sorted(demo_shards["heldout"].glob("*.tar"))[0]
+    shutil.copy(first, shards / "part[1].tar")
+    args = PredictArgs(checkpoint=str(classifier_export), shards=str(shards), out=str(tmp_path / "out"))
+    summary = predict(args, ["data.num_workers=1"])
+    assert summary["rows"] == len(read_rows(tmp_path / "out")) > 0 and not summary["skipped"]
 
 
 def test_loading_skips_random_init_but_keeps_computed_buffers(classifier_export):

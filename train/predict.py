@@ -10,6 +10,7 @@ Output in OUT:
     manifest.json                              files, rows, skipped samples by reason, shards
     parts/                                     one finished file per shard: an interrupted
                                                run started again skips those shards
+                                               (and the rows of shards being read, *.rows.tmp)
 
 A row: {"key", "label", "class", "probs"} (multi-label: "labels", "classes",
 "probs"); with --embed {"key", "image", "audio", "text"} (null where the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -164,6 +166,51 @@ def concat_parts(parts: list[Path], out: Path, fmt: str) -> None:
     os.replace(tmp, out)
 
 
+class RowSpool:
+    """The rows of shards still being read, on disk: a file of JSON lines
+    per piece of a shard (ShardwiseLoader's workers read several shards,
+    and pieces of them, at once), so that memory holds no rows however many
+    are in progress. A shard's part is written from its pieces' files, in
+    piece order, once every piece is read."""
+
+    def __init__(self, parts_dir: Path, shards: list[int]):
+        self.dir = parts_dir
+        self.rows: Counter = Counter()  # (shard, piece) -> rows spooled
+        mine = set(shards)
+        for f in parts_dir.glob("*.rows.tmp"):  # left by an interrupted run
+            shard = f.name.partition(".")[0]
+            if shard.isdigit() and int(shard) in mine:
+                f.unlink()
+
+    def _path(self, shard: int, piece: int) -> Path:
+        return self.dir / f"{shard:06d}.{piece}.rows.tmp"
+
+    def add(self, shard: int, piece: int, rows: list[dict]) -> None:
+        if rows:
+            with open(self._path(shard, piece), "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+            self.rows[shard, piece] += len(rows)
+
+    def finish(self, shard: int, pieces: int, part: Path, fmt: str) -> int:
+        """Writes the shard's part (atomically) and returns its row count."""
+        files = [self._path(shard, k) for k in range(pieces) if self.rows[shard, k]]
+        n = sum(self.rows.pop((shard, k), 0) for k in range(pieces))
+        if fmt == "jsonl":
+            tmp = part.with_name(part.name + ".tmp")
+            with open(tmp, "wb") as out:
+                for f in files:
+                    with open(f, "rb") as src:
+                        shutil.copyfileobj(src, out)
+            os.replace(tmp, part)
+        else:  # a table is built in memory: one shard's rows
+            write_part(
+                [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines()], part, fmt
+            )
+        for f in files:
+            f.unlink()
+        return n
+
+
 def load_model(
     checkpoint: str, *, device: torch.device, max_memory: str | None, offload_dir: Path, trust: bool = False
 ):
@@ -246,11 +293,10 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
         del batches  # ends the workers
         raise
     parts_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to predict, and a model
-    # Rows and skips of each shard by piece, until all its pieces are read.
-    rows: dict[int, dict[int, list[dict]]] = {}
-    shard_skips: dict[int, dict[int, dict]] = {}
+    spool = RowSpool(parts_dir, todo)
+    piece_skips: dict[int, dict[int, dict]] = {}  # shard -> piece -> skipped by reason, until all are read
     with torch.no_grad():
-        for piece, batch, piece_skips in batches:
+        for piece, batch, skips in batches:
             i = piece.shard
             if batch is not None:
                 moved = to_device(batch, device=device, dtype=torch.float32)
@@ -260,24 +306,22 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
                 else:
                     out = {k: v.cpu() for k, v in model.predict(moved).items()} | {"threshold": threshold}
                 got = rows_for(batch, out, embed=embed, names=names, multi_label=multi_label)
-                rows.setdefault(i, {}).setdefault(piece.piece, []).extend(got)
+                spool.add(i, piece.piece, got)
                 progress.update(len(got))
                 continue
-            progress.update(sum(piece_skips.values()))
-            done = shard_skips.setdefault(i, {})
-            done[piece.piece] = piece_skips
+            progress.update(sum(skips.values()))
+            done = piece_skips.setdefault(i, {})
+            done[piece.piece] = skips
             if len(done) < piece.pieces:
                 continue
-            # shard i is finished: its rows in sample order, piece by piece
-            by_piece = rows.pop(i, {})
-            shard_rows = [r for k in range(piece.pieces) for r in by_piece.get(k, [])]
-            skipped_here = sum((Counter(done[k]) for k in range(piece.pieces)), Counter())
-            write_part(shard_rows, parts_dir / f"{i:06d}.{suffix}", fmt)
+            # shard i is finished
+            del piece_skips[i]
+            shard_skips = sum((Counter(s) for s in done.values()), Counter())
+            n = spool.finish(i, piece.pieces, parts_dir / f"{i:06d}.{suffix}", fmt)
             (parts_dir / f"{i:06d}.done.json").write_text(
-                json.dumps({"shard": urls[i], "rows": len(shard_rows), "skipped": dict(skipped_here)}) + "\n"
+                json.dumps({"shard": urls[i], "rows": n, "skipped": dict(shard_skips)}) + "\n"
             )
-            skipped.update(skipped_here)
-            del shard_skips[i]
+            skipped.update(shard_skips)
     progress.close()
     # This rank's file: its shards' parts, in shard order (finished now or by an earlier run).
     rank_file = out_dir / f"predictions-rank{rank}.{suffix}"
