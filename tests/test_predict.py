@@ -307,11 +307,13 @@ def test_parquet_output_holds_the_same_rows(classifier_export, demo_shards, tmp_
         assert a["key"] == b["key"] and a["label"] == b["label"] and a["class"] == b["class"]
 
 
-@pytest.mark.parametrize("bad,named", [("-1", "threads=-1"), ("two", "threads"), ("fast", "format")])
+@pytest.mark.parametrize(
+    "bad,named", [("-1", "threads=-1"), ("two", "threads"), ("fast", "format"), ("0", "batch_size=0")]
+)
 def test_a_bad_argument_is_a_clear_error(bad, named, tmp_path, capsys):
     from train.predict import main
 
-    key = "format" if named == "format" else "threads"
+    key = named.partition("=")[0]
     assert main(["checkpoint=x", "shards=y", f"out={tmp_path}", f"{key}={bad}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("train.predict: error: ") and named in err and "Traceback" not in err
@@ -436,24 +438,36 @@ def test_a_bad_data_setting_is_a_one_line_error_with_workers(classifier_export, 
     assert len(err.splitlines()) == 1 and "worker" not in err, err
 
 
-def test_rows_left_by_an_interrupted_run_are_not_written_again(classifier_export, demo_shards, tmp_path, monkeypatch):
+def test_rows_left_by_an_interrupted_run_are_not_written_again(classifier_export, corpus, tmp_path, monkeypatch):
     """A shard's rows wait on disk until all of it is read; what an
-    interrupted run left there is dropped, not added to the part."""
+    interrupted run left there is dropped, not added to the part, and files
+    in parts/ that are not this rank's spool are left alone."""
     from train.predict import PredictArgs, predict
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    (tmp_path / "parts").mkdir()
+    parts = tmp_path / "parts"
+    parts.mkdir()
     for piece in (0, 1):
-        (tmp_path / "parts" / f"000000.{piece}.rows.tmp").write_text(json.dumps({"key": "stale"}) + "\n")
-    (tmp_path / "parts" / "notes.rows.tmp").write_text("not ours\n")
-    args = PredictArgs(
-        checkpoint=str(classifier_export), shards=str(demo_shards["heldout"]), out=str(tmp_path), batch_size=16
-    )
+        (parts / f"000000.{piece}.rows.tmp").write_text(json.dumps({"key": "stale"}) + "\n")
+    strays = ["notes.rows.tmp", "\u00b21.0.rows.tmp", "000001.x.rows.tmp", "000007.0.rows.tmp"]  # 7: no shard of ours
+    for name in strays:
+        (parts / name).write_text("not ours\n")
+    args = PredictArgs(checkpoint=str(classifier_export), shards=str(corpus["root"]), out=str(tmp_path), batch_size=16)
     summary = predict(args, ["data.num_workers=2"])
     rows = read_rows(tmp_path)
-    assert summary["rows"] == len(rows) == 64 and "stale" not in {r["key"] for r in rows}
-    assert sorted(p.name for p in (tmp_path / "parts").glob("*.rows.tmp")) == ["notes.rows.tmp"]
+    assert summary["rows"] == len(rows) == len(corpus["keys"] - corpus["bad"])
+    assert "stale" not in {r["key"] for r in rows}
+    assert sorted(p.name for p in parts.glob("*.rows.tmp")) == sorted(strays)
+
+    # Left behind by a shard that did finish: dropped too.
+    (parts / "000001.0.rows.tmp").write_text(json.dumps({"key": "stale"}) + "\n")
+    # A shard whose .done.json is lost is predicted again, not a crash.
+    (parts / "000000.done.json").unlink()
+    again = predict(args, ["data.num_workers=2"])
+    assert again["resumed_shards"] == 4 and again["rows"] == len(rows)
+    assert sorted(read_rows(tmp_path), key=lambda r: r["key"]) == sorted(rows, key=lambda r: r["key"])
+    assert sorted(p.name for p in parts.glob("*.rows.tmp")) == sorted(strays)
 
 
 def test_a_shard_whose_name_holds_glob_characters_is_read(classifier_export, demo_shards, tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from collections import Counter
@@ -135,6 +136,12 @@ def rows_for(batch: dict, out: dict, *, embed: bool, names: list[str], multi_lab
     return rows
 
 
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_part(rows: list[dict], path: Path, fmt: str) -> None:
     """Atomically: a part file exists only once its shard is finished."""
     tmp = path.with_name(path.name + ".tmp")
@@ -173,13 +180,17 @@ class RowSpool:
     are in progress. A shard's part is written from its pieces' files, in
     piece order, once every piece is read."""
 
+    _NAME = re.compile(r"(\d{6,})\.\d+\.rows\.tmp", re.ASCII)
+
     def __init__(self, parts_dir: Path, shards: list[int]):
+        """shards: this rank's; what an interrupted run left of them is
+        dropped (the other ranks' files in parts_dir are theirs)."""
         self.dir = parts_dir
         self.rows: Counter = Counter()  # (shard, piece) -> rows spooled
         mine = set(shards)
-        for f in parts_dir.glob("*.rows.tmp"):  # left by an interrupted run
-            shard = f.name.partition(".")[0]
-            if shard.isdigit() and int(shard) in mine:
+        for f in parts_dir.iterdir():
+            m = self._NAME.fullmatch(f.name)
+            if m and int(m.group(1)) in mine and f.is_file():
                 f.unlink()
 
     def _path(self, shard: int, piece: int) -> Path:
@@ -191,10 +202,12 @@ class RowSpool:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
             self.rows[shard, piece] += len(rows)
 
-    def finish(self, shard: int, pieces: int, part: Path, fmt: str) -> int:
-        """Writes the shard's part (atomically) and returns its row count."""
-        files = [self._path(shard, k) for k in range(pieces) if self.rows[shard, k]]
-        n = sum(self.rows.pop((shard, k), 0) for k in range(pieces))
+    def count(self, shard: int, pieces: int) -> int:
+        return sum(self.rows[shard, k] for k in range(pieces))
+
+    def finish(self, shard: int, pieces: int, part: Path, fmt: str) -> None:
+        """Writes the shard's part (atomically) and drops its pieces' files."""
+        files = [self._path(shard, k) for k in range(pieces) if self.rows.pop((shard, k), 0)]
         if fmt == "jsonl":
             tmp = part.with_name(part.name + ".tmp")
             with open(tmp, "wb") as out:
@@ -203,12 +216,10 @@ class RowSpool:
                         shutil.copyfileobj(src, out)
             os.replace(tmp, part)
         else:  # a table is built in memory: one shard's rows
-            write_part(
-                [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines()], part, fmt
-            )
+            rows = [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines()]
+            write_part(rows, part, fmt)
         for f in files:
             f.unlink()
-        return n
 
 
 def load_model(
@@ -241,6 +252,8 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
             import pyarrow  # noqa: F401
         except ImportError:
             raise PredictError("format=parquet needs pyarrow: pip install pyarrow") from None
+    if args.batch_size < 1:
+        raise PredictError(f"batch_size={args.batch_size}: give a whole number of samples >= 1")
     if args.threads < 0:
         raise PredictError(f"threads={args.threads}: give a whole number of threads >= 1 (0: every core)")
     if args.threads:
@@ -271,7 +284,8 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     multi_label = bool(task.get("multi_label", False))
     threshold = float(task.get("threshold", 0.5))
     suffix = "jsonl" if fmt == "jsonl" else "parquet"
-    todo = [i for i in mine if not (parts_dir / f"{i:06d}.{suffix}").exists()]
+    # Finished: a shard with its part and its .done.json (written first).
+    todo = [i for i in mine if not all((parts_dir / f"{i:06d}.{x}").exists() for x in (suffix, "done.json"))]
     skipped: Counter = Counter()
     progress = tqdm(
         total=sum(sizes[i] for i in todo), unit="sample", desc=f"predict rank {rank}", disable=rank != 0 or None
@@ -293,7 +307,7 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
         del batches  # ends the workers
         raise
     parts_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to predict, and a model
-    spool = RowSpool(parts_dir, todo)
+    spool = RowSpool(parts_dir, mine)
     piece_skips: dict[int, dict[int, dict]] = {}  # shard -> piece -> skipped by reason, until all are read
     with torch.no_grad():
         for piece, batch, skips in batches:
@@ -317,10 +331,9 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
             # shard i is finished
             del piece_skips[i]
             shard_skips = sum((Counter(s) for s in done.values()), Counter())
-            n = spool.finish(i, piece.pieces, parts_dir / f"{i:06d}.{suffix}", fmt)
-            (parts_dir / f"{i:06d}.done.json").write_text(
-                json.dumps({"shard": urls[i], "rows": n, "skipped": dict(shard_skips)}) + "\n"
-            )
+            done_file = {"shard": urls[i], "rows": spool.count(i, piece.pieces), "skipped": dict(shard_skips)}
+            write_atomic(parts_dir / f"{i:06d}.done.json", json.dumps(done_file) + "\n")
+            spool.finish(i, piece.pieces, parts_dir / f"{i:06d}.{suffix}", fmt)
             skipped.update(shard_skips)
     progress.close()
     # This rank's file: its shards' parts, in shard order (finished now or by an earlier run).
