@@ -194,6 +194,7 @@ def test_an_oversized_member_is_a_counted_skip_never_read(tmp_path):
 def test_only_the_audio_and_text_a_sample_uses_are_decoded(monkeypatch):
     import io
 
+    import miniaudio
     import numpy as np
     import soundfile
 
@@ -202,12 +203,14 @@ def test_only_the_audio_and_text_a_sample_uses_are_decoded(monkeypatch):
 
     cfg = DataConfig(sample_rate=16000, n_mels=32, audio_frames=48, hop_length=320)
     rng = np.random.default_rng(0)
-    for rate in (16000, 22050):
+    # FLAC and WAV decode through miniaudio, OGG through soundfile: each
+    # decoder is asked for about 0.96 s of a 60 s file, never all of it.
+    for rate, fmt in ((16000, "FLAC"), (22050, "FLAC"), (22050, "WAV"), (22050, "OGG")):
         long = rng.normal(0, 0.1, rate * 60).astype(np.float32)  # a minute; the model uses 0.96 s
         whole, head = io.BytesIO(), io.BytesIO()
-        soundfile.write(whole, long, rate, format="FLAC")
-        soundfile.write(head, long[: rate * 2], rate, format="FLAC")
-        read = soundfile.SoundFile.read
+        soundfile.write(whole, long, rate, format=fmt)
+        soundfile.write(head, long[: rate * 2], rate, format=fmt)
+        read, stream = soundfile.SoundFile.read, miniaudio.stream_memory
         frames_read = []
 
         def spy(self, frames=-1, *args, read=read, frames_read=frames_read, **kwargs):  # the real read, recorded
@@ -215,11 +218,21 @@ def test_only_the_audio_and_text_a_sample_uses_are_decoded(monkeypatch):
             frames_read.append(len(out))
             return out
 
+        def stream_spy(*args, stream=stream, frames_read=frames_read, **kwargs):
+            frames_read.append(kwargs["frames_to_read"])
+            return stream(*args, **kwargs)
+
+        def whole_decode(*args, **kwargs):
+            raise AssertionError("the whole file was decoded")
+
         monkeypatch.setattr(soundfile.SoundFile, "read", spy)
+        monkeypatch.setattr(miniaudio, "stream_memory", stream_spy)
+        monkeypatch.setattr(miniaudio, "decode", whole_decode)
         got = decode_audio(whole.getvalue(), cfg)
-        monkeypatch.setattr(soundfile.SoundFile, "read", read)
-        assert sum(frames_read) <= rate  # about 0.96 s of a 60 s file
-        torch.testing.assert_close(got, decode_audio(head.getvalue(), cfg), atol=1e-4, rtol=0)
+        monkeypatch.undo()
+        assert 0 < sum(frames_read) <= rate, (fmt, frames_read)  # about 0.96 s of a 60 s file
+        if fmt != "OGG":  # lossless: the start of the long file is the short file
+            torch.testing.assert_close(got, decode_audio(head.getvalue(), cfg), atol=1e-4, rtol=0)
     huge = ("ünïcödé " * 2_000_000).encode()  # 22 MB of caption
     caption = decode_caption(huge, max_tokens=48)
     assert 0 < len(caption.encode()) <= 4096
@@ -227,8 +240,114 @@ def test_only_the_audio_and_text_a_sample_uses_are_decoded(monkeypatch):
         decode_caption(b"bad \xff byte", max_tokens=48)
 
 
+@pytest.mark.parametrize(
+    "fmt,subtype,rate,channels",
+    [
+        ("FLAC", "PCM_16", 16000, 1),
+        ("FLAC", "PCM_24", 44100, 2),
+        ("WAV", "PCM_16", 22050, 1),
+        ("WAV", "PCM_24", 16000, 2),
+        ("WAV", "FLOAT", 48000, 1),
+    ],
+)
+def test_flac_and_wav_give_soundfiles_samples(fmt, subtype, rate, channels, monkeypatch):
+    """FLAC and WAV are read by miniaudio (faster from memory), everything
+    else by soundfile: for these lossless formats the two must agree sample
+    for sample, whole files and the starts the loader decodes alike."""
+    import io
+
+    import numpy as np
+    import soundfile
+
+    from data_pipeline.decode import load_audio
+
+    wav = np.random.default_rng(rate).uniform(-0.9, 0.9, (rate * 3, channels)).astype(np.float32)
+    buf = io.BytesIO()
+    soundfile.write(buf, wav, rate, format=fmt, subtype=subtype)
+    data = buf.getvalue()
+    reference, sr = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    mono = reference.mean(axis=1) if channels > 1 else reference[:, 0]
+
+    def refused(*args, **kwargs):
+        raise AssertionError("soundfile was used for a FLAC or WAV")
+
+    monkeypatch.setattr(soundfile, "SoundFile", refused)  # so the samples below are miniaudio's
+    for max_samples in (None, rate, 5 * rate):  # whole; the first second; more than the file holds
+        got = load_audio(data, sample_rate=rate, max_samples=max_samples)
+        want = mono if max_samples is None else mono[:max_samples]
+        assert got.dtype == np.float32 and got.shape == want.shape, (max_samples, got.shape)
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    # At another rate both paths resample the same source samples alike.
+    np.testing.assert_allclose(
+        load_audio(data, sample_rate=16000, max_samples=8000)[:7000],
+        load_audio(data, sample_rate=16000)[:7000],
+        atol=1e-4,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"fLaC",
+        b"fLaC" + b"\x00" * 50,
+        b"fLaC" + bytes(range(256)) * 40,
+        b"RIFF\xff\xff\xff\x7fWAVEfmt " + b"\xff" * 64,
+        b"RIFF\x00\x00\x00\x00WAVE",
+    ],
+    ids=["magic-only", "zeros", "garbage", "wav-huge-sizes", "wav-no-chunks"],
+)
+def test_a_damaged_flac_or_wav_is_a_clear_error(raw):
+    import soundfile
+
+    from data_pipeline.decode import load_audio
+
+    with pytest.raises((soundfile.LibsndfileError, RuntimeError, ValueError)):
+        load_audio(raw, sample_rate=16000, max_samples=16000)
+
+
+@pytest.mark.parametrize("fmt", ["FLAC", "WAV"])
+def test_a_flac_or_wav_without_samples_reads_as_soundfile_reads_it(fmt):
+    import io
+
+    import numpy as np
+    import soundfile
+
+    from data_pipeline.decode import load_audio
+
+    buf = io.BytesIO()
+    soundfile.write(buf, np.zeros(0, dtype=np.float32), 16000, format=fmt)
+    try:
+        want = soundfile.read(io.BytesIO(buf.getvalue()), dtype="float32")[0]
+    except soundfile.LibsndfileError:
+        with pytest.raises(soundfile.LibsndfileError):
+            load_audio(buf.getvalue(), sample_rate=16000, max_samples=16000)
+        return
+    assert load_audio(buf.getvalue(), sample_rate=16000, max_samples=16000).shape == want.shape == (0,)
+
+
+def test_the_fast_path_decodes_the_first_half_of_a_truncated_flac():
+    """A FLAC cut in the middle (a shard written by a tool that died) still
+    yields its whole frames, as soundfile gives them."""
+    import io
+
+    import numpy as np
+    import soundfile
+
+    from data_pipeline.decode import load_audio
+
+    wav = np.random.default_rng(3).uniform(-0.5, 0.5, 32000).astype(np.float32)
+    buf = io.BytesIO()
+    soundfile.write(buf, wav, 16000, format="FLAC")
+    cut = buf.getvalue()[: len(buf.getvalue()) // 2]
+    got = load_audio(cut, sample_rate=16000, max_samples=32000)
+    assert 0 < got.size < 32000
+    np.testing.assert_allclose(got, wav[: got.size], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("n_fft", [512, 1024])  # frames within the clip; the last one past its end (reflected)
 @pytest.mark.parametrize("seconds", [1.5, 0.4])  # longer than the model's window (cropped), and shorter (padded)
-def test_log_mel_is_librosas_melspectrogram(seconds):
+def test_log_mel_is_librosas_melspectrogram(seconds, n_fft):
     """The hand-tuned log-mel (cached window, power without the square root,
     only the kept frames) against librosa's reference computation."""
     import io
@@ -239,7 +358,7 @@ def test_log_mel_is_librosas_melspectrogram(seconds):
 
     from data_pipeline.decode import decode_audio
 
-    cfg = DataConfig(sample_rate=16000, n_fft=512, n_mels=32, audio_frames=48, hop_length=320)
+    cfg = DataConfig(sample_rate=16000, n_fft=n_fft, n_mels=32, audio_frames=48, hop_length=320)
     t = np.arange(int(16000 * seconds)) / 16000
     rng = np.random.default_rng(1)
     stereo = np.stack([np.sin(2 * np.pi * (200 + 1500 * t) * t), rng.normal(0, 0.05, t.size)], axis=1) * 0.5
@@ -253,7 +372,7 @@ def test_log_mel_is_librosas_melspectrogram(seconds):
     mel = librosa.feature.melspectrogram(
         y=mono,
         sr=16000,
-        n_fft=512,
+        n_fft=n_fft,
         hop_length=320,
         n_mels=32,
         power=2.0,
