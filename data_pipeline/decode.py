@@ -84,6 +84,9 @@ def _read_lossless(data: bytes, *, sample_rate: int, max_samples: int | None) ->
         return None
     try:
         info = read_info(data)
+        # The buffer below is frames × channels, and a header is untrusted:
+        # the rate is bounded by the decoders themselves (dr_wav refuses
+        # over 384 kHz, FLAC cannot say over 655 kHz), the channels here.
         if not 1 <= info.nchannels <= 8 or info.sample_rate <= 0:
             return None
         f32 = miniaudio.SampleFormat.FLOAT32
@@ -91,13 +94,18 @@ def _read_lossless(data: bytes, *, sample_rate: int, max_samples: int | None) ->
             decoded = miniaudio.decode(data, output_format=f32, nchannels=info.nchannels, sample_rate=info.sample_rate)
             samples = decoded.samples
         else:
-            # A stream stops after the frames asked for: a long file costs what its start does.
+            if info.num_frames <= 0:
+                return None  # length not in the header: soundfile reads what is there
+            # A stream stops after the frames asked for (its buffer is that
+            # size): a long file costs what its start does, a short one only
+            # the frames it holds (dr_wav counts them from the data it has;
+            # a FLAC's count may lie, the window then bounds the buffer).
             stream = miniaudio.stream_memory(
                 data,
                 output_format=f32,
                 nchannels=info.nchannels,
                 sample_rate=info.sample_rate,
-                frames_to_read=max(1, _source_frames(max_samples, info.sample_rate, sample_rate)),
+                frames_to_read=max(1, min(info.num_frames, _source_frames(max_samples, info.sample_rate, sample_rate))),
             )
             try:
                 samples = next(stream, None)

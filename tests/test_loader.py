@@ -326,6 +326,45 @@ def test_a_flac_or_wav_without_samples_reads_as_soundfile_reads_it(fmt):
     assert load_audio(buf.getvalue(), sample_rate=16000, max_samples=16000).shape == want.shape == (0,)
 
 
+def test_the_decoders_buffer_is_bounded_by_the_frames_and_the_window(monkeypatch):
+    """miniaudio's stream allocates the frames it is asked for up front: a
+    short clip asks for the frames it holds, not the whole window, and a FLAC
+    whose header claims 2**36 samples for the window only, with its real
+    samples decoded."""
+    import io
+
+    import miniaudio
+    import numpy as np
+    import soundfile
+
+    from data_pipeline.decode import load_audio
+
+    asked = []
+    stream = miniaudio.stream_memory
+    monkeypatch.setattr(
+        miniaudio, "stream_memory", lambda *a, **k: asked.append(k["frames_to_read"]) or stream(*a, **k)
+    )
+    wav = np.random.default_rng(5).uniform(-0.5, 0.5, 1600).astype(np.float32)
+    for fmt in ("WAV", "FLAC"):
+        buf = io.BytesIO()
+        soundfile.write(buf, wav, 16000, format=fmt, subtype="PCM_16")
+        got = load_audio(buf.getvalue(), sample_rate=16000, max_samples=16000 * 30)
+        np.testing.assert_allclose(got, wav, atol=1 / 32768)
+    assert asked == [1600, 1600]
+
+    buf = io.BytesIO()
+    soundfile.write(buf, np.tile(wav, 20), 16000, format="FLAC", subtype="PCM_16")
+    data = bytearray(buf.getvalue())
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # the STREAMINFO block
+    # Its last 36 bits of the 8 bytes after min/max block and frame sizes hold the sample count.
+    info = int.from_bytes(data[18:26], "big")
+    data[18:26] = (info | (2**36 - 1)).to_bytes(8, "big")
+    asked.clear()
+    got = load_audio(bytes(data), sample_rate=16000, max_samples=16000)
+    assert asked == [16000]
+    np.testing.assert_allclose(got, np.tile(wav, 20)[:16000], atol=1 / 32768)
+
+
 def test_the_fast_path_decodes_the_first_half_of_a_truncated_flac():
     """A FLAC cut in the middle (a shard written by a tool that died) still
     yields its whole frames, as soundfile gives them."""
