@@ -66,16 +66,20 @@ def _source_frames(max_samples: int, source_rate: int, sample_rate: int) -> int:
 
 
 def _read_lossless(data: bytes, *, sample_rate: int, max_samples: int | None) -> tuple[np.ndarray, int] | None:
-    """FLAC or WAV through miniaudio's dr_flac/dr_wav: frames × channels
-    float32 at the file's own rate, and that rate; None for any other format
-    or a file these decoders refuse or find empty (soundfile then decodes it
-    or names the fault).
+    """The start of a short FLAC or WAV that yields max_samples at
+    `sample_rate`, through miniaudio's dr_flac/dr_wav: frames × channels
+    float32 at the file's own rate, and that rate. None sends the file to
+    soundfile instead: another format, a whole file (max_samples None), a
+    file longer than twice the window (soundfile decodes just its start),
+    and any file these decoders do not give exactly as soundfile would.
 
     Why not soundfile for these: libsndfile reads in-memory bytes through
     Python callbacks, one call per read and seek, which cost more than the
     decoding itself; miniaudio decodes straight from the buffer, in about a
     third of the time for a one-second FLAC. Both formats are lossless, so
     the two give the same samples (tests/test_loader.py checks it)."""
+    if max_samples is None:
+        return None
     if data[:4] == b"fLaC":
         read_info = miniaudio.flac_get_info
     elif data[:4] == b"RIFF" and data[8:12] == b"WAVE":
@@ -84,39 +88,42 @@ def _read_lossless(data: bytes, *, sample_rate: int, max_samples: int | None) ->
         return None
     try:
         info = read_info(data)
-        # The buffer below is frames × channels, and a header is untrusted:
-        # the rate is bounded by the decoders themselves (dr_wav refuses
-        # over 384 kHz, FLAC cannot say over 655 kHz), the channels here.
-        if not 1 <= info.nchannels <= 8 or info.sample_rate <= 0:
-            return None
-        f32 = miniaudio.SampleFormat.FLOAT32
-        if max_samples is None:
-            decoded = miniaudio.decode(data, output_format=f32, nchannels=info.nchannels, sample_rate=info.sample_rate)
-            samples = decoded.samples
-        else:
-            if info.num_frames <= 0:
-                return None  # length not in the header: soundfile reads what is there
-            # A stream stops after the frames asked for (its buffer is that
-            # size): a long file costs what its start does, a short one only
-            # the frames it holds (dr_wav counts them from the data it has;
-            # a FLAC's count may lie, the window then bounds the buffer).
-            stream = miniaudio.stream_memory(
-                data,
-                output_format=f32,
-                nchannels=info.nchannels,
-                sample_rate=info.sample_rate,
-                frames_to_read=max(1, min(info.num_frames, _source_frames(max_samples, info.sample_rate, sample_rate))),
-            )
-            try:
-                samples = next(stream, None)
-            finally:
-                stream.close()
     except miniaudio.MiniaudioError:
         return None
-    if not samples:
-        return None  # nothing decoded: soundfile decides whether the file is empty or broken
-    wav = np.frombuffer(samples, dtype=np.float32)
-    return wav[: wav.size - wav.size % info.nchannels].reshape(-1, info.nchannels), info.sample_rate
+    if (
+        not 1 <= info.nchannels <= 8
+        or info.sample_rate <= 0
+        or info.num_frames <= 0  # no count in the header, nothing to check the decoding against
+        # dr_wav scales unsigned 8-bit as u/127.5 - 1, libsndfile as (u - 128)/128.
+        or info.sample_format == miniaudio.SampleFormat.UNSIGNED8
+    ):
+        return None
+    frames = min(info.num_frames, _source_frames(max_samples, info.sample_rate, sample_rate))
+    if info.num_frames > 2 * frames:
+        return None  # a long file: soundfile decodes only the start the window needs
+    # The whole file and one frame more, in a buffer of that size (at most
+    # twice the window, whatever the file holds): dr_flac drops a damaged
+    # frame without a word (libFLAC reports it) and trusts no count, so a
+    # frame short is damage and a frame over a header that undercounts.
+    # soundfile then gives its verdict: a counted skip in the loader.
+    try:
+        stream = miniaudio.stream_memory(
+            data,
+            output_format=miniaudio.SampleFormat.FLOAT32,
+            nchannels=info.nchannels,
+            sample_rate=info.sample_rate,
+            frames_to_read=info.num_frames + 1,
+        )
+        try:
+            samples = next(stream, None)
+        finally:
+            stream.close()
+    except miniaudio.MiniaudioError:
+        return None
+    if samples is None or len(samples) != info.num_frames * info.nchannels:
+        return None
+    wav = np.frombuffer(samples, dtype=np.float32).reshape(-1, info.nchannels)
+    return wav[:frames], info.sample_rate
 
 
 def load_audio(data: bytes, *, sample_rate: int, max_samples: int | None = None) -> np.ndarray:

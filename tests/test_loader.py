@@ -203,14 +203,14 @@ def test_only_the_audio_and_text_a_sample_uses_are_decoded(monkeypatch):
 
     cfg = DataConfig(sample_rate=16000, n_mels=32, audio_frames=48, hop_length=320)
     rng = np.random.default_rng(0)
-    # FLAC and WAV decode through miniaudio, OGG through soundfile: each
-    # decoder is asked for about 0.96 s of a 60 s file, never all of it.
+    # A long FLAC or WAV is not decoded whole by miniaudio: soundfile reads
+    # about 0.96 s of a 60 s file, of any format, never all of it.
     for rate, fmt in ((16000, "FLAC"), (22050, "FLAC"), (22050, "WAV"), (22050, "OGG")):
         long = rng.normal(0, 0.1, rate * 60).astype(np.float32)  # a minute; the model uses 0.96 s
         whole, head = io.BytesIO(), io.BytesIO()
         soundfile.write(whole, long, rate, format=fmt)
         soundfile.write(head, long[: rate * 2], rate, format=fmt)
-        read, stream = soundfile.SoundFile.read, miniaudio.stream_memory
+        read = soundfile.SoundFile.read
         frames_read = []
 
         def spy(self, frames=-1, *args, read=read, frames_read=frames_read, **kwargs):  # the real read, recorded
@@ -218,16 +218,11 @@ def test_only_the_audio_and_text_a_sample_uses_are_decoded(monkeypatch):
             frames_read.append(len(out))
             return out
 
-        def stream_spy(*args, stream=stream, frames_read=frames_read, **kwargs):
-            frames_read.append(kwargs["frames_to_read"])
-            return stream(*args, **kwargs)
-
         def whole_decode(*args, **kwargs):
-            raise AssertionError("the whole file was decoded")
+            raise AssertionError("miniaudio decoded a long file")
 
         monkeypatch.setattr(soundfile.SoundFile, "read", spy)
-        monkeypatch.setattr(miniaudio, "stream_memory", stream_spy)
-        monkeypatch.setattr(miniaudio, "decode", whole_decode)
+        monkeypatch.setattr(miniaudio, "stream_memory", whole_decode)
         got = decode_audio(whole.getvalue(), cfg)
         monkeypatch.undo()
         assert 0 < sum(frames_read) <= rate, (fmt, frames_read)  # about 0.96 s of a 60 s file
@@ -248,6 +243,7 @@ def test_only_the_audio_and_text_a_sample_uses_are_decoded(monkeypatch):
         ("WAV", "PCM_16", 22050, 1),
         ("WAV", "PCM_24", 16000, 2),
         ("WAV", "FLOAT", 48000, 1),
+        ("WAV", "PCM_32", 16000, 1),
     ],
 )
 def test_flac_and_wav_give_soundfiles_samples(fmt, subtype, rate, channels, monkeypatch):
@@ -272,18 +268,18 @@ def test_flac_and_wav_give_soundfiles_samples(fmt, subtype, rate, channels, monk
         raise AssertionError("soundfile was used for a FLAC or WAV")
 
     monkeypatch.setattr(soundfile, "SoundFile", refused)  # so the samples below are miniaudio's
-    for max_samples in (None, rate, 5 * rate):  # whole; the first second; more than the file holds
+    for max_samples in (2 * rate, 5 * rate):  # the first 2 s of 3; more than the file holds
         got = load_audio(data, sample_rate=rate, max_samples=max_samples)
-        want = mono if max_samples is None else mono[:max_samples]
+        want = mono[:max_samples]
         assert got.dtype == np.float32 and got.shape == want.shape, (max_samples, got.shape)
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
     # At another rate both paths resample the same source samples alike.
+    whole = load_audio(data, sample_rate=16000, max_samples=16000 * 5)
+    monkeypatch.undo()
     np.testing.assert_allclose(
-        load_audio(data, sample_rate=16000, max_samples=8000)[:7000],
-        load_audio(data, sample_rate=16000)[:7000],
-        atol=1e-4,
-        rtol=0,
+        load_audio(data, sample_rate=16000, max_samples=32000)[:7000], whole[:7000], atol=1e-4, rtol=0
     )
+    np.testing.assert_array_equal(whole, load_audio(data, sample_rate=16000))  # soundfile's whole file
 
 
 @pytest.mark.parametrize(
@@ -326,11 +322,12 @@ def test_a_flac_or_wav_without_samples_reads_as_soundfile_reads_it(fmt):
     assert load_audio(buf.getvalue(), sample_rate=16000, max_samples=16000).shape == want.shape == (0,)
 
 
-def test_the_decoders_buffer_is_bounded_by_the_frames_and_the_window(monkeypatch):
-    """miniaudio's stream allocates the frames it is asked for up front: a
-    short clip asks for the frames it holds, not the whole window, and a FLAC
-    whose header claims 2**36 samples for the window only, with its real
-    samples decoded."""
+def test_only_short_files_are_decoded_whole_and_a_false_count_goes_to_soundfile(monkeypatch):
+    """miniaudio decodes a file whole, so it gets only files of at most twice
+    the window the model reads; soundfile decodes just the start of longer
+    ones. A FLAC whose header claims 2**36 samples is such a long file, and
+    one that claims fewer samples than it holds is decoded as soundfile
+    decodes it (to the count)."""
     import io
 
     import miniaudio
@@ -339,10 +336,10 @@ def test_the_decoders_buffer_is_bounded_by_the_frames_and_the_window(monkeypatch
 
     from data_pipeline.decode import load_audio
 
-    asked = []
+    whole = []
     stream = miniaudio.stream_memory
     monkeypatch.setattr(
-        miniaudio, "stream_memory", lambda *a, **k: asked.append(k["frames_to_read"]) or stream(*a, **k)
+        miniaudio, "stream_memory", lambda *a, **k: whole.append(k["frames_to_read"]) or stream(*a, **k)
     )
     wav = np.random.default_rng(5).uniform(-0.5, 0.5, 1600).astype(np.float32)
     for fmt in ("WAV", "FLAC"):
@@ -350,24 +347,33 @@ def test_the_decoders_buffer_is_bounded_by_the_frames_and_the_window(monkeypatch
         soundfile.write(buf, wav, 16000, format=fmt, subtype="PCM_16")
         got = load_audio(buf.getvalue(), sample_rate=16000, max_samples=16000 * 30)
         np.testing.assert_allclose(got, wav, atol=1 / 32768)
-    assert asked == [1600, 1600]
+    assert whole == [1601, 1601]  # the frames and one more: a buffer the size of the file
+    np.testing.assert_allclose(load_audio(buf.getvalue(), sample_rate=16000), wav, atol=1 / 32768)
+    assert len(whole) == 2  # a whole file (no window, as W&B's audio tables ask) is soundfile's
 
-    buf = io.BytesIO()
-    soundfile.write(buf, np.tile(wav, 20), 16000, format="FLAC", subtype="PCM_16")
-    data = bytearray(buf.getvalue())
-    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # the STREAMINFO block
-    # Its last 36 bits of the 8 bytes after min/max block and frame sizes hold the sample count.
-    info = int.from_bytes(data[18:26], "big")
-    data[18:26] = (info | (2**36 - 1)).to_bytes(8, "big")
-    asked.clear()
-    got = load_audio(bytes(data), sample_rate=16000, max_samples=16000)
-    assert asked == [16000]
-    np.testing.assert_allclose(got, np.tile(wav, 20)[:16000], atol=1 / 32768)
+    long = np.tile(wav, 20)  # 2 s
+    for claimed in (2**36 - 1, 1000):
+        buf = io.BytesIO()
+        soundfile.write(buf, long, 16000, format="FLAC", subtype="PCM_16")
+        data = bytearray(buf.getvalue())
+        assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # the STREAMINFO block first
+        # The last 36 of the 64 bits after the block and frame sizes hold the sample count.
+        fields = int.from_bytes(data[18:26], "big")
+        data[18:26] = ((fields >> 36 << 36) | claimed).to_bytes(8, "big")
+        assert miniaudio.flac_get_info(bytes(data)).num_frames == claimed
+        want = soundfile.read(io.BytesIO(bytes(data)), frames=16000, dtype="float32")[0]
+        whole.clear()
+        got = load_audio(bytes(data), sample_rate=16000, max_samples=16000)
+        assert whole == ([] if claimed > 32000 else [claimed + 1])  # the long claim goes to soundfile at once
+        assert got.shape == want.shape == (min(claimed, 16000),)
+        np.testing.assert_array_equal(got, want)
 
 
-def test_the_fast_path_decodes_the_first_half_of_a_truncated_flac():
-    """A FLAC cut in the middle (a shard written by a tool that died) still
-    yields its whole frames, as soundfile gives them."""
+def test_a_damaged_flac_is_soundfiles_error_not_a_spliced_clip():
+    """dr_flac skips a frame that fails its checksum and goes on; libFLAC
+    reports it. A FLAC damaged in the middle, or cut short, must not come
+    out as a clip with a piece missing: it is soundfile's error (a counted
+    bad_audio skip in the loader), as it was before miniaudio."""
     import io
 
     import numpy as np
@@ -375,13 +381,39 @@ def test_the_fast_path_decodes_the_first_half_of_a_truncated_flac():
 
     from data_pipeline.decode import load_audio
 
-    wav = np.random.default_rng(3).uniform(-0.5, 0.5, 32000).astype(np.float32)
+    wav = np.random.default_rng(3).uniform(-0.5, 0.5, 24000).astype(np.float32)  # 1.5 s: decoded whole
     buf = io.BytesIO()
     soundfile.write(buf, wav, 16000, format="FLAC")
-    cut = buf.getvalue()[: len(buf.getvalue()) // 2]
-    got = load_audio(cut, sample_rate=16000, max_samples=32000)
-    assert 0 < got.size < 32000
-    np.testing.assert_allclose(got, wav[: got.size], atol=1e-4, rtol=0)
+    clean = buf.getvalue()
+    middle = bytearray(clean)
+    middle[len(clean) // 2 : len(clean) // 2 + 40] = b"\x55" * 40
+    damaged = bytes(middle)
+    with pytest.raises(soundfile.LibsndfileError):
+        soundfile.read(io.BytesIO(damaged), frames=16000, dtype="float32")
+    with pytest.raises(soundfile.LibsndfileError):
+        load_audio(damaged, sample_rate=16000, max_samples=16000)
+    # Cut after the window: soundfile reads the window before it finds the cut.
+    cut = clean[: len(clean) * 3 // 4]
+    want = soundfile.read(io.BytesIO(cut), frames=16000, dtype="float32")[0]
+    np.testing.assert_array_equal(load_audio(cut, sample_rate=16000, max_samples=16000), want)
+
+
+def test_unsigned_8_bit_wav_gives_soundfiles_samples():
+    """dr_wav and libsndfile scale unsigned 8-bit samples differently, so
+    such a WAV goes to soundfile."""
+    import io
+
+    import numpy as np
+    import soundfile
+
+    from data_pipeline.decode import load_audio
+
+    buf = io.BytesIO()
+    soundfile.write(
+        buf, np.array([-1, -0.5, 0, 0.5, 0.99] * 100, dtype=np.float32), 16000, format="WAV", subtype="PCM_U8"
+    )
+    want = soundfile.read(io.BytesIO(buf.getvalue()), dtype="float32")[0]
+    np.testing.assert_array_equal(load_audio(buf.getvalue(), sample_rate=16000, max_samples=16000), want)
 
 
 @pytest.mark.parametrize("n_fft", [512, 1024])  # frames within the clip; the last one past its end (reflected)
