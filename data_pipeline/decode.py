@@ -129,8 +129,9 @@ def _read_lossless(data: bytes, *, sample_rate: int, max_samples: int | None) ->
 def load_audio(data: bytes, *, sample_rate: int, max_samples: int | None = None) -> np.ndarray:
     """Decodes any soundfile format to mono float32 at `sample_rate`. With
     max_samples, only the start that yields them is decoded (an hour-long
-    file costs what its first seconds do). FLAC and WAV go through
-    miniaudio (faster from memory), the rest through soundfile."""
+    file costs what its first seconds do). The window of a short FLAC or
+    WAV is decoded by miniaudio (faster from memory; see _read_lossless),
+    everything else by soundfile."""
     lossless = _read_lossless(data, sample_rate=sample_rate, max_samples=max_samples)
     if lossless is not None:
         wav, sr = lossless

@@ -21,6 +21,7 @@ loader cannot decode are counted by reason in the manifest (and skipped).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import re
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -136,41 +138,55 @@ def rows_for(batch: dict, out: dict, *, embed: bool, names: list[str], multi_lab
     return rows
 
 
-def write_atomic(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to; it becomes `path` in one
+    step once the block ends without an error, so `path` is never seen half
+    written."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    yield tmp
     os.replace(tmp, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def concat_files(sources: list[Path], out: Path) -> None:
+    """`out` (atomically) holds the sources' bytes one after another, copied
+    in chunks: no file is held in memory whole."""
+    with replacing(out) as tmp, open(tmp, "wb") as dst:
+        for source in sources:
+            with open(source, "rb") as src:
+                shutil.copyfileobj(src, dst)
 
 
 def write_part(rows: list[dict], path: Path, fmt: str) -> None:
     """Atomically: a part file exists only once its shard is finished."""
-    tmp = path.with_name(path.name + ".tmp")
-    if fmt == "jsonl":
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    with replacing(path) as tmp:
+        if fmt == "jsonl":
+            with open(tmp, "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, path)
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
 
 
 def concat_parts(parts: list[Path], out: Path, fmt: str) -> None:
-    tmp = out.with_name(out.name + ".tmp")
     if fmt == "jsonl":
-        with open(tmp, "wb") as f:
-            for part in parts:
-                f.write(part.read_bytes())
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        concat_files(parts, out)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        tables = [pq.read_table(p) for p in parts]
-        tables = [t for t in tables if t.num_rows]
+    tables = [pq.read_table(p) for p in parts]
+    tables = [t for t in tables if t.num_rows]
+    with replacing(out) as tmp:
         pq.write_table(pa.concat_tables(tables, promote_options="default") if tables else pa.table({}), tmp)
-    os.replace(tmp, out)
 
 
 class RowSpool:
@@ -209,12 +225,7 @@ class RowSpool:
         """Writes the shard's part (atomically) and drops its pieces' files."""
         files = [self._path(shard, k) for k in range(pieces) if self.rows.pop((shard, k), 0)]
         if fmt == "jsonl":
-            tmp = part.with_name(part.name + ".tmp")
-            with open(tmp, "wb") as out:
-                for f in files:
-                    with open(f, "rb") as src:
-                        shutil.copyfileobj(src, out)
-            os.replace(tmp, part)
+            concat_files(files, part)
         else:  # a table is built in memory: one shard's rows
             rows = [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines()]
             write_part(rows, part, fmt)
