@@ -338,7 +338,7 @@ def test_threads_sets_the_models_thread_count(classifier_export, demo_shards, tm
 
 
 def test_shards_are_cut_into_pieces_only_when_there_are_few_per_worker():
-    from data_pipeline.loader import ShardPiece, shard_pieces
+    from data_pipeline.shardwise import ShardPiece, shard_pieces
 
     def pieces(shards, workers, sizes=None):
         return shard_pieces(shards, sizes or [1000] * 10, workers=workers, batch_size=64)

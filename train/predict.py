@@ -251,7 +251,7 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     from tqdm import tqdm
 
     from data_pipeline.decode import MODALITIES
-    from data_pipeline.loader import ShardwiseLoader
+    from data_pipeline.shardwise import ShardwiseLoader
     from data_pipeline.sources import expand_shards, shard_sizes
     from train.batch import to_device
     from train.cli import data_config
