@@ -1,19 +1,23 @@
 """train.predict's throughput against the bare model forward, in one run.
 
-Both see the same samples: the model alone runs predict() over batches
-decoded beforehand and held in memory (its ceiling); train.predict reads
-the shards, decodes them in its workers, predicts and writes the rows. The
-ratio says what the pipeline costs on top of the model.
+All see the same samples. The model alone runs predict() over batches
+decoded beforehand and held in memory, two ways: one batch at a time on
+every thread (the plain forward loop: `ratio` is train.predict against it),
+and the way train.predict runs its forwards, `forwards` batches at once on
+a CPU (`pipeline_ratio`: what reading, decoding and writing cost on top of
+the same forwards). train.predict reads the shards, decodes them in its
+workers, predicts and writes the rows.
 
     python benchmarks/predict_throughput.py [--model small] [--shards data/demo/heldout] [--batch-size 64]
-                                            [--repeats 5] [--threads N]
+                                            [--repeats 5] [--threads N] [--forwards N]
 
-train.predict runs --repeats times, each between two runs of the model
+train.predict runs --repeats times, each between two runs of each model
 alone, and is compared with their mean (the machine's speed drifts); the
-median ratio is reported, with the smallest and largest, and the data
+median ratios are reported, with the smallest and largest, and the data
 workers' CPU time per sample (on a machine without a GPU, time the model's
 cores spend decoding). The last line is JSON: {"predict_sps": …,
-"model_sps": …, "ratio": …, "ratio_min_max": [...], "worker_cpu_ms_per_sample": …, ...}.
+"model_sps": …, "ratio": …, "ratio_min_max": [...], "forwards": …,
+"model_sps_same_forwards": …, "pipeline_ratio": …, "worker_cpu_ms_per_sample": …, ...}.
 Needs shards: `make demo-data` writes data/demo/heldout.
 """
 
@@ -97,6 +101,9 @@ def main() -> None:
         help="torch threads for the model on both sides (0: torch's default, every core). "
         "Fewer than the cores leaves the data worker a core of its own, as on a GPU machine",
     )
+    parser.add_argument(
+        "--forwards", type=int, default=0, help="train.predict's forwards= (0: its default for this machine)"
+    )
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -107,7 +114,7 @@ def main() -> None:
     from data_pipeline import DataConfig, build_loader
     from data_pipeline.sources import expand_shards
     from train.config import CONF_DIR
-    from train.predict import PredictArgs, predict
+    from train.predict import PredictArgs, forwards_for, in_order, predict
 
     try:
         expand_shards(args.shards)
@@ -130,18 +137,24 @@ def main() -> None:
         with torch.no_grad():
             model.predict(batches[0])  # warm-up
 
-        def model_alone() -> float:
-            with torch.no_grad():
-                t = time.perf_counter()
-                for b in batches:
-                    model.predict(b)
-                return time.perf_counter() - t
+        threads = torch.get_num_threads()
+        forwards = forwards_for(args.forwards, threads=threads, device=torch.device("cpu"), dispatched=False)
+
+        def model_alone(k: int) -> float:
+            """Seconds for all batches through the model, k at a time as train.predict runs them."""
+            t = time.perf_counter()
+            for _ in in_order(((None, b, None) for b in batches), model.predict, forwards=k, threads=threads):
+                pass
+            return time.perf_counter() - t
+
+        def both() -> tuple[float, float]:
+            return model_alone(1), model_alone(forwards)
 
         # This machine's speed drifts by tens of percent within a minute, so
-        # every train.predict run is bracketed by a model-alone run before and
+        # every train.predict run is bracketed by model-alone runs before and
         # after it, and compared with their mean.
         runs = []
-        before = model_alone()
+        before = both()
         for repeat in range(args.repeats):
             workers_cpu = children_cpu_s()
             t = time.perf_counter()
@@ -151,52 +164,70 @@ def main() -> None:
                     shards=args.shards,
                     out=str(tmp / f"pred{repeat}"),
                     batch_size=args.batch_size,
+                    forwards=forwards,
                 ),
                 [],
             )
             predict_s = time.perf_counter() - t
             # The data workers have exited (and been waited for) by now.
             workers_cpu = children_cpu_s() - workers_cpu
-            after = model_alone()
-            model_s = (before + after) / 2
+            after = both()
+            model_s, same_s = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
             before = after
             if summary["rows"] != n:
                 raise SystemExit(f"train.predict wrote {summary['rows']} rows for {n} samples")
             runs.append(
                 {
                     "model_sps": n / model_s,
+                    "same_sps": n / same_s,
                     "predict_sps": n / predict_s,
                     "ratio": model_s / predict_s,
+                    "pipeline_ratio": same_s / predict_s,
                     "worker_ms": 1000 * workers_cpu / n,
                 }
             )
             print(
-                f"run {repeat + 1}: model alone {n / model_s:6.1f}/s (mean of the runs before and after), "
-                f"train.predict {n / predict_s:6.1f}/s, ratio {model_s / predict_s:.3f}, "
+                f"run {repeat + 1}: model alone {n / model_s:6.1f}/s, {forwards} at once {n / same_s:6.1f}/s "
+                f"(means of the runs before and after), train.predict {n / predict_s:6.1f}/s, "
+                f"ratio {model_s / predict_s:.3f}, pipeline ratio {same_s / predict_s:.3f}, "
                 f"data workers' CPU {1000 * workers_cpu / n:.2f} ms/sample",
                 flush=True,
             )
-    median = sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2]
-    model_sps, predict_sps = median["model_sps"], median["predict_sps"]
-    spread = [round(min(r["ratio"] for r in runs), 3), round(max(r["ratio"] for r in runs), 3)]
+
+    def median(key: str) -> float:
+        return sorted(r[key] for r in runs)[len(runs) // 2]
+
+    def spread(key: str) -> list[float]:
+        return [round(min(r[key] for r in runs), 3), round(max(r[key] for r in runs), 3)]
+
     print(
-        f"model={args.model}, {n} samples, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-        f"data.num_workers=auto, CPU flags: {cpu_flags_line()}"
+        f"model={args.model}, {n} samples, batch {args.batch_size}, {threads} threads, "
+        f"data.num_workers=auto, CPU flags: {cpu_flags_line()} (medians of {len(runs)} runs)"
     )
-    print(f"model forward alone:  {model_sps:8.1f} samples/s")
-    print(f"train.predict:        {predict_sps:8.1f} samples/s (load, read, decode, predict, write)")
-    worker_ms = sorted(r["worker_ms"] for r in runs)[len(runs) // 2]
-    print(f"data workers' CPU:    {worker_ms:8.2f} ms/sample (median), on the cores the model uses")
+    lines = [
+        ("model forward alone, one batch at a time", f"{median('model_sps'):8.1f} samples/s"),
+        (f"model forward alone, {forwards} batches at once", f"{median('same_sps'):8.1f} samples/s"),
+        (f"train.predict, forwards={forwards}", f"{median('predict_sps'):8.1f} samples/s (load, read, decode, write)"),
+        ("ratio to the one-at-a-time forward", f"{median('ratio'):8.3f} {spread('ratio')}"),
+        ("ratio to the same forwards (pipeline)", f"{median('pipeline_ratio'):8.3f} {spread('pipeline_ratio')}"),
+        ("data workers' CPU", f"{median('worker_ms'):8.2f} ms/sample, on the model's cores"),
+    ]
+    for label, value in lines:
+        print(f"{label + ':':<42}{value}")
     print(
         json.dumps(
             {
-                "predict_sps": round(predict_sps, 1),
-                "model_sps": round(model_sps, 1),
-                "ratio": round(median["ratio"], 3),
-                "ratio_min_max": spread,
-                "worker_cpu_ms_per_sample": round(worker_ms, 2),
+                "predict_sps": round(median("predict_sps"), 1),
+                "model_sps": round(median("model_sps"), 1),
+                "ratio": round(median("ratio"), 3),
+                "ratio_min_max": spread("ratio"),
+                "forwards": forwards,
+                "model_sps_same_forwards": round(median("same_sps"), 1),
+                "pipeline_ratio": round(median("pipeline_ratio"), 3),
+                "pipeline_ratio_min_max": spread("pipeline_ratio"),
+                "worker_cpu_ms_per_sample": round(median("worker_ms"), 2),
                 "repeats": len(runs),
-                "threads": torch.get_num_threads(),
+                "threads": threads,
                 "model": args.model,
                 "samples": n,
             }

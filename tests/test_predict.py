@@ -308,7 +308,8 @@ def test_parquet_output_holds_the_same_rows(classifier_export, demo_shards, tmp_
 
 
 @pytest.mark.parametrize(
-    "bad,named", [("-1", "threads=-1"), ("two", "threads"), ("fast", "format"), ("0", "batch_size=0")]
+    "bad,named",
+    [("-1", "threads=-1"), ("two", "threads"), ("fast", "format"), ("0", "batch_size=0"), ("-2", "forwards=-2")],
 )
 def test_a_bad_argument_is_a_clear_error(bad, named, tmp_path, capsys):
     from train.predict import main
@@ -498,3 +499,129 @@ def test_loading_skips_random_init_but_keeps_computed_buffers(classifier_export)
     for name, p in model.state_dict().items():
         assert torch.equal(p, saved[name]), name
     assert torch.equal(model.class_weights, torch.ones(6))
+
+
+def test_forwards_run_at_once_each_on_its_share_of_threads_and_rows_keep_their_order():
+    """in_order with forwards=2: two batches are in the model at once (the
+    first cannot finish until the second has started), each forward on half
+    the threads and without autograd; outputs come back in the items' order
+    although the second batch finishes first, a piece's end only after its
+    batches, and torch's thread count is restored."""
+    import threading
+    import time
+
+    from train.predict import in_order
+
+    before = torch.get_num_threads()
+    together = threading.Barrier(2, timeout=30)
+    seen, lock, active = [], threading.Lock(), [0, 0]  # now, most at once
+
+    def forward(batch: dict) -> dict:
+        with lock:
+            active[0] += 1
+            active[1] = max(active)
+            seen.append((batch["n"], torch.get_num_threads(), torch.is_grad_enabled()))
+        if batch["n"] in (0, 1):
+            together.wait()  # both first batches in the model at once, or a BrokenBarrierError
+            time.sleep(0.2 if batch["n"] == 0 else 0)  # the second finishes first
+        with lock:
+            active[0] -= 1
+        return {"n": batch["n"]}
+
+    items = [("a", {"n": 0}, None), ("a", {"n": 1}, None), ("a", None, {"x": 1})]
+    items += [("b", {"n": n}, None) for n in range(2, 8)] + [("b", None, {})]
+    torch.set_num_threads(4)
+    try:
+        got = list(in_order(iter(items), forward, forwards=2, threads=4))
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+    assert [(p, None if o is None else o["n"]) for p, _, _, o in got] == [
+        (p, None if b is None else b["n"]) for p, b, _ in items
+    ]
+    assert [s for _, _, s, _ in got] == [s for _, _, s in items]
+    assert active[1] == 2
+    assert {(threads, grad) for _, threads, grad in seen} == {(2, False)}
+
+
+def test_a_failed_forward_is_raised_in_order_and_ends_the_others():
+    from train.predict import in_order
+
+    before = torch.get_num_threads()
+    calls = []
+
+    def forward(batch: dict) -> dict:
+        calls.append(batch["n"])
+        if batch["n"] == 3:
+            raise ValueError("batch 3 does not fit the model")
+        return {"n": batch["n"]}
+
+    items = iter([("a", {"n": n}, None) for n in range(50)])
+    got = []
+    with pytest.raises(ValueError, match="batch 3"):
+        for item in in_order(items, forward, forwards=2, threads=2):
+            got.append(item[3]["n"])
+    assert got == [0, 1, 2] and max(calls) < 8  # no batch long after the failure ran
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    "requested,threads,device,dispatched,expected",
+    [
+        (0, 2, "cpu", False, 2),
+        (0, 16, "cpu", False, 2),
+        (0, 3, "cpu", False, 1),
+        (0, 1, "cpu", False, 1),
+        (0, 8, "cuda", False, 1),
+        (0, 8, "cpu", True, 1),
+        (4, 8, "cpu", False, 4),
+        (1, 8, "cpu", False, 1),
+        (2, 8, "cuda", False, "device=cuda or max_memory"),
+        (2, 8, "cpu", True, "device=cuda or max_memory"),
+        (3, 2, "cpu", False, "threads=2"),
+        (-1, 2, "cpu", False, "forwards=-1"),
+    ],
+)
+def test_how_many_forwards_run_at_once(requested, threads, device, dispatched, expected):
+    from train.predict import PredictError, forwards_for
+
+    if isinstance(expected, str):
+        with pytest.raises(PredictError, match=expected):
+            forwards_for(requested, threads=threads, device=torch.device(device), dispatched=dispatched)
+    else:
+        assert forwards_for(requested, threads=threads, device=torch.device(device), dispatched=dispatched) == expected
+
+
+def test_two_forwards_at_once_write_what_one_at_a_time_writes(classifier_export, corpus, tmp_path, monkeypatch):
+    """Several shards cut into pieces, read by two workers, with damaged
+    samples: the same rows in the same order, and the same counts."""
+    from train.predict import PredictArgs, predict
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = {}
+        for forwards in (1, 2):
+            out = tmp_path / f"f{forwards}"
+            args = PredictArgs(
+                checkpoint=str(classifier_export),
+                shards=str(corpus["root"]),
+                out=str(out),
+                batch_size=8,
+                forwards=forwards,
+            )
+            runs[forwards] = predict(args, ["data.num_workers=2"]), read_rows(out)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    (one, rows_one), (two, rows_two) = runs[1], runs[2]
+    assert one["skipped"] == two["skipped"] and sum(two["skipped"].values()) > 0
+    assert two["rows"] == len(rows_two) == len(corpus["keys"] - corpus["bad"])
+    assert [r["key"] for r in rows_two] == [r["key"] for r in rows_one]
+    assert any(r["probs"] is None for r in rows_two)  # samples without an image: "no_modality"
+    for a, b in zip(rows_one, rows_two):
+        assert a.keys() == b.keys() and a["label"] == b["label"] and (a["probs"] is None) == (b["probs"] is None)
+        if a["probs"] is not None:
+            torch.testing.assert_close(torch.tensor(b["probs"]), torch.tensor(a["probs"]), atol=1e-5, rtol=0)

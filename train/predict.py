@@ -28,8 +28,9 @@ import os
 import re
 import shutil
 import sys
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -58,6 +59,9 @@ skips the shards it finished.
   threads=N         torch threads for the model (default: torch's, every core); on a
                     CPU-only machine, cores minus data.num_workers gives each
                     data worker a core of its own
+  forwards=N        batches in the model at once on a CPU, each on threads/N
+                    threads (default: 2 where the threads are even, else 1;
+                    always 1 with device=cuda or max_memory)
   device=DEVICE     cpu (default) or cuda
   max_memory=...    big-model inference through accelerate, e.g. max_memory=cpu:2GB
                     (what does not fit is offloaded to disk under OUT/offload);
@@ -85,6 +89,7 @@ class PredictArgs:
     format: OutputFormat = OutputFormat.jsonl
     batch_size: int = 64
     threads: int = 0  # 0: torch's default (every core)
+    forwards: int = 0  # 0: auto (2 on a CPU with an even number of threads, else 1)
     device: str = "cpu"
     max_memory: str = ""
     trust_checkpoint: bool = False
@@ -136,6 +141,72 @@ def rows_for(batch: dict, out: dict, *, embed: bool, names: list[str], multi_lab
         row["probs"] = [round(p, 6) for p in probs]
         rows.append(row)
     return rows
+
+
+def forwards_for(requested: int, *, threads: int, device: torch.device, dispatched: bool) -> int:
+    """How many batches go through the model at once (see in_order)."""
+    if requested < 0:
+        raise PredictError(f"forwards={requested}: give a whole number >= 1 (0: chosen for the machine)")
+    if requested > 1 and (device.type != "cpu" or dispatched):
+        raise PredictError(
+            f"forwards={requested} runs several forwards at once on a CPU; "
+            "with device=cuda or max_memory= use forwards=1 (the default there)"
+        )
+    if requested > threads:
+        raise PredictError(f"forwards={requested} needs at least as many threads (threads={threads})")
+    if requested:
+        return requested
+    # Two forwards of threads/2 each: a forward's threads wait for one another at
+    # every operation, so a data worker holding one core stalls them all; two
+    # independent forwards lose only that core's share (and keep the cores
+    # busy while the other waits). 1.18-1.20x on 2 cores (benchmarks/README.md).
+    return 2 if device.type == "cpu" and not dispatched and threads >= 2 and threads % 2 == 0 else 1
+
+
+def in_order(
+    items: Iterable[tuple], forward: Callable[[dict], dict], *, forwards: int, threads: int
+) -> Iterator[tuple]:
+    """(*item, forward(batch)) for each item (piece, batch, skips) of
+    `items`, in their order (None in place of the output where the batch is
+    None: a piece's end). With forwards=K > 1, K threads run forward() on
+    successive batches at once, each with threads // K torch threads, and
+    one more batch waits for the first thread free; an item is yielded once
+    every item before it has been. Torch's thread count is restored after."""
+    if forwards <= 1:
+        with torch.no_grad():
+            for piece, batch, skips in items:
+                yield piece, batch, skips, None if batch is None else forward(batch)
+        return
+
+    def start() -> None:
+        torch.set_num_threads(max(1, threads // forwards))
+
+    def run(batch: dict) -> dict:
+        with torch.no_grad():  # grad mode is per thread
+            return forward(batch)
+
+    pending: deque[tuple] = deque()  # (piece, batch, skips, Future | None), in items' order
+    pool = ThreadPoolExecutor(forwards, thread_name_prefix="forward", initializer=start)
+    try:
+        in_flight = 0
+        for piece, batch, skips in items:
+            pending.append((piece, batch, skips, None if batch is None else pool.submit(run, batch)))
+            in_flight += batch is not None
+            while pending and (in_flight > forwards or pending[0][3] is None or pending[0][3].done()):
+                piece_, batch_, skips_, future = pending.popleft()
+                if future is not None:
+                    in_flight -= 1
+                yield piece_, batch_, skips_, _result(future)
+        while pending:
+            piece_, batch_, skips_, future = pending.popleft()
+            yield piece_, batch_, skips_, _result(future)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
+def _result(future: Future | None) -> dict | None:
+    return None if future is None else future.result()
 
 
 @contextlib.contextmanager
@@ -275,6 +346,8 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     if args.max_memory and not args.checkpoint.endswith(".safetensors"):
         raise PredictError("max_memory= needs an exported .safetensors (python -m train.export)")
     device = torch.device(args.device)
+    threads = torch.get_num_threads()
+    forwards = forwards_for(args.forwards, threads=threads, device=device, dispatched=bool(args.max_memory))
     checkpoint = resolve_checkpoint(args.checkpoint)  # one step for the config and the weights
     config = saved_config(checkpoint)  # the weights load once the data workers are started
     task = config.get("task") or {}
@@ -320,32 +393,32 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     parts_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to predict, and a model
     spool = RowSpool(parts_dir, mine)
     piece_skips: dict[int, dict[int, dict]] = {}  # shard -> piece -> skipped by reason, until all are read
-    with torch.no_grad():
-        for piece, batch, skips in batches:
-            i = piece.shard
-            if batch is not None:
-                moved = to_device(batch, device=device, dtype=torch.float32)
-                if embed:
-                    out = model.embed(moved)
-                    out = {m: (None if e is None else e.float().cpu()) for m, e in out.items()}
-                else:
-                    out = {k: v.cpu() for k, v in model.predict(moved).items()} | {"threshold": threshold}
-                got = rows_for(batch, out, embed=embed, names=names, multi_label=multi_label)
-                spool.add(i, piece.piece, got)
-                progress.update(len(got))
-                continue
-            progress.update(sum(skips.values()))
-            done = piece_skips.setdefault(i, {})
-            done[piece.piece] = skips
-            if len(done) < piece.pieces:
-                continue
-            # shard i is finished
-            del piece_skips[i]
-            shard_skips = sum((Counter(s) for s in done.values()), Counter())
-            done_file = {"shard": urls[i], "rows": spool.count(i, piece.pieces), "skipped": dict(shard_skips)}
-            write_atomic(parts_dir / f"{i:06d}.done.json", json.dumps(done_file) + "\n")
-            spool.finish(i, piece.pieces, parts_dir / f"{i:06d}.{suffix}", fmt)
-            skipped.update(shard_skips)
+
+    def forward(batch: dict) -> dict:
+        moved = to_device(batch, device=device, dtype=torch.float32)
+        if embed:
+            return {m: (None if e is None else e.float().cpu()) for m, e in model.embed(moved).items()}
+        return {k: v.cpu() for k, v in model.predict(moved).items()} | {"threshold": threshold}
+
+    for piece, batch, skips, out in in_order(batches, forward, forwards=forwards, threads=threads):
+        i = piece.shard
+        if batch is not None:
+            got = rows_for(batch, out, embed=embed, names=names, multi_label=multi_label)
+            spool.add(i, piece.piece, got)
+            progress.update(len(got))
+            continue
+        progress.update(sum(skips.values()))
+        done = piece_skips.setdefault(i, {})
+        done[piece.piece] = skips
+        if len(done) < piece.pieces:
+            continue
+        # shard i is finished: every batch before its last piece's end is written
+        del piece_skips[i]
+        shard_skips = sum((Counter(s) for s in done.values()), Counter())
+        done_file = {"shard": urls[i], "rows": spool.count(i, piece.pieces), "skipped": dict(shard_skips)}
+        write_atomic(parts_dir / f"{i:06d}.done.json", json.dumps(done_file) + "\n")
+        spool.finish(i, piece.pieces, parts_dir / f"{i:06d}.{suffix}", fmt)
+        skipped.update(shard_skips)
     progress.close()
     # This rank's file: its shards' parts, in shard order (finished now or by an earlier run).
     rank_file = out_dir / f"predictions-rank{rank}.{suffix}"
