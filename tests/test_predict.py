@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import tarfile
+import threading
 
 import pytest
 import torch
@@ -507,7 +508,6 @@ def test_forwards_run_at_once_each_on_its_share_of_threads_and_rows_keep_their_o
     the threads and without autograd; outputs come back in the items' order
     although the second batch finishes first, a piece's end only after its
     batches, and torch's thread count is restored."""
-    import threading
     import time
 
     from train.predict import in_order
@@ -534,6 +534,11 @@ def test_forwards_run_at_once_each_on_its_share_of_threads_and_rows_keep_their_o
     try:
         got = list(in_order(iter(items), forward, forwards=2, threads=4))
         assert torch.get_num_threads() == 4
+        later = []  # a thread started afterwards takes the count last set: restored too
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [4]
     finally:
         torch.set_num_threads(before)
     assert [(p, None if o is None else o["n"]) for p, _, _, o in got] == [
@@ -563,6 +568,22 @@ def test_a_failed_forward_is_raised_in_order_and_ends_the_others():
             got.append(item[3]["n"])
     assert got == [0, 1, 2] and max(calls) < 8  # no batch long after the failure ran
     assert torch.get_num_threads() == before
+    assert not [t for t in threading.enumerate() if t.name.startswith("forward")]
+
+
+def test_a_consumer_that_stops_early_ends_the_forwards():
+    from train.predict import in_order
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        steps = in_order(iter([("a", {"n": n}, None) for n in range(50)]), dict, forwards=2, threads=2)
+        assert next(steps)[3] == {"n": 0}
+        steps.close()
+        assert not [t for t in threading.enumerate() if t.name.startswith("forward")]
+        assert torch.get_num_threads() == 2 and torch.is_grad_enabled()
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(
@@ -579,6 +600,7 @@ def test_a_failed_forward_is_raised_in_order_and_ends_the_others():
         (2, 8, "cuda", False, "device=cuda or max_memory"),
         (2, 8, "cpu", True, "device=cuda or max_memory"),
         (3, 2, "cpu", False, "threads=2"),
+        (2, 3, "cpu", False, "divides the threads"),
         (-1, 2, "cpu", False, "forwards=-1"),
     ],
 )
@@ -595,10 +617,18 @@ def test_how_many_forwards_run_at_once(requested, threads, device, dispatched, e
 def test_two_forwards_at_once_write_what_one_at_a_time_writes(classifier_export, corpus, tmp_path, monkeypatch):
     """Several shards cut into pieces, read by two workers, with damaged
     samples: the same rows in the same order, and the same counts."""
+    import train.predict
     from train.predict import PredictArgs, predict
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    asked, in_order = [], train.predict.in_order
+
+    def spy(*args, forwards: int, **kwargs):
+        asked.append(forwards)
+        return in_order(*args, forwards=forwards, **kwargs)
+
+    monkeypatch.setattr(train.predict, "in_order", spy)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -616,6 +646,7 @@ def test_two_forwards_at_once_write_what_one_at_a_time_writes(classifier_export,
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+    assert asked == [1, 2]
     (one, rows_one), (two, rows_two) = runs[1], runs[2]
     assert one["skipped"] == two["skipped"] and sum(two["skipped"].values()) > 0
     assert two["rows"] == len(rows_two) == len(corpus["keys"] - corpus["bad"])

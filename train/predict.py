@@ -152,8 +152,11 @@ def forwards_for(requested: int, *, threads: int, device: torch.device, dispatch
             f"forwards={requested} runs several forwards at once on a CPU; "
             "with device=cuda or max_memory= use forwards=1 (the default there)"
         )
-    if requested > threads:
-        raise PredictError(f"forwards={requested} needs at least as many threads (threads={threads})")
+    if requested > 1 and threads % requested:
+        raise PredictError(
+            f"forwards={requested} with threads={threads}: each forward gets threads/forwards threads, "
+            "so give a number of forwards that divides the threads"
+        )
     if requested:
         return requested
     # Two forwards of threads/2 each: a forward's threads wait for one another at
@@ -171,12 +174,19 @@ def in_order(
     None: a piece's end). With forwards=K > 1, K threads run forward() on
     successive batches at once, each with threads // K torch threads, and
     one more batch waits for the first thread free; an item is yielded once
-    every item before it has been. Torch's thread count is restored after."""
+    every item before it has been. At most K + 1 batches are in the model's
+    hands at once. Torch's thread count (which each thread's first torch
+    call takes from the last set) is restored after."""
     if forwards <= 1:
-        with torch.no_grad():
-            for piece, batch, skips in items:
-                yield piece, batch, skips, None if batch is None else forward(batch)
+        for piece, batch, skips in items:
+            if batch is None:
+                yield piece, batch, skips, None
+                continue
+            with torch.no_grad():  # only around the call: the caller's code runs between yields
+                out = forward(batch)
+            yield piece, batch, skips, out
         return
+    before = torch.get_num_threads()
 
     def start() -> None:
         torch.set_num_threads(max(1, threads // forwards))
@@ -201,8 +211,10 @@ def in_order(
             piece_, batch_, skips_, future = pending.popleft()
             yield piece_, batch_, skips_, _result(future)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            torch.set_num_threads(before)
 
 
 def _result(future: Future | None) -> dict | None:
