@@ -146,16 +146,42 @@ def load_audio(data: bytes, *, sample_rate: int, max_samples: int | None = None)
     return wav
 
 
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale: linear (3 mels per 200 Hz) below 1 kHz, logarithmic above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    log_part = 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / _MEL_LOG_STEP
+    return np.where(hz >= 1000.0, log_part, hz / (200.0 / 3.0))
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    return np.where(mel >= 15.0, 1000.0 * np.exp(_MEL_LOG_STEP * (mel - 15.0)), mel * (200.0 / 3.0))
+
+
+_MEL_LOG_STEP = np.log(6.4) / 27.0  # 27 mels per factor 6.4 above 1 kHz
+
+
 @lru_cache(maxsize=8)
 def mel_filterbank(*, sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
-    """librosa's Slaney-style mel filters as an n_mels×(n_fft//2 + 1) tensor.
+    """Slaney-style mel filters, area-normalised (librosa.filters.mel's
+    default, from 0 Hz to Nyquist), as an n_mels×(n_fft//2 + 1) tensor:
+    triangles between successive points equally spaced in mels, each
+    scaled by 2 / its width in Hz.
 
+    Written here, not taken from librosa: importing librosa.filters pulls
+    in scipy.signal and numba, about 2 s in every process that builds a
+    loader, for 15 lines of arithmetic (tests/test_loader.py checks both
+    this and the whole log-mel against librosa).
     Cached: the loader builds it once in the main process before workers fork.
     """
-    import librosa.filters  # imported here: it is slow to import and only this needs it
-
-    fb = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=0.0, fmax=sample_rate / 2)
-    return torch.from_numpy(np.ascontiguousarray(fb, dtype=np.float32))
+    bins = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)  # the STFT's bin frequencies
+    edges = _mel_to_hz(np.linspace(0.0, _hz_to_mel(sample_rate / 2), n_mels + 2))
+    widths = np.diff(edges)
+    offsets = edges[:, None] - bins[None, :]  # (n_mels + 2) × bins
+    rising = -offsets[:-2] / widths[:-1, None]
+    falling = offsets[2:] / widths[1:, None]
+    fb = np.maximum(0.0, np.minimum(rising, falling)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    return torch.from_numpy(fb.astype(np.float32))
 
 
 @lru_cache(maxsize=8)

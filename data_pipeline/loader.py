@@ -228,7 +228,7 @@ class StreamLoader:
         self.mode = cfg.mode if self.train else "epoch"
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
         self.sources = sources if sources is not None else _sources(cfg, split, sizes)
-        # Built before workers fork, so they inherit it instead of each importing librosa.
+        # Built before workers fork, so they inherit it instead of each building it.
         mel_filterbank(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
         self.num_workers = worker_count(cfg.num_workers)
         if self.num_workers > 0:

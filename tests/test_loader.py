@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import REPO
 
 from data_pipeline import ByteTokenizer, DataConfig, build_loader, collate
 from data_pipeline.sources import expand_shards
@@ -414,6 +417,33 @@ def test_unsigned_8_bit_wav_gives_soundfiles_samples():
     )
     want = soundfile.read(io.BytesIO(buf.getvalue()), dtype="float32")[0]
     np.testing.assert_array_equal(load_audio(buf.getvalue(), sample_rate=16000, max_samples=16000), want)
+
+
+@pytest.mark.parametrize(
+    "sample_rate,n_fft,n_mels",
+    [(16000, 512, 64), (16000, 400, 80), (22050, 1023, 128), (8000, 256, 40), (44100, 2048, 64)],
+)
+def test_mel_filters_are_librosas(sample_rate, n_fft, n_mels):
+    """Written here to spare each process librosa's import; the same filters
+    (Slaney scale and area normalisation, librosa.filters.mel's defaults),
+    odd n_fft included."""
+    import librosa.filters
+
+    from data_pipeline.decode import mel_filterbank
+
+    want = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=0.0, fmax=sample_rate / 2)
+    got = mel_filterbank(sample_rate=sample_rate, n_fft=n_fft, n_mels=n_mels)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-6, atol=1e-9)
+
+
+def test_building_a_loader_does_not_import_librosa():
+    code = (
+        "import sys; from data_pipeline.decode import mel_filterbank; "
+        "mel_filterbank(sample_rate=16000, n_fft=512, n_mels=64); "
+        "assert 'librosa' not in sys.modules and 'scipy.signal' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
 
 
 @pytest.mark.parametrize("n_fft", [512, 1024])  # frames within the clip; the last one past its end (reflected)
