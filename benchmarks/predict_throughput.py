@@ -187,7 +187,7 @@ def main() -> None:
                 }
             )
             print(
-                f"run {repeat + 1}: model alone {n / model_s:6.1f}/s, {forwards} at once {n / same_s:6.1f}/s "
+                f"run {repeat + 1}: model alone {n / model_s:6.1f}/s, forwards={forwards} {n / same_s:6.1f}/s "
                 f"(means of the runs before and after), train.predict {n / predict_s:6.1f}/s, "
                 f"ratio {model_s / predict_s:.3f}, pipeline ratio {same_s / predict_s:.3f}, "
                 f"data workers' CPU {1000 * workers_cpu / n:.2f} ms/sample",
@@ -206,7 +206,7 @@ def main() -> None:
     )
     lines = [
         ("model forward alone, one batch at a time", f"{median('model_sps'):8.1f} samples/s"),
-        (f"model forward alone, {forwards} batches at once", f"{median('same_sps'):8.1f} samples/s"),
+        (f"model forward alone, forwards={forwards}", f"{median('same_sps'):8.1f} samples/s"),
         (f"train.predict, forwards={forwards}", f"{median('predict_sps'):8.1f} samples/s (load, read, decode, write)"),
         ("ratio to the one-at-a-time forward", f"{median('ratio'):8.3f} {spread('ratio')}"),
         ("ratio to the same forwards (pipeline)", f"{median('pipeline_ratio'):8.3f} {spread('pipeline_ratio')}"),
