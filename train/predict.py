@@ -162,7 +162,7 @@ def forwards_for(requested: int, *, threads: int, device: torch.device, dispatch
     # Two forwards of threads/2 each: a forward's threads wait for one another at
     # every operation, so a data worker holding one core stalls them all; two
     # independent forwards lose only that core's share (and keep the cores
-    # busy while the other waits). 1.18-1.20x on 2 cores (benchmarks/README.md).
+    # busy while the other waits): the bare model 1.15-1.20x on 2 cores (benchmarks/README.md).
     return 2 if device.type == "cpu" and not dispatched and threads >= 2 and threads % 2 == 0 else 1
 
 
