@@ -78,3 +78,36 @@ def test_a_choice_outside_its_enum_fails_at_composition(override, choices):
         _compose([override])
     message = str(e.value) + str(e.value.__cause__)
     assert override.split("=")[0] in message and choices in message
+
+
+@pytest.mark.parametrize(
+    "override,meant",
+    [
+        ("+data.requires=[image]", "data.require"),
+        ("data.requires=[image]", "data.require"),
+        ("+logger.tagss=[a]", "logger.tags"),
+        ("+data.sourcess=[]", "data.sources"),
+    ],
+)
+def test_a_typo_that_extends_a_list_key_is_refused_with_the_key_meant(override, meant):
+    """List keys take sub-keys (data.sources.0.url): a key that merely starts
+    with one's name (data.requires, logger.tagss) is another key, refused."""
+    from train.config import check_override_keys
+
+    key = override.lstrip("+").split("=")[0]
+    with pytest.raises(ValueError) as e:
+        check_override_keys([override])
+    assert f"unknown config key {key!r}" in str(e.value) and f"did you mean {meant}?" in str(e.value)
+    with pytest.raises(ValueError, match=f"did you mean {meant}"):
+        compose([override])
+
+
+def test_sub_keys_of_list_keys_are_accepted():
+    from train.config import check_override_keys
+
+    sub_keys = ["data.sources.0.url=/b", "data.sources.0.weight=2", "data.require.0=text", "logger.tags.0=y"]
+    check_override_keys(sub_keys)
+    lists = ["data.sources=[{url:/a,weight:1}]", "data.require=[image]", "logger.tags=[x]"]
+    cfg = _compose([*lists, *sub_keys])
+    assert [(s.url, s.weight) for s in cfg.data.sources] == [("/b", 2.0)]
+    assert cfg.data.require == ["text"] and cfg.logger.tags == ["y"]
