@@ -149,6 +149,7 @@ def test_bad_data_is_skipped_counted_and_the_rest_arrives(tmp_path):
         {"__key__": "ok_flac", "txt": b"z", "flac": flac(3)},
         {"__key__": "empty_txt", "txt": b"   ", "png": png(4)},
         {"__key__": "no_keys", "cls": b"3"},
+        {"__key__": "latin1_txt", "txt": "crème brûlée".encode("latin-1"), "png": png(5)},  # not UTF-8
     ]
     write_tar(tmp_path / "s-000002.tar", bad)
     trunc_samples = [{"__key__": f"t_{j:03d}", "txt": f"cap {j}".encode(), "png": png(j)} for j in range(30)]
@@ -157,7 +158,7 @@ def test_bad_data_is_skipped_counted_and_the_rest_arrives(tmp_path):
     (tmp_path / "s-000003.tar").write_bytes(data[: len(data) // 2])
     # The index (as `python -m data_pipeline write` leaves it) promises 30
     # samples in the truncated shard, so the lost ones are counted.
-    names = {"s-000000.tar": 20, "s-000001.tar": 20, "s-000002.tar": 6, "s-000003.tar": 30}
+    names = {"s-000000.tar": 20, "s-000001.tar": 20, "s-000002.tar": 7, "s-000003.tar": 30}
     (tmp_path / "index.json").write_text(json.dumps({"shards": [{"name": k, "samples": v} for k, v in names.items()]}))
 
     cfg = _cfg(tmp_path)
@@ -171,6 +172,7 @@ def test_bad_data_is_skipped_counted_and_the_rest_arrives(tmp_path):
     skipped = loader.skipped
     assert skipped["bad_image"] == 1 and skipped["bad_audio"] == 1
     assert skipped["empty_text"] == 1 and skipped["no_modalities"] == 1
+    assert skipped["bad_text"] == 1  # a caption that is not UTF-8: a counted skip, never a crash
     assert skipped["truncated_shard"] + skipped["short_shard"] == 30 - len(survivors)
     # Surviving samples decode to exactly what was written.
     ok = next(b for b in batches if "ok_img" in b["__key__"])
