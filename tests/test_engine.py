@@ -459,6 +459,59 @@ def test_the_flat_gradient_norm_keeps_fp64_accuracy_over_a_large_buffer():
         torch.testing.assert_close(_sum_of_squares(piece).double(), piece.double().square().sum(), rtol=2e-6, atol=0)
 
 
+def test_the_deepspeed_pin_is_the_release_the_fast_path_was_written_for():
+    """pyproject.toml allows exactly the releases train/zero_fastpath.py
+    names as tested: a release it was not written against is never installed
+    by the package's own requirements."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from train.zero_fastpath import TESTED_RELEASES
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    allowed = next(Requirement(d) for d in deps if Requirement(d).name == "deepspeed").specifier
+    for release in TESTED_RELEASES:
+        assert allowed.contains(release + "0") and allowed.contains(release + "99"), (str(allowed), release)
+    for other in ("0.16.0", "0.18.9", "0.20.0", "1.0.0"):
+        assert not allowed.contains(other), (str(allowed), other)
+
+
+def test_another_deepspeed_release_runs_deepspeeds_own_gradient_path(monkeypatch, caplog):
+    """On a DeepSpeed release train/zero_fastpath.py was not written for, it
+    patches nothing and says so, and build_engine asks DeepSpeed for its own
+    stage-1/2 path (no `reduce_scatter: false`)."""
+    import logging
+
+    import deepspeed
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    from train import engine as engine_mod
+    from train import zero_fastpath
+
+    zero = stage_1_and_2.DeepSpeedZeroOptimizer
+    methods, gather = dict(vars(zero)), stage_1_and_2.all_gather_dp_groups
+    monkeypatch.setitem(zero_fastpath._state, "applied", False)  # as in a fresh process
+    monkeypatch.setattr(deepspeed, "__version__", "0.20.1")
+    with caplog.at_level(logging.WARNING, logger="train.zero_fastpath"):
+        assert zero_fastpath.apply() is False
+    assert "DeepSpeed 0.20.1" in caplog.text and "running DeepSpeed's own path" in caplog.text
+    assert dict(vars(zero)) == methods and stage_1_and_2.all_gather_dp_groups is gather  # nothing patched
+
+    class Built(Exception):
+        pass
+
+    def initialize(**kwargs):
+        raise Built(kwargs["config"])
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    ds_config = _ds_json(world_size=1, stage=2, precision="fp32")
+    assert ds_config["zero_optimization"]["reduce_scatter"] is False  # what the fast path would take
+    with pytest.raises(Built) as built:
+        engine_mod.build_engine(torch.nn.Linear(4, 4), ds_config=ds_config, optimizer=OptimizerConfig(), total_steps=1)
+    assert "reduce_scatter" not in built.value.args[0]["zero_optimization"]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("stage", [1, 2])
 def test_a_layer_without_gradients_in_a_step_trains_as_with_deepspeeds_own_path(tmp_path, stage):

@@ -80,7 +80,8 @@ import torch.distributed as torch_dist
 
 log = logging.getLogger(__name__)
 
-# DeepSpeed releases whose stage_1_and_2.py this patch was written against.
+# DeepSpeed releases whose stage_1_and_2.py this patch was written against
+# (pyproject.toml allows these only; tests/test_engine.py checks the two agree).
 TESTED_RELEASES = ("0.19.",)
 
 # DeepSpeed's CPU shared-memory all-reduce (ops/csrc/cpu/comm/shm.cpp): each
