@@ -173,3 +173,23 @@ def test_the_contrastive_batch_sets_the_accumulation_when_nothing_else_does():
 def test_a_contrastive_batch_that_does_not_fit_names_the_fix(values, named):
     with pytest.raises(ValueError, match=named):
         batch_sizes(_trainer(**values), world_size=2)
+
+
+def test_compile_with_gradient_caching_is_refused_at_start():
+    """The second pass replays the first pass's dropout and token-dropout
+    draws in eager mode; under torch.compile the two passes may draw other
+    masks, so the combination stops at start naming both keys (one line)."""
+    from train.preflight import StartError, check_start
+
+    overrides = ["trainer.micro_batch_size=4", "trainer.contrastive_batch=16"]
+    both = OmegaConf.to_object(compose([*overrides, "trainer.compile=true"]))
+    with pytest.raises(StartError) as refused:
+        check_start(both, world_size=2, cuda=False)
+    message = str(refused.value)
+    assert "trainer.compile=true" in message and "trainer.contrastive_batch=16" in message, message
+    assert "set trainer.compile=false or trainer.contrastive_batch=0" in message and "\n" not in message
+    for alone in (overrides, ["trainer.micro_batch_size=4", "trainer.compile=true"]):
+        try:  # each without the other passes this check (what fails later is the demo data's absence)
+            check_start(OmegaConf.to_object(compose(alone)), world_size=2, cuda=False)
+        except StartError as e:
+            assert "trainer.compile" not in str(e), e

@@ -34,6 +34,10 @@ START_ERRORS = [
     (["task=classify", "task.num_classes=3", "task.init=missing/init.safetensors"], "task.init=missing/init"),
     (["task=classify", "task.num_classes=0"], "task:"),
     (["trainer.resume=missing/checkpoints"], "trainer.resume='missing/checkpoints'"),
+    (
+        ["trainer.compile=true", "trainer.micro_batch_size=4", "trainer.contrastive_batch=16"],
+        "set trainer.compile=false or trainer.contrastive_batch=0",
+    ),
 ]
 
 

@@ -362,6 +362,15 @@ def validate(cfg: Config) -> None:
             f"trainer.contrastive_batch={cfg.trainer.contrastive_batch} is for pretraining's contrastive losses; "
             f"task={cfg.task.name} has none: leave it at 0"
         )
+    if cfg.trainer.contrastive_batch and cfg.trainer.compile:
+        # train.gradcache replays each micro batch's recorded random state in its
+        # second pass; that equality is proven in eager mode only (a compiled
+        # forward draws its dropout and token-dropout masks its own way).
+        raise ValueError(
+            f"trainer.compile=true with trainer.contrastive_batch={cfg.trainer.contrastive_batch}: gradient caching "
+            "needs each micro batch's second pass to draw the first pass's dropout and token-dropout masks, which "
+            "holds in eager mode only; set trainer.compile=false or trainer.contrastive_batch=0"
+        )
     from mm_models.encoders import check_token_dropout
 
     for modality in ("image", "audio", "text"):
