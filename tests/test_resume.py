@@ -120,3 +120,44 @@ def test_find_checkpoint_takes_only_complete_ones(tmp_path):
     assert find_checkpoint(str(ckpts / "step_000004"), run_dir=tmp_path) == ckpts / "step_000004"
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         find_checkpoint(str(tmp_path / "elsewhere"), run_dir=tmp_path)
+
+
+def test_another_micro_batch_or_accumulation_on_the_saved_world_size_is_named(tmp_path, caplog):
+    """Resumed on the ranks it was saved with, a run given another
+    trainer.micro_batch_size or accumulation would train on another global
+    batch without a word: the start warns with the saved and the present values."""
+    import logging
+
+    from train.topology import saved_topology, warn_batch_change
+
+    step_dir = tmp_path / "step_000004"
+    step_dir.mkdir()
+    meta = {"step": 4, "config": {"trainer": {"micro_batch_size": 8}}}
+    meta["topology"] = {"world_size": 2, "global_batch": 32}
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    saved = saved_topology(step_dir)
+    assert (saved.world_size, saved.global_batch, saved.micro_batch) == (2, 32, 8)  # 8 × 2 accumulation × 2 ranks
+
+    def warned(**now) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="train.topology"):
+            assert warn_batch_change(saved, **now) == bool(caplog.text)
+        return caplog.text
+
+    assert warned(world_size=2, micro=8, accum=2) == ""  # as saved
+    assert warned(world_size=4, micro=8, accum=1) == ""  # another world size: keep_global_batch adapts, and says so
+    text = warned(world_size=2, micro=16, accum=2)
+    assert "trainer.micro_batch_size=8 × 2 accumulation steps (global batch 32)" in text, text
+    assert "now trainer.micro_batch_size=16 × 2 accumulation steps (global batch 64)" in text, text
+    assert "the global batch changes" in text and "set trainer.micro_batch_size=8 trainer.grad_accum_steps=2" in text
+    text = warned(world_size=2, micro=8, accum=3)
+    assert "8 × 3 accumulation steps (global batch 48)" in text and "trainer.grad_accum_steps=2" in text, text
+    text = warned(world_size=2, micro=16, accum=1)  # the same global batch in other micro batches: said, too
+    assert "(global batch 32)" in text and "the global batch changes" not in text, text
+
+    del meta["config"]  # a checkpoint whose config does not say: only the global batch is compared
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    saved = saved_topology(step_dir)
+    assert saved.micro_batch is None
+    assert warned(world_size=2, micro=16, accum=1) == ""
+    assert "global batch 32" in warned(world_size=2, micro=4, accum=2)

@@ -40,7 +40,7 @@ from train.policies import Checkpoints, ClassifyEvaluation, RetrievalEvaluation
 from train.sample_log import log_samples
 from train.signals import StopRequest, any_rank
 from train.step import read_losses, train_step
-from train.topology import keep_global_batch, partitioned, saved_topology, to_universal
+from train.topology import keep_global_batch, partitioned, saved_topology, to_universal, warn_batch_change
 from train.tracking import BestMetric, Tracker
 
 log = logging.getLogger(__name__)
@@ -273,6 +273,8 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
         ds=cfg.deepspeed, trainer=t_cfg, optimizer=cfg.optimizer, world_size=info.world_size
     )
     accum = ds_config["gradient_accumulation_steps"]
+    if saved is not None and not reshaped and info.is_main:  # same ranks: another micro batch is the user's
+        warn_batch_change(saved, world_size=info.world_size, micro=t_cfg.micro_batch_size, accum=accum)
     chunks = contrastive_chunks(t_cfg, info.world_size, accum=accum)  # > 1: gradient caching
     # ZeRO-1/2's flat gradient path reduces through shared memory where it can.
     start_deepspeed_comm(is_main=info.is_main, shared_memory=flat_gradients(ds_config))

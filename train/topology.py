@@ -41,6 +41,8 @@ UNIVERSAL = "universal"
 class SavedTopology:
     world_size: int
     global_batch: int
+    # trainer.micro_batch_size of the saved run (None where its config does not say)
+    micro_batch: int | None = None
 
 
 def saved_topology(step_dir: Path) -> SavedTopology:
@@ -60,7 +62,51 @@ def saved_topology(step_dir: Path) -> SavedTopology:
     for name, value in (("world_size", world), ("global_batch", batch)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{step_dir / 'meta.json'}: cannot tell the saved {name} ({value!r})")
-    return SavedTopology(world_size=world, global_batch=batch)
+    config = meta.get("config") if isinstance(meta, dict) else None
+    micro = ((config or {}).get("trainer") or {}).get("micro_batch_size") if isinstance(config, dict) else None
+    if not isinstance(micro, int) or isinstance(micro, bool) or micro <= 0 or batch % (micro * world):
+        micro = None
+    return SavedTopology(world_size=world, global_batch=batch, micro_batch=micro)
+
+
+def warn_batch_change(saved: SavedTopology, *, world_size: int, micro: int, accum: int) -> bool:
+    """On the world size a checkpoint was saved with: warns, naming the saved
+    and the present values, where trainer.micro_batch_size or the
+    accumulation steps differ from the saved run's (the global batch, and so
+    what one step and the learning-rate schedule mean, would otherwise change
+    without a word). On another world size keep_global_batch adapts the
+    accumulation instead. Returns whether it warned."""
+    if saved.world_size != world_size:
+        return False
+    now = micro * accum * world_size
+    if saved.micro_batch is None:  # a checkpoint whose config does not say: the global batch only
+        if now == saved.global_batch:
+            return False
+        before = f"global batch {saved.global_batch}"
+        fix = f"trainer.global_batch_size={saved.global_batch}"
+    else:
+        saved_accum = saved.global_batch // (saved.micro_batch * world_size)
+        if (saved.micro_batch, saved_accum) == (micro, accum):
+            return False
+        before = (
+            f"trainer.micro_batch_size={saved.micro_batch} × {saved_accum} accumulation steps "
+            f"(global batch {saved.global_batch})"
+        )
+        fix = f"trainer.micro_batch_size={saved.micro_batch} trainer.grad_accum_steps={saved_accum}"
+        if now != saved.global_batch and saved.global_batch % (micro * world_size) == 0:
+            fix += f" (or trainer.global_batch_size={saved.global_batch} to keep only the global batch)"
+    log.warning(
+        "resuming on the same %d ranks a run saved with %s, now trainer.micro_batch_size=%d × %d accumulation "
+        "steps (global batch %d)%s; to continue as saved, set %s",
+        world_size,
+        before,
+        micro,
+        accum,
+        now,
+        "" if now == saved.global_batch else ": the global batch changes",
+        fix,
+    )
+    return True
 
 
 def keep_global_batch(trainer: TrainerConfig, saved: SavedTopology, world_size: int) -> None:
