@@ -10,7 +10,6 @@ import json
 import logging
 import multiprocessing
 import signal
-import urllib.parse
 from collections import Counter
 from functools import partial
 from typing import Iterator
@@ -21,6 +20,7 @@ from data_pipeline.config import MODES, DataConfig, worker_count
 from data_pipeline.decode import MODALITIES, fit_wave, log_mel, mel_filterbank, scale_pixels, warm_decoders
 from data_pipeline.labels import LabelSpec
 from data_pipeline.plan import Pool, batches_per_rank, consumed_by_worker, epoch_plan, pool_size, remaining
+from data_pipeline.redact import without_credentials
 from data_pipeline.sources import expand_shards, shard_sizes
 from data_pipeline.stream import BatchDataset, BatchStream, Source
 from data_pipeline.tokenizer import ByteTokenizer, load_tokenizer
@@ -151,16 +151,6 @@ def _kill_data_workers() -> None:
 
 
 atexit.register(_kill_data_workers)
-
-
-def _without_credentials(url: str) -> str:
-    """A shard URL as written into checkpoints: user:password@ and the query
-    string (where signed URLs carry their signature) removed."""
-    if not url.startswith(("http://", "https://")):
-        return url
-    parts = urllib.parse.urlsplit(url)
-    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=host, query="").geturl()
 
 
 def worker_loader(dataset, *, workers: int, seed: int, collate_fn=None) -> torch.utils.data.DataLoader:
@@ -340,7 +330,7 @@ class StreamLoader:
                 left = sum(plan.real[:done])
                 for seg in plan.segments:
                     if left < seg.take:
-                        entry.update(shard=_without_credentials(urls[seg.shard]), sample_offset=seg.skip + left)
+                        entry.update(shard=without_credentials(urls[seg.shard]), sample_offset=seg.skip + left)
                         break
                     left -= seg.take
             out.append(entry)

@@ -22,13 +22,16 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import IO, Iterator
 
+import urllib3
 from braceexpand import braceexpand
 
 from data_pipeline.cache import ShardCache
+from data_pipeline.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ INDEX_NAME = "index.json"
 OBJECT_STORES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "abfss://")
 _BACKENDS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 _REMOTE = ("http://", "https://") + OBJECT_STORES
+# An index.json larger than this is refused (the shards get scanned instead).
+MAX_INDEX_BYTES = 64 << 20
 # Read-ahead of an object-store shard: one ranged request per block.
 OBJECT_BLOCK_BYTES = 8 << 20
 # WebDataset's grouping rule: the key is the member path up to the first dot
@@ -172,18 +177,100 @@ class PipeReader(io.RawIOBase):
         super().close()
 
 
+class ShardUnavailable(OSError):
+    """A shard (or its index) that could not be fetched: a permanent HTTP
+    error (404, 403, ...), or transient ones that outlasted every retry. The
+    message names the URL with its credentials redacted."""
+
+
+# Transient failures (refused or reset connections, timeouts, 408, 429, 5xx)
+# are retried by urllib3's Retry: exponential back-off with jitter, and the
+# server's Retry-After honoured (capped, so that a misbehaving server cannot
+# park a data worker for hours). Any other 4xx fails at once.
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+MAX_RETRY_AFTER_S = 60.0
+HTTP_TRIES = 6
+
+
+class _Retry(urllib3.util.Retry):
+    def get_retry_after(self, response):
+        after = super().get_retry_after(response)
+        return None if after is None else min(after, MAX_RETRY_AFTER_S)
+
+
+def http_retry(tries: int = HTTP_TRIES, backoff_s: float = 0.5) -> urllib3.util.Retry:
+    return _Retry(
+        total=tries,
+        status_forcelist=RETRY_STATUS,
+        allowed_methods=frozenset({"GET", "HEAD"}),
+        backoff_factor=backoff_s,
+        backoff_jitter=backoff_s,
+        backoff_max=30.0,
+        respect_retry_after_header=True,
+        raise_on_status=True,
+    )
+
+
+_POOLS: dict[tuple[int, str], urllib3.PoolManager] = {}
+
+
+def _pool(url: str) -> urllib3.PoolManager:
+    """One connection pool per process (a forked data worker makes its own)
+    and proxy, honouring HTTP(S)_PROXY and NO_PROXY as urllib does."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme, "")
+    if proxy and urllib.request.proxy_bypass(parts.hostname or ""):
+        proxy = ""
+    key = (os.getpid(), proxy)
+    if key not in _POOLS:
+        if any(pid != os.getpid() for pid, _ in _POOLS):
+            _POOLS.clear()  # the parent's connections are not ours to use
+        _POOLS[key] = urllib3.ProxyManager(proxy) if proxy else urllib3.PoolManager(maxsize=4)
+    return _POOLS[key]
+
+
+def http_request(
+    url: str, *, method: str = "GET", start: int = 0, timeout: float = 60.0, retry: urllib3.util.Retry | None = None
+):
+    """A urllib3 response (body not yet read) for url from byte `start`,
+    retried as http_retry says; ShardUnavailable otherwise."""
+    headers = {"Range": f"bytes={start}-"} if start else {}
+    retry = retry or http_retry()
+    try:
+        response = _pool(url).request(
+            method,
+            url,
+            headers=headers,
+            preload_content=False,
+            decode_content=False,
+            retries=retry,
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+        )
+    except urllib3.exceptions.MaxRetryError as e:
+        raise ShardUnavailable(
+            f"{redact_text(url)}: {redact_text(str(e.reason))} (after {retry.total} tries)"
+        ) from None
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        raise ShardUnavailable(f"{redact_text(url)}: {type(e).__name__}: {redact_text(str(e))}") from None
+    if response.status >= 400:
+        response.release_conn()
+        raise ShardUnavailable(f"{redact_text(url)}: HTTP {response.status} {response.reason}")
+    return response
+
+
 class ResumingHTTPReader(io.RawIOBase):
     """An http(s) download that survives dropped connections: on a read
     error or an early end, it waits (exponential back-off) and asks again
     from the byte it had reached (a Range request; a server that ignores
-    Range is read past the bytes already had). After `tries` failed attempts
-    in a row the error goes to the caller (read_shard counts the rest of the
-    shard as skipped).
+    Range is read past the bytes already had). Each request, the first and
+    every re-open, is retried on transient errors (http_request). After
+    `tries` failed reads in a row, ShardUnavailable goes to the caller.
 
-    Written here because urllib3's and requests' retries cover opening a
-    connection, not resuming a body half-way through it."""
+    The resume itself is written here because urllib3's and requests'
+    retries cover getting a response, not continuing a body half-way
+    through it."""
 
-    def __init__(self, url: str, *, timeout: float = 60.0, tries: int = 6, backoff_s: float = 0.5):
+    def __init__(self, url: str, *, timeout: float = 60.0, tries: int = HTTP_TRIES, backoff_s: float = 0.5):
         super().__init__()
         self.url, self.timeout, self.tries, self.backoff_s = url, timeout, tries, backoff_s
         self.offset = 0
@@ -192,16 +279,13 @@ class ResumingHTTPReader(io.RawIOBase):
         self._open()
 
     def _open(self) -> None:
-        request = urllib.request.Request(self.url)
-        if self.offset:
-            request.add_header("Range", f"bytes={self.offset}-")
-        response = urllib.request.urlopen(request, timeout=self.timeout)
+        response = http_request(self.url, start=self.offset, timeout=self.timeout, retry=http_retry(self.tries))
         if self.offset and response.status != 206:  # Range ignored: read past what we have
             skip = self.offset
             while skip:
                 chunk = response.read(min(skip, 1 << 20))
                 if not chunk:
-                    raise OSError(f"{self.url}: the server sent fewer bytes than before")
+                    raise ShardUnavailable(f"{redact_text(self.url)}: the server sent fewer bytes than before")
                 skip -= len(chunk)
         if self.length is None:
             size = response.headers.get("Content-Length")
@@ -220,25 +304,33 @@ class ResumingHTTPReader(io.RawIOBase):
                     raise ConnectionError(f"connection closed at byte {self.offset} of {self.length}")
                 self.offset += n
                 return n
-            except (OSError, http.client.HTTPException) as e:
+            except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError) as e:
                 failures += 1
                 if failures >= self.tries:
-                    raise
+                    raise ShardUnavailable(
+                        f"{redact_text(self.url)}: reading failed {failures} times at byte {self.offset}: "
+                        f"{type(e).__name__}: {redact_text(str(e))}"
+                    ) from None
                 log.warning(
-                    "%s: %s; resuming at byte %d (attempt %d of %d)", self.url, e, self.offset, failures + 1, self.tries
+                    "%s: %s; resuming at byte %d (attempt %d of %d)",
+                    redact_text(self.url),
+                    redact_text(str(e)),
+                    self.offset,
+                    failures + 1,
+                    self.tries,
                 )
                 time.sleep(self.backoff_s * 2 ** (failures - 1))
                 with contextlib.suppress(Exception):
-                    self.response.close()
+                    self.response.release_conn()
                 try:
                     self._open()
-                except (OSError, http.client.HTTPException) as again:
-                    log.warning("%s: reopening failed: %s", self.url, again)
+                except ShardUnavailable as again:
+                    log.warning("%s", again)
 
     def close(self) -> None:
         if self.response is not None:
             with contextlib.suppress(Exception):
-                self.response.close()
+                self.response.release_conn()
         super().close()
 
 
@@ -271,8 +363,19 @@ def _load_index(parent: str) -> dict[str, int]:
             with fs.open(path, "rb") as f:
                 index = json.load(f)
         elif parent.startswith(_REMOTE):
-            with urllib.request.urlopen(location, timeout=30) as f:
-                index = json.load(f)
+            try:
+                response = http_request(location, timeout=30)
+            except ShardUnavailable as e:
+                if "HTTP 404" not in str(e):
+                    log.warning("%s; the shards get scanned instead", e)
+                return {}
+            try:
+                body = response.read(MAX_INDEX_BYTES + 1)
+            finally:
+                response.release_conn()
+            if len(body) > MAX_INDEX_BYTES:
+                raise ValueError(f"larger than {MAX_INDEX_BYTES} bytes")
+            index = json.loads(body)
         elif os.path.isfile(location):
             with open(location, encoding="utf-8") as f:
                 index = json.load(f)
@@ -280,13 +383,15 @@ def _load_index(parent: str) -> dict[str, int]:
             return {}
         return {s["name"]: int(s["samples"]) for s in index["shards"]}
     except Exception as e:  # a bad index is not fatal: the shards get scanned
-        log.warning("ignoring unreadable shard index %s (%s)", location, e)
+        log.warning("ignoring unreadable shard index %s (%s)", redact_text(location), redact_text(str(e)))
         return {}
 
 
 def count_samples(url: str) -> int:
     """Samples in a shard, by reading its member names (no decoding). A shard
-    that breaks part-way counts the samples before the break."""
+    whose tar data breaks part-way counts the samples before the break; one
+    that cannot be fetched (ShardUnavailable) is an error naming it, never
+    a size of 0 that would leave it out of the run."""
     n, last = 0, None
     try:
         with open_url(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
@@ -294,11 +399,25 @@ def count_samples(url: str) -> int:
                 m = _KEY_EXT.match(member.name) if member.isfile() else None
                 if m and m.group(1) != last:
                     n, last = n + 1, m.group(1)
+    except ShardUnavailable:
+        raise
     except Exception as e:
+        if unavailable(e):
+            raise ShardUnavailable(
+                f"{redact_text(url)}: cannot be read: {type(e).__name__}: {redact_text(str(e))}"
+            ) from None
         # The sample being read when it broke is incomplete: leave it out.
         n = max(0, n - 1)
-        log.warning("shard %s is unreadable after %d samples (%s); using those", url, n, e)
+        log.warning(
+            "shard %s is unreadable after %d samples (%s); using those", redact_text(url), n, redact_text(str(e))
+        )
     return n
+
+
+def unavailable(e: BaseException) -> bool:
+    """An error getting a shard's bytes (not found, refused, the network),
+    as opposed to bytes that are not a valid tar (TarError, EOFError)."""
+    return isinstance(e, OSError) and not isinstance(e, PipeFailed)
 
 
 def shard_sizes(urls: list[str]) -> list[int]:
@@ -381,9 +500,13 @@ def read_shard(
                         return
                 position += 1
     except Exception as e:
-        reason = "pipe_failed" if isinstance(e, PipeFailed) else "truncated_shard"
-        detail = f"{type(e).__name__}: {e}"
-        log.warning("shard %s broke after %d samples (%s)", url, position, detail)
+        # pipe_failed and truncated_shard are the shard's data; unreadable_shard is
+        # the way to it (a rerun may read it: train.predict never marks it finished).
+        reason = (
+            "pipe_failed" if isinstance(e, PipeFailed) else "unreadable_shard" if unavailable(e) else "truncated_shard"
+        )
+        detail = redact_text(f"{type(e).__name__}: {e}")
+        log.warning("shard %s broke after %d samples (%s)", redact_text(url), position, detail)
     else:
         reason, detail = "short_shard", f"index promised {size} samples, found {position}"
     for _ in range(take - produced):

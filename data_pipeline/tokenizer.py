@@ -126,3 +126,16 @@ def tokenizer_for(export: str) -> Tokenizer:
     if spec != "byte" and not os.path.isabs(spec):
         spec = os.path.join(os.path.dirname(os.path.abspath(export)), spec)
     return load_tokenizer(spec)
+
+
+def tokenizer_digest(tokenizer: Tokenizer) -> str:
+    """What a tokenizer maps text to, as a short digest: "byte" for
+    ByteTokenizer, else the sha256 of its canonical serialization (the same
+    tokenizer.json copied elsewhere, or bundled with an export, digests the
+    same; one with other merges or ids does not)."""
+    import hashlib
+
+    inner = getattr(tokenizer, "_tok", None)
+    if inner is None:
+        return "byte"
+    return hashlib.sha256(inner.to_str().encode()).hexdigest()[:16]

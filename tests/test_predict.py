@@ -155,7 +155,7 @@ def test_every_sample_is_predicted_exactly_once_and_a_rerun_skips_finished_shard
     assert any(r["key"] in corpus["no_image"] for r in rows)
 
     # Interrupted after some shards: their part files survive; a rerun does only the rest.
-    parts = sorted((out / "parts").glob("*.jsonl"))
+    parts = sorted((out / "parts").glob("*/*.jsonl"))
     for part in parts[2:]:
         part.unlink()
     for f in out.glob("predictions-rank*.jsonl"):
@@ -444,27 +444,34 @@ def test_rows_left_by_an_interrupted_run_are_not_written_again(classifier_export
     interrupted run left there is dropped, not added to the part, and files
     in parts/ that are not this rank's spool are left alone."""
     from train.predict import PredictArgs, predict
+    from train.predict_store import digest, shard_identity
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    parts = tmp_path / "parts"
-    parts.mkdir()
+    args = PredictArgs(checkpoint=str(classifier_export), shards=str(corpus["root"]), out=str(tmp_path), batch_size=16)
+    first = predict(args, ["data.num_workers=2"])
+    rows = read_rows(tmp_path)
+    parts = tmp_path / "parts" / first["run"]
+    shards = sorted(corpus["root"].glob("*.tar"))
+    key0, key1 = (digest(shard_identity(str(s), 64), 20) for s in shards[:2])
+    # Shard 0 interrupted half-way: its part and record gone, rows of two pieces spooled.
+    for suffix in ("jsonl", "done.json"):
+        (parts / f"{key0}.{suffix}").unlink()
     for piece in (0, 1):
-        (parts / f"000000.{piece}.rows.tmp").write_text(json.dumps({"key": "stale"}) + "\n")
-    strays = ["notes.rows.tmp", "\u00b21.0.rows.tmp", "000001.x.rows.tmp", "000007.0.rows.tmp"]  # 7: no shard of ours
+        (parts / f"{key0}.{piece}.rows.tmp").write_text(json.dumps({"key": "stale"}) + "\n")
+    strays = ["notes.rows.tmp", "\u00b21.0.rows.tmp", f"{key1}.x.rows.tmp", f"{'f' * 20}.0.rows.tmp"]
     for name in strays:
         (parts / name).write_text("not ours\n")
-    args = PredictArgs(checkpoint=str(classifier_export), shards=str(corpus["root"]), out=str(tmp_path), batch_size=16)
     summary = predict(args, ["data.num_workers=2"])
-    rows = read_rows(tmp_path)
-    assert summary["rows"] == len(rows) == len(corpus["keys"] - corpus["bad"])
-    assert "stale" not in {r["key"] for r in rows}
+    assert summary["rows"] == len(read_rows(tmp_path)) == len(rows) == len(corpus["keys"] - corpus["bad"])
+    assert "stale" not in {r["key"] for r in read_rows(tmp_path)}
+    assert summary["resumed_shards"] == 4
     assert sorted(p.name for p in parts.glob("*.rows.tmp")) == sorted(strays)
 
     # Left behind by a shard that did finish: dropped too.
-    (parts / "000001.0.rows.tmp").write_text(json.dumps({"key": "stale"}) + "\n")
+    (parts / f"{key1}.0.rows.tmp").write_text(json.dumps({"key": "stale"}) + "\n")
     # A shard whose .done.json is lost is predicted again, not a crash.
-    (parts / "000000.done.json").unlink()
+    (parts / f"{key0}.done.json").unlink()
     again = predict(args, ["data.num_workers=2"])
     assert again["resumed_shards"] == 4 and again["rows"] == len(rows)
     assert sorted(read_rows(tmp_path), key=lambda r: r["key"]) == sorted(rows, key=lambda r: r["key"])

@@ -8,9 +8,12 @@ so every sample is predicted exactly once.
 Output in OUT:
     predictions-rank{r}.jsonl (or .parquet)   one row per sample, per rank
     manifest.json                              files, rows, skipped samples by reason, shards
-    parts/                                     one finished file per shard: an interrupted
-                                               run started again skips those shards
-                                               (and the rows of shards being read, *.rows.tmp)
+    run.json                                   what made the rows: checkpoint digest, mode,
+                                               format, decoding settings (a rerun with others
+                                               is refused unless overwrite=true)
+    parts/RUN/                                 one finished file per shard, named by the
+                                               shard's identity: a run started again skips
+                                               those shards (train.predict_store)
 
 A row: {"key", "label", "class", "probs"} (multi-label: "labels", "classes",
 "probs"); with --embed {"key", "image", "audio", "text"} (null where the
@@ -21,12 +24,9 @@ loader cannot decode are counted by reason in the manifest (and skipped).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
-import shutil
 import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +37,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import MISSING
+
+from data_pipeline.redact import redact_text
+from train.predict_store import concat_parts, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,11 @@ skips the shards it finished.
   max_memory=...    big-model inference through accelerate, e.g. max_memory=cpu:2GB
                     (what does not fit is offloaded to disk under OUT/offload);
                     needs an exported .safetensors
+  overwrite=true    out= holds predictions of another model, mode or decoding
+                    settings: replace them (refused otherwise)
   data.KEY=VALUE    overrides of the decoding settings saved with the model
+                    (data.allow_pipe=true: pipe: shards run their command;
+                    never taken from a saved config)
 
 example: torchrun --nproc_per_node=2 -m train.predict checkpoint=outputs/RUN/export/model.safetensors \\
              shards=data/demo/heldout out=predictions
@@ -93,6 +100,7 @@ class PredictArgs:
     device: str = "cpu"
     max_memory: str = ""
     trust_checkpoint: bool = False
+    overwrite: bool = False
 
 
 class PredictError(Exception):
@@ -221,101 +229,6 @@ def _result(future: Future | None) -> dict | None:
     return None if future is None else future.result()
 
 
-@contextlib.contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path` to write to; it becomes `path` in one
-    step once the block ends without an error, so `path` is never seen half
-    written."""
-    tmp = path.with_name(path.name + ".tmp")
-    yield tmp
-    os.replace(tmp, path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    with replacing(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def concat_files(sources: list[Path], out: Path) -> None:
-    """`out` (atomically) holds the sources' bytes one after another, copied
-    in chunks: no file is held in memory whole."""
-    with replacing(out) as tmp, open(tmp, "wb") as dst:
-        for source in sources:
-            with open(source, "rb") as src:
-                shutil.copyfileobj(src, dst)
-
-
-def write_part(rows: list[dict], path: Path, fmt: str) -> None:
-    """Atomically: a part file exists only once its shard is finished."""
-    with replacing(path) as tmp:
-        if fmt == "jsonl":
-            with open(tmp, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
-
-
-def concat_parts(parts: list[Path], out: Path, fmt: str) -> None:
-    if fmt == "jsonl":
-        concat_files(parts, out)
-        return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tables = [pq.read_table(p) for p in parts]
-    tables = [t for t in tables if t.num_rows]
-    with replacing(out) as tmp:
-        pq.write_table(pa.concat_tables(tables, promote_options="default") if tables else pa.table({}), tmp)
-
-
-class RowSpool:
-    """The rows of shards still being read, on disk: a file of JSON lines
-    per piece of a shard (ShardwiseLoader's workers read several shards,
-    and pieces of them, at once), so that memory holds no rows however many
-    are in progress. A shard's part is written from its pieces' files, in
-    piece order, once every piece is read."""
-
-    _NAME = re.compile(r"(\d{6,})\.\d+\.rows\.tmp", re.ASCII)
-
-    def __init__(self, parts_dir: Path, shards: list[int]):
-        """shards: this rank's; what an interrupted run left of them is
-        dropped (the other ranks' files in parts_dir are theirs)."""
-        self.dir = parts_dir
-        self.rows: Counter = Counter()  # (shard, piece) -> rows spooled
-        mine = set(shards)
-        for f in parts_dir.iterdir():
-            m = self._NAME.fullmatch(f.name)
-            if m and int(m.group(1)) in mine and f.is_file():
-                f.unlink()
-
-    def _path(self, shard: int, piece: int) -> Path:
-        return self.dir / f"{shard:06d}.{piece}.rows.tmp"
-
-    def add(self, shard: int, piece: int, rows: list[dict]) -> None:
-        if rows:
-            with open(self._path(shard, piece), "a", encoding="utf-8") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
-            self.rows[shard, piece] += len(rows)
-
-    def count(self, shard: int, pieces: int) -> int:
-        return sum(self.rows[shard, k] for k in range(pieces))
-
-    def finish(self, shard: int, pieces: int, part: Path, fmt: str) -> None:
-        """Writes the shard's part (atomically) and drops its pieces' files."""
-        files = [self._path(shard, k) for k in range(pieces) if self.rows.pop((shard, k), 0)]
-        if fmt == "jsonl":
-            concat_files(files, part)
-        else:  # a table is built in memory: one shard's rows
-            rows = [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines()]
-            write_part(rows, part, fmt)
-        for f in files:
-            f.unlink()
-
-
 def load_model(
     checkpoint: str, *, device: torch.device, max_memory: str | None, offload_dir: Path, trust: bool = False
 ):
@@ -334,11 +247,14 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     from tqdm import tqdm
 
     from data_pipeline.decode import MODALITIES
+    from data_pipeline.redact import without_credentials
     from data_pipeline.shardwise import ShardwiseLoader
     from data_pipeline.sources import expand_shards, shard_sizes
+    from data_pipeline.tokenizer import load_tokenizer, tokenizer_digest
     from train.batch import to_device
     from train.cli import data_config
     from train.evaluate import resolve_checkpoint, saved_config
+    from train.predict_store import PredictionStore, digest, run_identity, shard_identity
 
     fmt, embed = args.format, args.embed
     if fmt == "parquet":
@@ -354,7 +270,6 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
         torch.set_num_threads(args.threads)
     rank, world = rank_and_world()
     out_dir = Path(args.out)
-    parts_dir = out_dir / "parts"
     if args.max_memory and not args.checkpoint.endswith(".safetensors"):
         raise PredictError("max_memory= needs an exported .safetensors (python -m train.export)")
     device = torch.device(args.device)
@@ -379,10 +294,23 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     names = classes or [str(c) for c in range(n_classes)]
     multi_label = bool(task.get("multi_label", False))
     threshold = float(task.get("threshold", 0.5))
-    suffix = "jsonl" if fmt == "jsonl" else "parquet"
-    # Finished: a shard with its part and its .done.json (written first).
-    todo = [i for i in mine if not all((parts_dir / f"{i:06d}.{x}").exists() for x in (suffix, "done.json"))]
+    # A finished shard is known by what it is (train.predict_store), not by its place in the list.
+    store = PredictionStore(
+        out_dir,
+        run_identity(
+            checkpoint=checkpoint,
+            embed=embed,
+            fmt=str(fmt),
+            data=data,
+            tokenizer=tokenizer_digest(load_tokenizer(data.tokenizer)),
+        ),
+        rank=rank,
+        overwrite=args.overwrite,
+    )
+    keys = {i: digest(shard_identity(urls[i], sizes[i]), 20) for i in mine}
+    todo = [i for i in mine if not store.finished(keys[i])]
     skipped: Counter = Counter()
+    unread: dict[int, str] = {}  # shards that could not be read to their end: not finished
     progress = tqdm(
         total=sum(sizes[i] for i in todo), unit="sample", desc=f"predict rank {rank}", disable=rank != 0 or None
     )
@@ -402,8 +330,7 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     except BaseException:
         del batches  # ends the workers
         raise
-    parts_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to predict, and a model
-    spool = RowSpool(parts_dir, mine)
+    store.start([keys[i] for i in mine])  # only once there is a model
     piece_skips: dict[int, dict[int, dict]] = {}  # shard -> piece -> skipped by reason, until all are read
 
     def forward(batch: dict) -> dict:
@@ -416,7 +343,7 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
         i = piece.shard
         if batch is not None:
             got = rows_for(batch, out, embed=embed, names=names, multi_label=multi_label)
-            spool.add(i, piece.piece, got)
+            store.add(keys[i], piece.piece, got)
             progress.update(len(got))
             continue
         progress.update(sum(skips.values()))
@@ -427,32 +354,56 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
         # shard i is finished: every batch before its last piece's end is written
         del piece_skips[i]
         shard_skips = sum((Counter(s) for s in done.values()), Counter())
-        done_file = {"shard": urls[i], "rows": spool.count(i, piece.pieces), "skipped": dict(shard_skips)}
-        write_atomic(parts_dir / f"{i:06d}.done.json", json.dumps(done_file) + "\n")
-        spool.finish(i, piece.pieces, parts_dir / f"{i:06d}.{suffix}", fmt)
+        if shard_skips.get("unreadable_shard"):
+            # The way to the shard failed (after retries), not its data: a rerun tries it again.
+            unread[i] = f"{shard_skips['unreadable_shard']} samples unread"
+            store.drop(keys[i], piece.pieces)
+            continue
+        store.finish(
+            keys[i],
+            piece.pieces,
+            {
+                "shard": without_credentials(urls[i]),
+                "identity": shard_identity(urls[i], sizes[i]),
+                "rows": store.count(keys[i], piece.pieces),
+                "skipped": dict(shard_skips),
+            },
+        )
         skipped.update(shard_skips)
     progress.close()
+    if unread:
+        listed = "; ".join(f"{without_credentials(urls[i])} ({why})" for i, why in sorted(unread.items()))
+        raise PredictError(
+            f"{len(unread)} shard(s) could not be read: {listed}. The other shards are finished; "
+            "run the same command again to retry these"
+        )
     # This rank's file: its shards' parts, in shard order (finished now or by an earlier run).
-    rank_file = out_dir / f"predictions-rank{rank}.{suffix}"
-    concat_parts([parts_dir / f"{i:06d}.{suffix}" for i in mine], rank_file, fmt)
-    done = [json.loads((parts_dir / f"{i:06d}.done.json").read_text()) for i in mine]
+    rank_file = out_dir / f"predictions-rank{rank}.{suffix_of(fmt)}"
+    concat_parts([store.part(keys[i]) for i in mine], rank_file, fmt)
+    done = [store.done(keys[i]) for i in mine]
     summary = {
         "rank": rank,
         "file": rank_file.name,
         "rows": sum(d["rows"] for d in done),
         "skipped": dict(sum((Counter(d["skipped"]) for d in done), Counter())),
-        "shards": [urls[i] for i in mine],
+        "shards": [without_credentials(urls[i]) for i in mine],
         "resumed_shards": len(mine) - len(todo),
+        "run": store.run,
     }
-    (out_dir / f"rank{rank}.summary.json").write_text(json.dumps(summary) + "\n")
+    write_atomic(out_dir / f"rank{rank}.summary.json", json.dumps(summary) + "\n")
     return summary
+
+
+def suffix_of(fmt: str) -> str:
+    return "jsonl" if fmt == "jsonl" else "parquet"
 
 
 def write_manifest(out_dir: Path, world: int, *, checkpoint: str, embed: bool) -> dict:
     summaries = [json.loads((out_dir / f"rank{r}.summary.json").read_text()) for r in range(world)]
     skipped = sum((Counter(s["skipped"]) for s in summaries), Counter())
     manifest = {
-        "checkpoint": checkpoint,
+        "checkpoint": redact_text(checkpoint),
+        "run": summaries[0].get("run"),
         "mode": "embed" if embed else "classify",
         "files": [s["file"] for s in summaries],
         "rows": sum(s["rows"] for s in summaries),
@@ -460,7 +411,7 @@ def write_manifest(out_dir: Path, world: int, *, checkpoint: str, embed: bool) -
         "skipped": dict(skipped),
         "shards": sum(len(s["shards"]) for s in summaries),
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
@@ -471,41 +422,58 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from train.cli import UsageError, compose_args
     from train.export import CheckpointError
+    from train.predict_store import PredictionStore
+    from train.secrets import redact_streams
 
+    redact_streams()  # an error or a log line naming a signed URL prints it redacted
     # --embed: the flag form of embed=true.
     argv = ["embed=true" if a == "--embed" else a for a in args]
     rank, world = rank_and_world()
+    error = None
     try:
         options, data_overrides = compose_args(PredictArgs, argv, tool="train.predict", data=True)
         summary = predict(options, data_overrides)
-    except (PredictError, CheckpointError, UsageError, ValueError, FileNotFoundError) as e:
-        print(f"train.predict: error: {e}", file=sys.stderr)
-        return 2
+    except (PredictError, CheckpointError, UsageError, ValueError, OSError) as e:
+        error = redact_text(str(e))
+    errors = [error]
     if world > 1:
-        from train.distributed import barrier, init_distributed
+        # Every rank says how it ended: a rank that failed alone must not
+        # leave the others waiting for it, and the manifest is written only
+        # when every rank finished.
+        import torch.distributed as dist
+
+        from train.distributed import init_distributed
 
         init_distributed()
-        barrier()
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+        dist.destroy_process_group()
+    if error is not None and (rank == 0 or error != errors[0]):  # the same error once, not once per rank
+        print(
+            f"train.predict: error: {error}" if world == 1 else f"train.predict: error (rank {rank}): {error}",
+            file=sys.stderr,
+        )
+    if any(e is not None for e in errors):
+        return 2
     if rank == 0:
-        manifest = write_manifest(Path(options.out), world, checkpoint=options.checkpoint, embed=options.embed)
+        out = Path(options.out)
+        manifest = write_manifest(out, world, checkpoint=options.checkpoint, embed=options.embed)
+        removed = PredictionStore.tidy_for(out, run=manifest["run"], world=world)
+        if removed:
+            log.info("removed what another run left in %s: %s", out, ", ".join(removed[:10]))
         print(
             json.dumps(
                 {
                     "rows": manifest["rows"],
                     "skipped": manifest["skipped"],
                     "files": manifest["files"],
-                    "manifest": str(Path(options.out) / "manifest.json"),
+                    "manifest": str(out / "manifest.json"),
                 }
             ),
             flush=True,
         )
     else:
         log.debug("rank %d: %s", rank, summary)
-    if world > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 

@@ -6,13 +6,16 @@ Two kinds of secret are recognised:
   `password`, `credentials`, as a whole word of the key: `data.tokenizer`
   is not one), unless it is a number or a boolean (`token_dropout: 0.5` is
   a setting);
-- credentials inside any string value: `user:password@` in a URL and the
-  values of signing and token query parameters (`X-Amz-Signature`,
-  `X-Amz-Credential`, `X-Amz-Security-Token`, `X-Goog-Signature`, `sig`,
-  `signature`, `token`, `access_token`, `api_key`, `key`, `password`, ...).
+  camelCase keys included (`sasToken`, `accessToken`, `account_key`,
+  `connection_string`);
+- credentials inside any string value (data_pipeline.redact): `user:password@`
+  in a URL, query parameters by pattern (`*token*`, `*key*`, `*secret*`,
+  `*sig*`, `*passw*`, Azure SAS's `sv`/`se`/...), `AccountKey=` in
+  connection strings.
 
-A regular expression is the tool here: the strings are free text (log
-lines, YAML, JSON) in which URLs appear anywhere.
+What the process prints goes through the same redaction (redact_streams):
+an uncaught error's message, which Hydra and Python write straight to
+stderr, holds whatever URL the error named.
 """
 
 from __future__ import annotations
@@ -22,49 +25,22 @@ import os
 import re
 from pathlib import Path
 
-REDACTED = "<redacted>"
+from data_pipeline.redact import REDACTED, redact_text
 
+__all__ = ["REDACTED", "redact", "redact_files", "redact_logging", "redact_text", "is_secret_key", "RedactingFilter"]
+
+# A key naming a credential, as a whole word of the key once camelCase is split
+# (sasToken -> sas_token): `data.tokenizer` and `label_key` are not ones.
 _SECRET_KEY = re.compile(
-    r"(?:^|[_.\-])(?:api[_-]?key|token|secret|password|passwd|credentials?|auth)(?:$|[_.\-])", re.IGNORECASE
+    r"(?:^|[_.\-])(?:(?:api|access|account|private|secret|shared|storage|master)[_\-]?key|token|secret|password|passwd"
+    r"|pwd|credentials?|auth|sas|signature|connection[_\-]?string)(?:$|[_.\-])",
+    re.IGNORECASE,
 )
-# scheme://user:password@host -> scheme://<redacted>@host
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/@\s'\"]+)@")
-_QUERY_NAMES = (
-    "x-amz-signature",
-    "x-amz-credential",
-    "x-amz-security-token",
-    "x-goog-signature",
-    "x-goog-credential",
-    "sig",
-    "signature",
-    "token",
-    "access_token",
-    "id_token",
-    "refresh_token",
-    "api_key",
-    "apikey",
-    "key",
-    "password",
-    "secret",
-    "client_secret",
-    "auth",
-    "sas",
-)
-_QUERY = re.compile(
-    r"(?P<lead>[?&;](?:" + "|".join(re.escape(n) for n in _QUERY_NAMES) + r")=)(?P<value>[^&#\s'\"]*)", re.IGNORECASE
-)
-
-
-def redact_text(text: str) -> str:
-    """Credentials inside a string (URLs anywhere in it) replaced by <redacted>."""
-    if "://" not in text and "=" not in text:
-        return text
-    text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
-    return _QUERY.sub(lambda m: f"{m['lead']}{REDACTED}", text)
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
 def is_secret_key(key) -> bool:
-    return bool(_SECRET_KEY.search(str(key)))
+    return bool(_SECRET_KEY.search(_CAMEL.sub("_", str(key))))
 
 
 def _holds_a_secret(key, value) -> bool:
@@ -114,3 +90,54 @@ def redact_files(paths) -> None:
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text(clean, encoding="utf-8")
             os.replace(tmp, path)  # atomic: every rank may rewrite the same file
+
+
+class RedactingStream:
+    """A text stream that redacts what passes through it, a line at a time
+    (a URL split over two writes is still whole when redacted); "\\r" ends a
+    line too, so progress bars keep moving."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        cut = max(self._pending.rfind("\n"), self._pending.rfind("\r"))
+        if cut >= 0:
+            self._stream.write(redact_text(self._pending[: cut + 1]))
+            self._pending = self._pending[cut + 1 :]
+        if len(self._pending) > 1 << 16:  # no newline for long: written as it is, redacted
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._stream.write(redact_text(self._pending))
+            self._pending = ""
+        self._stream.flush()
+
+    def close_quietly(self) -> None:
+        """At exit: what is pending, if the stream under it is still open."""
+        try:
+            self.flush()
+        except (ValueError, OSError):
+            pass
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the wrapped stream's
+        return getattr(self._stream, name)
+
+
+def redact_streams() -> None:
+    """sys.stdout and sys.stderr redact from now on (idempotent); the
+    logging handlers too (redact_logging)."""
+    import atexit
+    import sys
+
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, RedactingStream):
+            wrapped = RedactingStream(stream)
+            setattr(sys, name, wrapped)
+            atexit.register(wrapped.close_quietly)
+    redact_logging()
