@@ -349,3 +349,113 @@ def test_the_table_says_which_held_out_samples_n_leaves_out():
     assert want in table
     split.update(valid=torch.tensor([True, True, True]), skipped={})
     assert "not counted" not in classify_table(classification_metrics(split, spec))
+
+
+# -- task.class_weights=auto on several ranks --------------------------------------------------
+
+
+class _Loader:
+    """What count_labels reads of a loader: its sources' shards and the data config."""
+
+    def __init__(self, urls: list[str], sizes: list[int], *, broken: bool = False):
+        from types import SimpleNamespace
+
+        from data_pipeline.config import DataConfig
+
+        self.cfg, self.broken = DataConfig(), broken
+        self._sources = [SimpleNamespace(urls=urls, sizes=sizes)]
+
+    @property
+    def sources(self):
+        if self.broken:
+            raise OSError("connection reset reading the shard index")
+        return self._sources
+
+
+def _label_shards(root) -> tuple[list[str], list[int]]:
+    """Two shards of .json-only samples, classes 0, 1, 2 seen 6, 3 and 1 times."""
+    import io
+    import tarfile
+
+    labels = [[0, 0, 0, 1, 2], [0, 0, 0, 1, 1]]
+    urls = []
+    for i, shard in enumerate(labels):
+        path = root / f"labels-{i}.tar"
+        with tarfile.open(path, "w") as tar:
+            for j, label in enumerate(shard):
+                data = json.dumps({"label": label}).encode()
+                member = tarfile.TarInfo(f"s{i}{j:03d}.json")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+        urls.append(str(path))
+    return urls, [len(s) for s in labels]
+
+
+CASES = ("rank1_cannot_read", "rank0_reads_nothing", "rank0_fails")
+
+
+def _class_weights_worker(rank: int, port: int, root: str, urls: list[str], sizes: list[int]) -> None:
+    """One rank of a 2-rank gloo group resolving task.class_weights=auto, in
+    each case of CASES: rank 1's loader names shards that do not exist (a
+    rank that read them would count nothing), or rank 0's does, or rank 0's
+    read raises. urls, sizes: the shards of _label_shards, written before.
+    Writes rank{r}.json: per case, the weights or the error."""
+    from datetime import timedelta
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from train.classify import resolve_class_weights
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+    )
+    absent, good = _Loader([str(Path(root) / "absent-0.tar")], [5]), _Loader(urls, sizes)
+    loaders = {
+        "rank1_cannot_read": [good, absent],
+        "rank0_reads_nothing": [absent, good],
+        "rank0_fails": [_Loader(urls, sizes, broken=True), good],
+    }
+    results = {}
+    try:
+        for case in CASES:
+            task = SimpleNamespace(class_weights="auto")
+            try:
+                weights = resolve_class_weights(task, loaders[case][rank], LabelSpec(num_classes=3), is_main=rank == 0)
+                results[case] = {"weights": weights}
+            except Exception as e:  # noqa: BLE001 - what each rank raised is the result
+                results[case] = {"error": f"{type(e).__name__}: {e}"}
+        (Path(root) / f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration  # spawns two processes: not in the fast tier
+def test_auto_class_weights_are_counted_by_rank_0_and_the_same_on_every_rank(tmp_path):
+    """task.class_weights=auto on 2 gloo ranks: rank 0 reads the training
+    labels and every rank gets its counts, so both hold the weights of the
+    whole corpus although rank 1's loader could read nothing; an error on
+    rank 0 (no usable label, a failed read) is raised on both ranks."""
+    import torch.multiprocessing as mp
+
+    from train.classify import count_labels
+    from train.distributed import _free_port
+
+    urls, sizes = _label_shards(tmp_path)
+    counts, labelled, _ = count_labels(_Loader(urls, sizes), LabelSpec(num_classes=3))
+    assert counts.tolist() == [6, 3, 1]
+    expected = auto_class_weights(counts, labelled, multi_label=False)
+
+    mp.spawn(_class_weights_worker, args=(_free_port(), str(tmp_path), urls, sizes), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    both = [r["rank1_cannot_read"] for r in ranks]
+    assert both[0] == both[1] == {"weights": expected}, both
+    for case, named in (
+        ("rank0_reads_nothing", "ValueError: task.class_weights=auto: no training sample has a usable label"),
+        ("rank0_fails", "OSError: "),
+    ):
+        both = [r[case] for r in ranks]
+        assert all(named in r.get("error", "") for r in both), (case, both)
+    assert "connection reset reading the shard index" in ranks[1]["rank0_fails"]["error"], ranks

@@ -177,12 +177,50 @@ def auto_class_weights(counts: np.ndarray, labelled: int, *, multi_label: bool) 
     return [float(x) for x in w]
 
 
+def shared_label_counts(loader, spec: LabelSpec, *, is_main: bool) -> tuple[np.ndarray, int, Counter]:
+    """count_labels, run by rank 0 alone and handed to every rank
+    (broadcast_object_list): the training corpus is read once, not once per
+    rank, and every rank weighs the classes alike (a transient read error on
+    one rank can no longer give it other weights, and another loss). An
+    error on rank 0 is raised on every rank."""
+    import builtins
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return count_labels(loader, spec)
+    box: list = [None]
+    failed: BaseException | None = None
+    if is_main:
+        try:
+            box[0] = ("ok", count_labels(loader, spec))
+        except Exception as e:  # noqa: BLE001 - the other ranks wait in the broadcast: they must hear of it
+            failed = e
+            box[0] = ("error", type(e).__name__, str(e))
+    dist.broadcast_object_list(box, src=0)
+    if failed is not None:
+        raise failed
+    if box[0][0] == "error":
+        _, name, message = box[0]
+        where = "rank 0, counting the training labels for task.class_weights=auto"
+        kind = getattr(builtins, name, None)  # the same kind of error where it can be made from its message
+        try:
+            error = kind(f"{where}: {message}") if isinstance(kind, type) and issubclass(kind, Exception) else None
+        except TypeError:
+            error = None
+        raise error or RuntimeError(f"{where}: {name}: {message}")
+    return box[0][1]
+
+
 def resolve_class_weights(task, loader, spec: LabelSpec, *, is_main: bool) -> list[float]:
+    """task.class_weights as a list (empty for none). With auto, rank 0
+    counts the training labels and every rank gets its counts
+    (shared_label_counts), so every rank computes the same weights."""
     weights = task.class_weights
     if isinstance(weights, str) and weights == "none":
         return []
     if isinstance(weights, str) and weights == "auto":
-        counts, labelled, skipped = count_labels(loader, spec)
+        counts, labelled, skipped = shared_label_counts(loader, spec, is_main=is_main)
         if labelled == 0:
             raise ValueError(
                 f"task.class_weights=auto: no training sample has a usable label "
