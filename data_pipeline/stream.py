@@ -30,6 +30,7 @@ from data_pipeline.decode import (
 )
 from data_pipeline.labels import LabelError, LabelSpec
 from data_pipeline.plan import Pool, Segment, block_key, block_permutation, consumed_by_worker, epoch_plan
+from data_pipeline.redact import redact_text
 from data_pipeline.sources import Skip, read_shard
 
 _CHOICE_CHUNK = 4096
@@ -343,7 +344,8 @@ class BatchStream:
         if self._consecutive >= self.cfg.max_consecutive_errors:
             raise RuntimeError(
                 f"{self._consecutive} bad samples in a row (data.max_consecutive_errors="
-                f"{self.cfg.max_consecutive_errors}); the last in shard {shard}: {reason} {detail}".rstrip()
+                f"{self.cfg.max_consecutive_errors}); the last in shard {redact_text(shard)}: {reason} "
+                f"{redact_text(detail)}".rstrip()
             )
 
     def __iter__(self) -> Iterator[dict]:

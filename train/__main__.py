@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from train.config import CONF_DIR, Config, check_override_keys, register_configs
 from train.distributed import DistInfo, init_distributed, shared_run_stamp
-from train.secrets import redact, redact_files, redact_logging, redact_text
+from train.secrets import redact, redact_files, redact_logging, redact_streams, redact_text
 from train.signals import STOPPED_FILE, StopRequest
 
 register_configs()
@@ -83,6 +83,9 @@ def main() -> None:
     global _INFO, _FROM_ACCELERATE
     from train.accelerate_env import overrides as accelerate_overrides
 
+    # What reaches stdout and stderr is redacted too: Hydra and Python write an
+    # uncaught error's message (which may name a signed URL) straight to stderr.
+    redact_streams()
     try:
         # Before Hydra: it would accept "+trainer.max_step=10" and leave it unused.
         given = [a for a in sys.argv[1:] if not a.startswith("-")]

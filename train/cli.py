@@ -53,9 +53,16 @@ def compose_args(schema: type, argv: list[str], *, tool: str, data: bool = False
     return OmegaConf.to_object(cfg), data_args
 
 
+# Settings a saved config (an export's model.json, a checkpoint's meta.json)
+# never carries over: each lets a shard source run code. Exports are shared
+# like any model file; only the user's own command line may enable these.
+NOT_FROM_SAVED = ("allow_pipe",)
+
+
 def data_config(saved: dict, overrides: list[str]):
     """The data config saved with a model (its decoding settings), with
-    `data.KEY=VALUE` overrides over it; typed, and a bad key is named."""
+    `data.KEY=VALUE` overrides over it; typed, and a bad key is named.
+    NOT_FROM_SAVED settings come from the overrides alone."""
     from omegaconf.errors import OmegaConfBaseException
 
     from data_pipeline import DataConfig
@@ -64,7 +71,7 @@ def data_config(saved: dict, overrides: list[str]):
         return OmegaConf.to_object(
             OmegaConf.merge(
                 OmegaConf.structured(DataConfig),
-                {k: v for k, v in saved.items() if k != "sources"},
+                {k: v for k, v in saved.items() if k != "sources" and k not in NOT_FROM_SAVED},
                 OmegaConf.from_dotlist([a.lstrip("+").removeprefix("data.") for a in overrides]),
             )
         )

@@ -370,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from train.cli import UsageError, compose_args, data_config
     from train.export import CheckpointError
+    from train.secrets import redact_streams
 
+    redact_streams()  # an error or a log line naming a signed URL prints it redacted
     try:
         args, data_overrides = compose_args(
             EvaluateArgs, sys.argv[1:] if argv is None else argv, tool="train.evaluate", data=True

@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0
     from train.cli import UsageError, compose_args
+    from train.secrets import redact_streams
 
+    redact_streams()
     try:
         args, _ = compose_args(ExportArgs, argv, tool="train.export")
         weights, config, n_params = export(args.checkpoint, args.out, trust=args.trust_checkpoint)
