@@ -161,3 +161,55 @@ def test_another_micro_batch_or_accumulation_on_the_saved_world_size_is_named(tm
     assert saved.micro_batch is None
     assert warned(world_size=2, micro=16, accum=1) == ""
     assert "global batch 32" in warned(world_size=2, micro=4, accum=2)
+
+
+class _Payload:
+    """Unpickling this touches `marker`: the code a crafted checkpoint can carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resuming_from_a_checkpoint_carrying_a_malicious_pickle_runs_nothing_unless_trusted(demo_shards, tmp_path):
+    """trainer.resume=<a step directory whose model states carry a pickle
+    payload>: refused naming trainer.trust_checkpoint, before DeepSpeed
+    unpickles anything (the payload never runs) and before any step; with
+    trainer.trust_checkpoint=true the run resumes from it (and the payload
+    does run, which is what the check keeps from happening)."""
+    from conftest import python
+
+    def run(run_dir, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [python(), "-m", "train", f"hydra.run.dir={run_dir}", "trainer.micro_batch_size=16",
+               "trainer.log_every=1", "trainer.eval_batch_size=32", "deepspeed.precision=fp32",
+               f"data.train={demo_shards['train']}", f"data.heldout={demo_shards['heldout']}",
+               "data.num_workers=0", "logger.mode=disabled", "trainer.export=false", *extra]  # fmt: skip
+        return subprocess.run(
+            cmd, cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600
+        )
+
+    first = run(tmp_path / "first", "trainer.max_steps=1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    step = tmp_path / "first" / "checkpoints" / "step_000001"
+    marker = tmp_path / "PWNED"
+    states = step / "mp_rank_00_model_states.pt"
+    saved = torch.load(states, map_location="cpu", weights_only=False)
+    torch.save({**saved, "extra": _Payload(marker)}, states)
+
+    refused = run(tmp_path / "refused", f"trainer.resume={step}", "trainer.max_steps=2")
+    out = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "trainer.trust_checkpoint=true" in out, out[-5000:]
+    assert "mp_rank_00_model_states.pt holds more than tensors" in out
+    assert not marker.exists()
+    assert "resumed from" not in out and "step 2/2" not in out
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+
+    trust = "trainer.trust_checkpoint=true"
+    trusted = run(tmp_path / "trusted", f"trainer.resume={step}", "trainer.max_steps=2", trust)
+    assert trusted.returncode == 0, trusted.stdout[-3000:] + trusted.stderr[-5000:]
+    assert "resumed from" in trusted.stdout + trusted.stderr and marker.exists()
+    assert list(_losses(tmp_path / "trusted")) == [2]
