@@ -190,6 +190,7 @@ class ShardUnavailable(OSError):
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 MAX_RETRY_AFTER_S = 60.0
 HTTP_TRIES = 6
+HTTP_BACKOFF_S = 0.5
 
 
 class _Retry(urllib3.util.Retry):
@@ -198,7 +199,8 @@ class _Retry(urllib3.util.Retry):
         return None if after is None else min(after, MAX_RETRY_AFTER_S)
 
 
-def http_retry(tries: int = HTTP_TRIES, backoff_s: float = 0.5) -> urllib3.util.Retry:
+def http_retry(tries: int = HTTP_TRIES, backoff_s: float | None = None) -> urllib3.util.Retry:
+    backoff_s = HTTP_BACKOFF_S if backoff_s is None else backoff_s
     return _Retry(
         total=tries,
         status_forcelist=RETRY_STATUS,
@@ -270,16 +272,19 @@ class ResumingHTTPReader(io.RawIOBase):
     retries cover getting a response, not continuing a body half-way
     through it."""
 
-    def __init__(self, url: str, *, timeout: float = 60.0, tries: int = HTTP_TRIES, backoff_s: float = 0.5):
+    def __init__(self, url: str, *, timeout: float = 60.0, tries: int = HTTP_TRIES, backoff_s: float | None = None):
         super().__init__()
-        self.url, self.timeout, self.tries, self.backoff_s = url, timeout, tries, backoff_s
+        self.url, self.timeout, self.tries = url, timeout, tries
+        self.backoff_s = HTTP_BACKOFF_S if backoff_s is None else backoff_s
         self.offset = 0
         self.length: int | None = None
         self.response = None
         self._open()
 
     def _open(self) -> None:
-        response = http_request(self.url, start=self.offset, timeout=self.timeout, retry=http_retry(self.tries))
+        response = http_request(
+            self.url, start=self.offset, timeout=self.timeout, retry=http_retry(self.tries, self.backoff_s)
+        )
         if self.offset and response.status != 206:  # Range ignored: read past what we have
             skip = self.offset
             while skip:
