@@ -8,6 +8,7 @@ import json
 import math
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -552,3 +553,103 @@ def test_zero0_clips_and_reports_the_gradient_norm_as_zero1_does(demo_shards, tm
     assert z0["losses"] == pytest.approx(z1["losses"], rel=1e-5)
     for name, w in z1_weights.items():
         torch.testing.assert_close(z0_weights[name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# -- a step with dropped micro batches ---------------------------------------------------------
+
+# (ZeRO stage, precision, deepspeed.flat_gradients): every optimizer wrapper
+# train.step.step_rescaled meets, and both ZeRO-1/2 gradient paths.
+RESCALED = [
+    (0, "fp32", True),
+    (1, "fp32", True),
+    (2, "fp32", False),
+    (3, "fp32", True),
+    (0, "bf16", True),
+    (2, "bf16", True),
+]
+
+
+CLIP = 7.0  # optimizer.grad_clip: between the two steps' gradient norms
+
+
+class _Regression(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = torch.nn.Linear(8, 16), torch.nn.Linear(16, 1)
+
+    def init_weights(self) -> None:
+        from mm_models.model import init_module
+
+        for module in self.modules():
+            init_module(module)
+
+    def forward(self, batch: dict) -> dict:
+        pred = self.out(torch.tanh(self.hidden(batch["x"])))
+        return {"loss": (pred.float() - batch["y"].float()).square().mean()}
+
+
+def _dropped_micro_batch_runs(rank: int, port: int, out: str) -> None:
+    """One process: for each RESCALED configuration, two steps of
+    accumulation 3 where the middle micro batch of each step has a NaN
+    loss, and two steps of accumulation 2 over the same good micro batches
+    alone. Saves each run's gradient norms and final weights."""
+    import deepspeed
+
+    from train.engine import build_engine, build_model, compute_dtype, start_deepspeed_comm
+    from train.step import train_step
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    start_deepspeed_comm(is_main=True)
+    g = torch.Generator().manual_seed(0)
+    good = [{"x": torch.randn(4, 8, generator=g), "y": 3 * torch.randn(4, 1, generator=g)} for _ in range(4)]
+    bad = {"x": torch.full((4, 8), float("nan")), "y": torch.zeros(4, 1)}
+    results = {}
+    for stage, precision, flat in RESCALED:
+        for accum, batches in ((3, [good[0], bad, good[1], good[2], bad, good[3]]), (2, good)):
+            optimizer = OptimizerConfig(lr=0.05, warmup_steps=0, grad_clip=CLIP)
+            trainer = TrainerConfig(micro_batch_size=4, grad_accum_steps=accum, max_steps=2)
+            ds = DeepSpeedConfig(stage=stage, precision=precision, flat_gradients=flat)
+            ds_config = build_deepspeed_config(ds=ds, trainer=trainer, optimizer=optimizer, world_size=1)
+            torch.manual_seed(0)
+            model = build_model(_Regression, ds_config=ds_config)
+            engine = build_engine(model, ds_config=ds_config, optimizer=optimizer, total_steps=2)
+            stream, norms = iter(batches), []
+            for _ in range(2):
+                dtype = compute_dtype(ds_config)
+                losses, _ = train_step(engine, stream, accum=accum, device=engine.device, dtype=dtype)
+                assert losses is not None
+                norms.append(float(engine.get_global_grad_norm()))
+            params = list(engine.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
+                weights = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+            results[f"{stage}/{precision}/{flat}/{accum}"] = {"norms": norms, "weights": weights}
+            engine.destroy()
+    torch.save(results, Path(out) / "dropped.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.integration  # spawns a process (DeepSpeed's global state stays out of pytest's)
+def test_a_step_with_dropped_micro_batches_updates_by_the_mean_of_the_good_ones(tmp_path):
+    """DeepSpeed divides each micro batch's gradient by accumulation × world
+    size, the dropped (non-finite) ones included: two good micro batches of
+    three moved the weights by 2/3 of their mean gradient. Rescaled, a step
+    with a NaN micro batch equals a step over the good micro batches alone:
+    the same gradient norms and, after two AdamW steps (the first clipped,
+    the second not), the same weights, under every ZeRO stage and both
+    precisions."""
+    import torch.multiprocessing as mp
+
+    from train.distributed import _free_port
+
+    mp.spawn(_dropped_micro_batch_runs, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
+    results = torch.load(tmp_path / "dropped.pt")
+    for stage, precision, flat in RESCALED:
+        dropped, alone = (results[f"{stage}/{precision}/{flat}/{accum}"] for accum in (3, 2))
+        tol = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
+        where = f"ZeRO-{stage} {precision} flat_gradients={flat}"
+        assert alone["norms"][0] > CLIP > alone["norms"][1], alone["norms"]  # the first step clipped, not the second
+        assert dropped["norms"] == pytest.approx(alone["norms"], rel=tol["rtol"]), (where, dropped, alone)
+        for name, w in alone["weights"].items():
+            torch.testing.assert_close(dropped["weights"][name], w, **tol, msg=f"{where}: {name}")

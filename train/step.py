@@ -18,6 +18,11 @@ device-side flag:
   least one micro batch was good anywhere, the step goes on from the good
   ones (every rank calls backward and step the same number of times, so
   DeepSpeed's accumulation boundary and the loop's never drift apart).
+  DeepSpeed divides every micro batch's gradient by accumulation × world
+  size, dropped ones included, so the accumulated gradient is then scaled
+  by total / good before it is clipped, reported and stepped
+  (step_rescaled): the update is that of the mean over the good micro
+  batches, as if the bad ones had never been drawn.
 * If none was good, the step is skipped on every rank: without
   accumulation nothing has been touched yet; inside one, the boundary step
   runs with a learning rate of zero and the optimizer's and the schedule's
@@ -117,6 +122,62 @@ def step_without_update(engine) -> None:
     engine.skipped_steps += 1
 
 
+def _loss_scale_slot(opt):
+    """(object, attribute) of the loss scale a DeepSpeed optimizer wrapper
+    divides the accumulated gradients by before it clips and steps them
+    (ZeRO 1-3 and DeepSpeed's fp16/bf16 wrapper; 1 where there is no loss
+    scaling), or None."""
+    config = getattr(opt, "loss_scale_config", None)  # FP16_Optimizer (also bf16 at ZeRO-0) reads it directly
+    if config is not None and hasattr(config, "cur_scale"):
+        return config, "cur_scale"
+    if getattr(opt, "custom_loss_scaler", False):
+        return opt, "external_loss_scale"
+    scaler = getattr(opt, "loss_scaler", None)
+    if scaler is not None and hasattr(scaler, "cur_scale"):
+        return scaler, "cur_scale"
+    return None
+
+
+def step_rescaled(engine, factor: float) -> None:
+    """engine.step() at an accumulation boundary, on the accumulated
+    gradients × factor: applied before the norm is taken for clipping and
+    for get_global_grad_norm(), so both see the rescaled gradient.
+
+    Where the gradients live by then depends on the wrapper: ZeRO 0 in fp32
+    steps the model's own (already reduced) .grad, scaled here; ZeRO 1-3
+    and DeepSpeed's fp16/bf16 wrappers (ZeRO-0 in bf16 and fp16) hold them
+    partitioned or flattened, or copy them into fp32, and divide them by
+    their loss scale before clipping: that scale is divided by factor for
+    this one step (and whatever the step did to it, e.g. a dynamic fp16
+    scale's growth, is kept)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    opt = engine.optimizer
+    if isinstance(opt, torch.optim.Optimizer):
+        for p in engine.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+        engine.step()
+        return
+    slot = _loss_scale_slot(opt)
+    if slot is None:  # a wrapper this was not written for: the step as DeepSpeed scales it
+        log.warning("%s: the step's gradient is not rescaled to the good micro batches' mean", type(opt).__name__)
+        engine.step()
+        return
+    holder, name = slot
+    setattr(holder, name, getattr(holder, name) / factor)
+    try:
+        engine.step()
+    finally:
+        setattr(holder, name, getattr(holder, name) * factor)
+    if isinstance(opt, FP16_UnfusedOptimizer):
+        # It reports the norm of the gradients as they were, before its loss
+        # scale (the one it clips by) is divided out: the rescaled one is factor × that.
+        for reporter in (opt, engine):
+            if getattr(reporter, "_global_grad_norm", None) is not None:
+                reporter._global_grad_norm = reporter._global_grad_norm * factor
+
+
 def train_step(
     engine, batches, *, accum: int, device, dtype, chunks: int = 1
 ) -> tuple[dict[str, torch.Tensor] | None, float]:
@@ -141,6 +202,7 @@ def train_step(
         outputs = cached_forwards(engine, next_batch, accum=accum, chunks=chunks)
     else:
         outputs = (engine(next_batch()) for _ in range(accum))
+    rescale = 1.0  # total / good micro batches of the step, where some were dropped
     for micro, out in enumerate(outputs):
         finite = torch.isfinite(out["loss"].detach())
         bad += ~finite
@@ -160,9 +222,13 @@ def train_step(
                     n_bad,
                     accum * world,
                 )
+                rescale = accum * world / (accum * world - n_bad)
         guard.allow(finite)
         engine.backward(out["loss"])
-        engine.step()
+        if rescale != 1.0:  # the last micro batch only: the mean over the good ones
+            step_rescaled(engine, rescale)
+        else:
+            engine.step()
         for k, v in out.items():
             v = v.detach().float()
             sums[k] = sums.get(k, 0.0) + torch.where(finite, v, torch.zeros_like(v))
