@@ -14,6 +14,13 @@ them to every rank):
 - MM_TEST_HANG_IN_SAVE_AT_STEP=s: every rank hangs inside the checkpoint
   save of step s, after DeepSpeed wrote its files and before our metadata
   and `latest`, so a test can SIGKILL a save at a known point.
+- MM_TEST_STOP_AFTER_STEP=s: each rank sends itself SIGTERM while it
+  runs step s, as a scheduler's stop arriving during that step.
+- MM_TEST_KILLED_IN_REWRITE=1: a save into a step directory that is
+  already complete (its meta.json written) leaves DeepSpeed's files half
+  written and hangs, as a SIGKILL in the middle of that rewrite would.
+- MM_TEST_HANG_BEFORE_LATEST_AT_STEP=s: rank 0 hangs in the save of step s
+  after meta.json is written and before `latest` is.
 
 Each fault logs a line starting with "fault injection:" when it fires.
 """
@@ -82,6 +89,61 @@ def _hang_in_save(step: int) -> None:
     DeepSpeedEngine.save_checkpoint = hanging
 
 
+def _stop_after_step(step: int) -> None:
+    import signal
+
+    from train import loop
+
+    real, calls = loop.train_step, [0]
+
+    def stopping(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == step:
+            log.warning("fault injection: SIGTERM during step %d", step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    loop.train_step = stopping
+
+
+def _killed_in_rewrite() -> None:
+    from pathlib import Path
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    real = DeepSpeedEngine.save_checkpoint
+
+    def rewriting(self, save_dir, tag=None, *args, **kwargs):
+        step_dir = Path(save_dir) / str(tag)
+        if not (step_dir / "meta.json").is_file():
+            return real(self, save_dir, tag, *args, **kwargs)
+        for f in step_dir.glob("*.pt"):  # the files being rewritten, cut short
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        log.warning("fault injection: killed half-way through rewriting %s", tag)
+        _forever()
+
+    DeepSpeedEngine.save_checkpoint = rewriting
+
+
+def _hang_before_latest(step: int) -> None:
+    import json
+
+    from train import checkpoint
+
+    real = checkpoint.os.replace
+
+    def replacing(src, dst):
+        if str(dst).endswith("latest") and checkpoint.Path(src).read_text().strip() == f"step_{step:06d}":
+            meta = checkpoint.Path(dst).parent / f"step_{step:06d}" / "meta.json"
+            log.warning("fault injection: hangs before `latest` of step %d (meta.json %s)", step, meta.is_file())
+            json.loads(meta.read_text())  # written whole before `latest`
+            _forever()
+        return real(src, dst)
+
+    checkpoint.os.replace = replacing
+
+
 def install() -> None:
     env = os.environ
     if "MM_TEST_STALL_RANK" in env and "MM_TEST_STALL_AT_STEP" in env:
@@ -90,6 +152,12 @@ def install() -> None:
         _slow_export(float(env["MM_TEST_SLOW_EXPORT_S"]))
     if "MM_TEST_HANG_IN_SAVE_AT_STEP" in env:
         _hang_in_save(int(env["MM_TEST_HANG_IN_SAVE_AT_STEP"]))
+    if "MM_TEST_STOP_AFTER_STEP" in env:
+        _stop_after_step(int(env["MM_TEST_STOP_AFTER_STEP"]))
+    if env.get("MM_TEST_KILLED_IN_REWRITE") == "1":
+        _killed_in_rewrite()
+    if "MM_TEST_HANG_BEFORE_LATEST_AT_STEP" in env:
+        _hang_before_latest(int(env["MM_TEST_HANG_BEFORE_LATEST_AT_STEP"]))
 
 
 if __name__ == "__main__":

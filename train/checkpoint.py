@@ -64,6 +64,10 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     tag = f"step_{step:06d}"
     latest = root / "latest"
+    if latest.is_file() and latest.read_text().strip() == tag and (root / tag / "meta.json").is_file():
+        # The newest complete checkpoint is this very step: never rewritten in
+        # place (every rank sees the same files, so every rank returns here).
+        return root / tag
     if rank == 0 and (root / tag).exists() and not (latest.is_file() and latest.read_text().strip() == tag):
         # Left by a save that never completed, maybe by another world size:
         # its rank files must not mix with this save's.

@@ -456,10 +456,13 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
                 )
         if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step != t_cfg.max_steps:
             evaluate(step)
+        ckpt = None
         if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step != t_cfg.max_steps:
-            checkpoints.save(step)
-        if any_rank(stop.requested):
             ckpt = checkpoints.save(step)
+        if any_rank(stop.requested):
+            # One save per step: saving this step again would rewrite, in place,
+            # the directory `latest` already names (a SIGKILL then leaves nothing whole).
+            ckpt = ckpt or checkpoints.save(step)
             tracker.finish()
             stop.restore()
             if info.is_main:
