@@ -133,6 +133,7 @@ def test_the_export_loads_as_a_classifier_and_evaluate_reads_it(demo_shards, con
     model = mm_models.load(export)
     assert isinstance(model, ClassifierModel)
     config = read_config(export)
+    assert config["tokenizer_sha256"] == "byte"  # what fine-tuning from it checks its data.tokenizer against
     data = DataConfig(**{k: v for k, v in config["data"].items() if k != "sources"})
     spec = LabelSpec(num_classes=6, classes=tuple(COLORS))
     batch = next(iter(build_loader(data, split="heldout", batch_size=8, labels=spec)))

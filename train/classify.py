@@ -105,7 +105,22 @@ def adopt_pretrained_config(cfg, pretrained: dict, *, init: str) -> None:
             + "; set these to the pretrained values"
         )
     theirs, ours = str(data.get("tokenizer", "byte")), cfg.data.tokenizer
-    if (theirs == "byte") != (ours == "byte"):
+    recorded = pretrained.get("tokenizer_sha256")
+    if recorded:
+        # What the text tower's token ids mean: the same tokenizer, wherever its file lies, digests the same.
+        from data_pipeline.tokenizer import load_tokenizer, tokenizer_digest
+
+        try:
+            mine = tokenizer_digest(load_tokenizer(ours))
+        except Exception:  # noqa: BLE001 - an unreadable tokenizer is reported by the start-up checks
+            mine = recorded
+        if mine != recorded:
+            raise ValueError(
+                f"task.init={init} was pretrained with the tokenizer {theirs!r} (digest {recorded}); "
+                f"data.tokenizer={ours!r} is another one (digest {mine}): its token ids would mean other "
+                f"tokens. Set data.tokenizer={theirs}"
+            )
+    elif (theirs == "byte") != (ours == "byte"):
         raise ValueError(
             f"task.init={init} was pretrained with data.tokenizer={theirs!r}, this run uses {ours!r}: "
             "captions would map to other tokens; use the pretraining tokenizer"

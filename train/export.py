@@ -26,7 +26,9 @@ from train.checkpoint import complete_checkpoint
 
 # What an export keeps of the training config: enough to rebuild the model
 # (model, fusion, objective; task for a classifier) and to decode its inputs (data).
-EXPORTED_SECTIONS = ("model", "fusion", "objective", "task", "data")
+# tokenizer_sha256: what the text tower's token ids mean (data_pipeline.tokenizer.tokenizer_digest),
+# checked when the export is fine-tuned with another data.tokenizer.
+EXPORTED_SECTIONS = ("model", "fusion", "objective", "task", "data", "tokenizer_sha256")
 
 
 class CheckpointError(Exception):

@@ -16,6 +16,7 @@ import torch
 from data_pipeline import build_loader
 from data_pipeline.decode import MODALITIES
 from data_pipeline.loader import shard_size_table
+from data_pipeline.tokenizer import tokenizer_digest
 from mm_models import PretrainModel
 from mm_models.classifier import ClassifierModel, attach_weights, classifier_config
 from mm_models.encoders import set_token_dropout
@@ -259,6 +260,8 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
         labels=spec,
         modalities=reads,
     )
+    # Recorded with every checkpoint and the export: fine-tuning checks it (train.classify).
+    resolved["tokenizer_sha256"] = tokenizer_digest(loader.tokenizer)
     # Read once at start (by rank 0), reused by every evaluation.
     heldout_sizes = {u: n for s in heldout_check.sources for u, n in zip(s.urls, s.sizes)}
 
