@@ -18,6 +18,14 @@ class Mode(StrEnum):
 MODES = tuple(Mode)
 
 
+class AudioFeatures(StrEnum):
+    """data.audio_features (see DataConfig); members equal their strings."""
+
+    log_mel = "log_mel"
+    whisper = "whisper"
+    kaldi = "kaldi"
+
+
 @dataclass
 class SourceConfig:
     """One weighted shard source: a directory, glob or brace pattern, local or
@@ -77,6 +85,20 @@ class DataConfig:
     # stays informative).
     log_mel_mean: float = -6.0
     log_mel_std: float = 4.0
+    # What the audio tower reads (data_pipeline.decode.log_mel):
+    # log_mel: our log-mel: power STFT of centred Hann frames, Slaney mel
+    #   filters, natural log, then (x - log_mel_mean) / log_mel_std.
+    # whisper: Whisper's feature extractor's: the same mels, but log10,
+    #   floored 8 below the clip's peak, then (x + 4) / 4 (log_mel_* unused).
+    # kaldi: Kaldi filterbanks as an Audio Spectrogram Transformer's feature
+    #   extractor computes them: frames of n_fft samples every hop_length, not
+    #   centred (each one's DC removed, pre-emphasis 0.97, a symmetric Hann
+    #   window, the FFT padded to a power of two), HTK-style mel filters from
+    #   20 Hz, natural log; then (x - log_mel_mean) / log_mel_std (AST's own:
+    #   its mean and twice its std).
+    # A pretrained audio backbone (model.audio.arch=hf) is checked at start to
+    # get the features its extractor makes.
+    audio_features: AudioFeatures = AudioFeatures.log_mel
     # Text: token ids, truncated to max_text_len tokens (BOS/EOS included).
     max_text_len: int = 64
 
@@ -90,7 +112,10 @@ class DataConfig:
 
     @property
     def audio_samples(self) -> int:
-        """Samples per clip: exactly enough for audio_frames frames."""
+        """Samples per clip: exactly enough for audio_frames frames (centred
+        ones; with kaldi features, frames that start at the clip's start)."""
+        if self.audio_features == AudioFeatures.kaldi:
+            return (self.audio_frames - 1) * self.hop_length + self.n_fft
         return self.audio_frames * self.hop_length
 
 

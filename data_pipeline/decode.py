@@ -22,7 +22,7 @@ import soxr
 import torch
 from PIL import Image
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import AudioFeatures, DataConfig
 
 MODALITIES = ("image", "audio", "text")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -176,17 +176,61 @@ def mel_filterbank(*, sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor
     """
     bins = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)  # the STFT's bin frequencies
     edges = _mel_to_hz(np.linspace(0.0, _hz_to_mel(sample_rate / 2), n_mels + 2))
-    widths = np.diff(edges)
-    offsets = edges[:, None] - bins[None, :]  # (n_mels + 2) × bins
-    rising = -offsets[:-2] / widths[:-1, None]
-    falling = offsets[2:] / widths[1:, None]
-    fb = np.maximum(0.0, np.minimum(rising, falling)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    fb = _triangles(edges, bins) * (2.0 / (edges[2:] - edges[:-2]))[:, None]
     return torch.from_numpy(fb.astype(np.float32))
 
 
+def _triangles(points: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """len(points) - 2 triangular filters over `bins` (on the scale of
+    `points`): filter i rises from points[i] to 1 at points[i + 1] and falls
+    to 0 at points[i + 2]."""
+    widths = np.diff(points)
+    offsets = points[:, None] - bins[None, :]  # points × bins
+    rising = -offsets[:-2] / widths[:-1, None]
+    falling = offsets[2:] / widths[1:, None]
+    return np.maximum(0.0, np.minimum(rising, falling))
+
+
+def _kaldi_mel(hz):
+    return 1127.0 * np.log(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
+
+
 @lru_cache(maxsize=8)
-def _hann(n_fft: int) -> torch.Tensor:
-    return torch.hann_window(n_fft)
+def kaldi_filterbank(*, sample_rate: int, fft_size: int, n_mels: int) -> torch.Tensor:
+    """Kaldi's mel filters (as torchaudio.compliance.kaldi.fbank and
+    transformers' ASTFeatureExtractor make them): triangles equally spaced
+    on the mel scale 1127 ln(1 + f/700) from 20 Hz to Nyquist, triangular
+    in mels, unnormalised; n_mels × (fft_size//2 + 1)."""
+    points = np.linspace(_kaldi_mel(20.0), _kaldi_mel(sample_rate // 2), n_mels + 2)
+    bins = _kaldi_mel(sample_rate / fft_size * np.arange(fft_size // 2 + 1))
+    return torch.from_numpy(_triangles(points, bins).astype(np.float32))
+
+
+@lru_cache(maxsize=8)
+def _hann(n_fft: int, periodic: bool = True) -> torch.Tensor:
+    return torch.hann_window(n_fft, periodic=periodic)
+
+
+PREEMPHASIS = 0.97  # Kaldi's default, and AST's
+KALDI_FLOOR = float(np.finfo(np.float32).eps)  # the smallest mel energy before the log
+
+
+def kaldi_fbank(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """B×n_mels×audio_frames Kaldi filterbank log energies of a batch of
+    fitted waveforms (cfg.audio_samples each), as an Audio Spectrogram
+    Transformer's feature extractor computes them (before its
+    normalisation): frames of n_fft samples every hop_length from the
+    clip's start, each with its DC removed, pre-emphasis, a symmetric Hann
+    window, an FFT padded to the next power of two; power, Kaldi mel
+    filters, natural log floored at float32's epsilon."""
+    frames = x.unfold(-1, cfg.n_fft, cfg.hop_length)[:, : cfg.audio_frames]  # B×T×n_fft
+    frames = frames - frames.mean(dim=-1, keepdim=True)
+    frames = torch.cat([frames[..., :1] * (1 - PREEMPHASIS), frames[..., 1:] - PREEMPHASIS * frames[..., :-1]], -1)
+    size = 1 << (cfg.n_fft - 1).bit_length()
+    spec = torch.fft.rfft(frames * _hann(cfg.n_fft, periodic=False), n=size)
+    power = spec.real.square().add_(spec.imag.square())  # B×T×F
+    mel = power @ kaldi_filterbank(sample_rate=cfg.sample_rate, fft_size=size, n_mels=cfg.n_mels).T
+    return mel.clamp_(min=KALDI_FLOOR).log_().transpose(1, 2)
 
 
 def fit_wave(wav: np.ndarray, n: int) -> torch.Tensor:
@@ -219,7 +263,9 @@ def log_mel(wav, cfg: DataConfig) -> torch.Tensor:
     """n_mels×audio_frames log-mel of one waveform (cropped or padded to
     cfg.audio_samples), or B×n_mels×audio_frames of a B×audio_samples batch
     of fitted ones (fit_wave): power spectrogram, centred Hann frames, Slaney
-    mel filters (librosa's melspectrogram).
+    mel filters (librosa's melspectrogram), then the log and scaling
+    cfg.audio_features names (Whisper's: log10, floored 8 below each clip's
+    peak, (x + 4) / 4; or, for kaldi, kaldi_fbank's features instead).
 
     collate() runs it once per batch: one STFT and one matrix product for
     every clip costs a third of doing them clip by clip. It avoids work: a
@@ -228,6 +274,8 @@ def log_mel(wav, cfg: DataConfig) -> torch.Tensor:
     x = torch.as_tensor(wav)
     if x.dim() == 1:
         return log_mel(fit_wave(x.numpy(), cfg.audio_samples).unsqueeze(0), cfg)[0]
+    if cfg.audio_features == AudioFeatures.kaldi:
+        return kaldi_fbank(x, cfg).sub_(cfg.log_mel_mean).div_(cfg.log_mel_std)
     spec = torch.stft(
         _centred(x, n_fft=cfg.n_fft, hop=cfg.hop_length, frames=cfg.audio_frames),
         n_fft=cfg.n_fft,
@@ -239,6 +287,10 @@ def log_mel(wav, cfg: DataConfig) -> torch.Tensor:
     parts = torch.view_as_real(spec)
     power = parts[..., 0].square().add_(parts[..., 1].square())  # B×F×T; a third of pow(2).sum(-1)'s time
     mel = mel_filterbank(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels) @ power  # B×M×T
+    if cfg.audio_features == AudioFeatures.whisper:
+        mel = mel.clamp_(min=1e-10).log10_()
+        peak = mel.amax(dim=(1, 2), keepdim=True)
+        return torch.maximum(mel, peak - 8.0).add_(4.0).div_(4.0)
     return mel.add_(1e-6).log_().sub_(cfg.log_mel_mean).div_(cfg.log_mel_std)
 
 
@@ -270,7 +322,7 @@ def warm_decoders(cfg: DataConfig) -> None:
     before the DataLoader forks its workers, every worker inherits it
     instead of paying it again for each new loader (each epoch, each shard
     that train.predict reads)."""
-    key = (cfg.image_size, cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.hop_length, cfg.audio_frames)
+    key = (cfg.image_size, cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.hop_length, cfg.audio_frames, cfg.audio_features)
     if key in _WARM:
         return
     image, sound = io.BytesIO(), io.BytesIO()

@@ -190,6 +190,61 @@ def check_geometry(modality: str, config, cfg: ModelConfig) -> None:
         )
 
 
+# transformers' feature extractor defaults, where a directory has no preprocessor_config.json.
+_AST_MEAN, _AST_STD = -4.2677393, 4.5689974
+
+
+def audio_input(directory: Path) -> tuple[str, str, dict] | None:
+    """What the audio backbone in `directory` was trained to read, as data
+    settings: (model type, a description, {data key: value}), or None for a
+    backbone without a feature extractor we reproduce. Read from its
+    config.json and preprocessor_config.json (transformers' defaults where
+    the latter is absent); nothing is imported or built.
+
+    Whisper: data.audio_features=whisper (WhisperFeatureExtractor's log-mel)
+    at its sample rate, n_fft and hop. An Audio Spectrogram Transformer:
+    data.audio_features=kaldi (ASTFeatureExtractor's Kaldi filterbanks:
+    400-sample frames every 160 at 16 kHz) normalised by its mean and twice
+    its std, as the extractor does. Both: its mel bins and frames."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        path = directory / "preprocessor_config.json"
+        pre = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise HFError(f"model.audio.pretrained={directory}: cannot read its config ({e})") from None
+    kind = config.get("model_type", "")
+    if kind == "whisper":
+        return (
+            kind,
+            "Whisper's log-mel (log10, floored 8 below the clip's peak, then (x + 4) / 4)",
+            {
+                "audio_features": "whisper",
+                "sample_rate": int(pre.get("sampling_rate", 16000)),
+                "n_fft": int(pre.get("n_fft", 400)),
+                "hop_length": int(pre.get("hop_length", 160)),
+                "n_mels": int(config.get("num_mel_bins", 80)),
+                "audio_frames": 2 * int(config.get("max_source_positions", 1500)),
+            },
+        )
+    if kind == "audio-spectrogram-transformer":
+        normalise = pre.get("do_normalize", True)
+        return (
+            kind,
+            "Kaldi filterbanks (25 ms frames every 10 ms at 16 kHz) normalised by its mean and twice its std",
+            {
+                "audio_features": "kaldi",
+                "sample_rate": int(pre.get("sampling_rate", 16000)),
+                "n_fft": 400,
+                "hop_length": 160,
+                "n_mels": int(config.get("num_mel_bins", 128)),
+                "audio_frames": int(config.get("max_length", 1024)),
+                "log_mel_mean": float(pre.get("mean", _AST_MEAN)) if normalise else 0.0,
+                "log_mel_std": 2 * float(pre.get("std", _AST_STD)) if normalise else 1.0,
+            },
+        )
+    return None
+
+
 def _image_normalisation(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's mean and std (preprocessor_config.json), else 0.5/0.5,
     which leaves our [-1, 1] images as they are."""

@@ -51,6 +51,12 @@ FAMILIES = {
         "model.text.freeze=true",
         "fusion=weighted_sum",
         "objective=matching",
+        # what the AST's own feature extractor makes (checked at start)
+        "data.audio_features=kaldi",
+        "data.n_fft=400",
+        "data.hop_length=160",
+        "data.log_mel_mean=-4.2677393",
+        "data.log_mel_std=9.1379948",
     ],
 }
 

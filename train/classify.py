@@ -22,7 +22,16 @@ from mm_models.io import from_dict
 log = logging.getLogger(__name__)
 
 # Data settings the pretrained encoders were built for: fine-tuning data must decode the same way.
-GEOMETRY = ("image_size", "n_mels", "audio_frames", "max_text_len", "sample_rate", "n_fft", "hop_length")
+GEOMETRY = (
+    "image_size",
+    "n_mels",
+    "audio_frames",
+    "max_text_len",
+    "sample_rate",
+    "n_fft",
+    "hop_length",
+    "audio_features",
+)
 
 
 def label_spec(task) -> LabelSpec:

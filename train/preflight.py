@@ -10,6 +10,7 @@ labels, read from the first training samples' .json (nothing is decoded).
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 from train.config import Config, validate
@@ -49,6 +50,7 @@ def _check(cfg: Config, *, world_size: int, cuda: bool, run_dir: Path | None) ->
             adopted = copy.deepcopy(cfg)
             classify.adopt_pretrained_config(adopted, pretrained, init=cfg.task.init)
             model = adopted.model
+    check_audio_features(cfg, model)
     check_shards(cfg)
     if cfg.task.name == "classify":
         classify.check_labels(cfg.data, classify.label_spec(cfg.task))  # reads the first samples' .json
@@ -61,6 +63,44 @@ def _check(cfg: Config, *, world_size: int, cuda: bool, run_dir: Path | None) ->
     # A path must hold a complete checkpoint; one of another world size must fit this one.
     step_dir = find_checkpoint(cfg.trainer.resume, run_dir=run_dir or Path("."))
     check_resume(cfg.trainer, step_dir, world_size)
+
+
+def check_audio_features(cfg: Config, model) -> None:
+    """A pretrained audio backbone (model.audio.arch=hf) must get the
+    features its own feature extractor makes: the data settings that define
+    them (data.audio_features, the STFT, the mels and frames, the
+    normalisation) must be the backbone's (mm_models.hf.audio_input)."""
+    from enum import Enum
+
+    from mm_models.encoders import arch_name
+    from mm_models.hf import HFError, audio_input
+
+    if arch_name(model, "audio") != "hf":
+        return
+    try:
+        wanted = audio_input(Path(model.audio.pretrained))
+    except HFError as e:
+        raise StartError(str(e)) from None
+    if wanted is None:
+        return
+    kind, reads, settings = wanted
+
+    def show(value) -> str:
+        return value.value if isinstance(value, Enum) else str(value)
+
+    def same(have, want) -> bool:
+        if isinstance(want, float):
+            return math.isclose(float(have), want, rel_tol=1e-6, abs_tol=1e-9)
+        return show(have) == show(want)
+
+    wrong = {k: v for k, v in settings.items() if not same(getattr(cfg.data, k), v)}
+    if wrong:
+        have = ", ".join(f"data.{k}={show(getattr(cfg.data, k))}" for k in wrong)
+        fix = " ".join(f"data.{k}={show(v)}" for k, v in wrong.items())
+        raise StartError(
+            f"model.audio.arch=hf: the {kind} backbone (model.audio.pretrained={model.audio.pretrained}) reads "
+            f"{reads}, but this run gives {have}; set {fix}"
+        )
 
 
 def check_shards(cfg: Config) -> None:
