@@ -366,8 +366,6 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0
 
-    from omegaconf import OmegaConf
-
     from train.cli import UsageError, compose_args, data_config
     from train.export import CheckpointError
     from train.secrets import redact_streams
@@ -384,35 +382,37 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, UsageError, ValueError) as e:
         print(f"train.evaluate: error: {e}", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
-    model.to(device)
-    task = config.get("task") or {}
-    if task.get("name") == "classify":
-        from train.classify import classification_metrics, classify_table, label_spec, predict_split
-        from train.config import TaskConfig
-
-        task_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), task))
-        spec = label_spec(task_cfg)
-        loader = build_loader(
-            data, split="heldout", batch_size=batch_size, labels=spec, modalities=tuple(task_cfg.modalities)
-        )
-        try:
-            heldout = classification_metrics(
-                predict_split(model, loader, device=device, dtype=torch.float32), spec, threshold=task_cfg.threshold
-            )
-        except ValueError as e:
-            print(f"train.evaluate: error: {e}", file=sys.stderr)
-            return 2
-        results = {"step": config.get("step"), "task": "classify", "heldout": heldout}
-        print(classify_table(heldout), file=sys.stderr)
-    else:
-        results = {
-            "step": config.get("step"),
-            "heldout": evaluate_heldout(model, data=data, batch_size=batch_size, device=device, dtype=torch.float32),
-        }
-        print(results_table(results["heldout"]), file=sys.stderr)
+    try:
+        results, table = _evaluate(model, config, data=data, batch_size=batch_size, device=torch.device(args.device))
+    except (ValueError, OSError) as e:  # unreadable held-out shards, labels the task cannot use
+        print(f"train.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(table, file=sys.stderr)
     print(final_json(results), flush=True)
     return 0
+
+
+def _evaluate(model, config: dict, *, data, batch_size: int, device: torch.device) -> tuple[dict, str]:
+    """(results, their table) of `python -m train.evaluate`."""
+    from omegaconf import OmegaConf
+
+    model.to(device)
+    task = config.get("task") or {}
+    if task.get("name") != "classify":
+        heldout = evaluate_heldout(model, data=data, batch_size=batch_size, device=device, dtype=torch.float32)
+        return {"step": config.get("step"), "heldout": heldout}, results_table(heldout)
+    from train.classify import classification_metrics, classify_table, label_spec, predict_split
+    from train.config import TaskConfig
+
+    task_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), task))
+    spec = label_spec(task_cfg)
+    loader = build_loader(
+        data, split="heldout", batch_size=batch_size, labels=spec, modalities=tuple(task_cfg.modalities)
+    )
+    heldout = classification_metrics(
+        predict_split(model, loader, device=device, dtype=torch.float32), spec, threshold=task_cfg.threshold
+    )
+    return {"step": config.get("step"), "task": "classify", "heldout": heldout}, classify_table(heldout)
 
 
 if __name__ == "__main__":

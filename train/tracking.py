@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from train.config import LoggerConfig
-from train.secrets import redact
+from train.secrets import redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,9 @@ class Tracker:
         self.run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
-            name=cfg.name,
-            tags=list(cfg.tags),
+            # Free text a user typed may carry a credential (a pasted URL) too.
+            name=None if cfg.name is None else redact_text(cfg.name),
+            tags=[redact_text(t) for t in cfg.tags],
             dir=str(run_dir),
             mode=mode,
             id=run_id,
