@@ -187,10 +187,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from data_pipeline.sources import expand_shards
 
     try:
-        shards = expand_shards(args.shards)
+        shards = expand_shards(args.shards, allow_pipe=getattr(args, "allow_pipe", False))
         tok, stats = _train(shards, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
     except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).replace('data.allow_pipe=true', '--allow-pipe')}", file=sys.stderr)
         return 2
     skipped = f", {len(stats.shards_skipped)} unreadable shards skipped" if stats.shards_skipped else ""
     print(
@@ -209,4 +209,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("out", help="the tokenizer JSON to write, e.g. data/tokenizer.json")
     tr.add_argument("--vocab-size", type=int, default=8000, help="target vocabulary size, specials included")
     tr.add_argument("--min-frequency", type=int, default=2, help="merges seen fewer times are not learned")
+    tr.add_argument(
+        "--allow-pipe", action="store_true", help="read pipe: sources (each runs its shell command, as written)"
+    )
     tr.set_defaults(func=cmd_train)

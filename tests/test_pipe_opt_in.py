@@ -154,7 +154,7 @@ def test_the_retrieval_table_runs_a_pipe_source_only_with_the_opt_in(pipe_source
 
 
 def test_the_tokenizer_trainer_never_runs_a_pipe_source(pipe_source, tmp_path, capsys):
-    """`python -m data_pipeline tokenizer train` has no opt-in at all."""
+    """`python -m data_pipeline tokenizer train` runs one only with its own --allow-pipe."""
     import argparse
 
     from data_pipeline.bpe import cmd_train
@@ -162,5 +162,9 @@ def test_the_tokenizer_trainer_never_runs_a_pipe_source(pipe_source, tmp_path, c
     out = tmp_path / "tok.json"
     args = argparse.Namespace(shards=pipe_source["url"], out=str(out), vocab_size=300, min_frequency=2)
     assert cmd_train(args) == 2
-    assert "is a pipe: URL" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is a pipe: URL" in err and "--allow-pipe to allow it" in err, err
     assert not pipe_source["marker"].exists() and not out.exists()
+    args.allow_pipe = True
+    assert cmd_train(args) == 0, capsys.readouterr().err
+    assert pipe_source["marker"].exists() and out.exists()

@@ -53,6 +53,7 @@ def _main(cfg: DictConfig) -> None:
         if _INFO.is_main:
             print(f"error: {redact_text(str(e))}", file=sys.stderr)
         sys.exit(2)
+    from train.checkpoint import UntrustedCheckpoint
     from train.evaluate import final_json
     from train.loop import train  # heavy imports after config errors surface
     from train.watchdog import stall_watchdog
@@ -69,7 +70,12 @@ def _main(cfg: DictConfig) -> None:
     with stall_watchdog(timeout_s=config.trainer.collective_timeout, info=_INFO):
         # `resolved` is what gets written (W&B, checkpoints, the export): secrets redacted.
         resolved = redact(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-        results = train(config, info=_INFO, run_dir=run_dir, resolved=resolved, stop=_STOP)
+        try:
+            results = train(config, info=_INFO, run_dir=run_dir, resolved=resolved, stop=_STOP)
+        except UntrustedCheckpoint as e:  # refused on purpose: one line, no traceback
+            if _INFO.is_main:
+                print(f"error: {redact_text(str(e))}", file=sys.stderr)
+            sys.exit(2)
     if _INFO.is_main and results.get("stopped"):
         # Checkpointed but not finished: a job script (launch.slurm) requeues on this file.
         stopped_file.write_text(json.dumps({"step": results["step"], "checkpoint": results["checkpoint"]}) + "\n")

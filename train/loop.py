@@ -266,6 +266,9 @@ def train(cfg: Config, *, info: DistInfo, run_dir: Path, resolved: dict, stop: S
     heldout_sizes = {u: n for s in heldout_check.sources for u, n in zip(s.urls, s.sizes)}
 
     resume_from = find_checkpoint(t_cfg.resume, run_dir=run_dir)
+    if resume_from is not None:
+        # Before any engine or worker starts: a checkpoint that could run code is refused in one line.
+        verify_checkpoint(resume_from, trust=t_cfg.trust_checkpoint)
     universal = None  # the checkpoint's universal form, when the world size changed
     saved = saved_topology(resume_from) if resume_from is not None else None
     reshaped = saved is not None and saved.world_size != info.world_size
