@@ -60,6 +60,24 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def inspect_wandb(run_dir: Path) -> dict:
+    """The config and summary of the one offline W&B run under run_dir/wandb,
+    read back with `wandb leet inspect` (as a user would, not through mocks)."""
+    import json
+    import subprocess
+
+    [wandb_run] = sorted((Path(run_dir) / "wandb").glob("offline-run-*"))
+    out = subprocess.run(
+        [venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def copy_as_stopped(straight: Path, stopped: Path, *, at: int, last: int) -> None:
     """A copy of a finished run directory as if the run had stopped right
     after its step-`at` checkpoint (its step-`last` checkpoint and the

@@ -10,7 +10,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import REPO, clean_env, copy_as_stopped, python, venv_bin
+from conftest import REPO, clean_env, copy_as_stopped, inspect_wandb, python, venv_bin
 from shardkit import flac, jpeg, write_tar
 
 pytestmark = pytest.mark.integration
@@ -271,15 +271,6 @@ def test_a_fine_tune_resumes_exactly_and_logs_to_wandb(demo_shards, pretrained, 
     a, b = (consolidate(run / "checkpoints" / "step_000006") for run in (straight, stopped))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    [wandb_run] = sorted((straight / "wandb").glob("offline-run-*"))
-    out = subprocess.run(
-        [venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-    )
-    assert out.returncode == 0, out.stderr
-    summary = json.loads(out.stdout)["summary"]
+    summary = inspect_wandb(straight)["summary"]
     assert summary["final/heldout/accuracy"] == pytest.approx(first["heldout"]["accuracy"], abs=1e-4)
     assert "eval/per_class" in summary and "eval/confusion_matrix_table" in summary, sorted(summary)

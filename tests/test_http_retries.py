@@ -151,7 +151,7 @@ def test_the_servers_retry_after_is_honoured(shards, serve):
 def test_train_predict_retries_and_never_finishes_a_shard_it_could_not_read(
     shards, serve, tmp_path, capsys, monkeypatch
 ):
-    from test_predict_rerun import pretrained_export
+    from test_predict import pretrained_export
 
     from train.predict import main
 

@@ -51,6 +51,26 @@ def tiny_config():
     )
 
 
+def pretrained_export(path, seed: int):
+    """An untrained tiny pretraining export at path (weights from `seed`)."""
+    from mm_models import FusionConfig, ObjectiveConfig, PretrainModel
+
+    torch.manual_seed(seed)
+    model = PretrainModel(tiny_config(), FusionConfig(), ObjectiveConfig())
+    model.init_weights()
+    export_model(
+        path,
+        model,
+        {
+            "model": dataclasses.asdict(tiny_config()),
+            "fusion": dataclasses.asdict(FusionConfig()),
+            "objective": dataclasses.asdict(ObjectiveConfig()),
+            "data": dataclasses.asdict(demo_geometry()),
+        },
+    )
+    return path
+
+
 @pytest.fixture(scope="module")
 def classifier_export(tmp_path_factory):
     """An image-only 6-class classifier export (untrained: predictions need not be right)."""
@@ -169,22 +189,7 @@ def test_every_sample_is_predicted_exactly_once_and_a_rerun_skips_finished_shard
 
 @pytest.mark.integration
 def test_embed_writes_each_modality_and_a_pretrained_model_needs_it(demo_shards, tmp_path):
-    from mm_models import FusionConfig, ObjectiveConfig, PretrainModel
-
-    torch.manual_seed(0)
-    model = PretrainModel(tiny_config(), FusionConfig(), ObjectiveConfig())
-    model.init_weights()
-    export = tmp_path / "export" / "model.safetensors"
-    export_model(
-        export,
-        model,
-        {
-            "model": dataclasses.asdict(tiny_config()),
-            "fusion": dataclasses.asdict(FusionConfig()),
-            "objective": dataclasses.asdict(ObjectiveConfig()),
-            "data": dataclasses.asdict(demo_geometry()),
-        },
-    )
+    export = pretrained_export(tmp_path / "export" / "model.safetensors", seed=0)
     proc = subprocess.run(
         [
             python(),

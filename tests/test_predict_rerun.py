@@ -4,39 +4,18 @@ model, mode or world size never mix with this run's."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
 import pytest
-import torch
 from test_predict import classifier_export as classifier_export  # noqa: F401 (a fixture)
-from test_predict import demo_geometry, export_model, read_rows, tiny_config
+from test_predict import pretrained_export, read_rows
 
 
 @pytest.fixture
 def one_rank(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-
-
-def pretrained_export(path, seed: int):
-    from mm_models import FusionConfig, ObjectiveConfig, PretrainModel
-
-    torch.manual_seed(seed)
-    model = PretrainModel(tiny_config(), FusionConfig(), ObjectiveConfig())
-    model.init_weights()
-    export_model(
-        path,
-        model,
-        {
-            "model": dataclasses.asdict(tiny_config()),
-            "fusion": dataclasses.asdict(FusionConfig()),
-            "objective": dataclasses.asdict(ObjectiveConfig()),
-            "data": dataclasses.asdict(demo_geometry()),
-        },
-    )
-    return path
 
 
 def predict_main(capsys, *args) -> tuple[int, str]:

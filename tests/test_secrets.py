@@ -9,7 +9,7 @@ import logging
 import subprocess
 
 import pytest
-from conftest import REPO, clean_env, python, venv_bin
+from conftest import REPO, clean_env, inspect_wandb, python, venv_bin
 
 from train.secrets import REDACTED, RedactingFilter, redact, redact_text
 
@@ -223,14 +223,5 @@ def test_no_entry_point_writes_or_prints_a_token(demo_shards, tmp_path):
     assert any(p.name == "manifest.json" for p in files) and any(p.name.endswith(".done.json") for p in files)
     leaks = [str(p.relative_to(tmp_path)) for p in files if TOKEN.encode() in p.read_bytes()]
     assert not leaks, leaks
-    [wandb_run] = sorted((run / "wandb").glob("offline-run-*"))
-    inspect = subprocess.run(
-        [venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-    )
-    assert inspect.returncode == 0, inspect.stderr
-    flat = json.dumps(json.loads(inspect.stdout)["config"])
+    flat = json.dumps(inspect_wandb(run)["config"])
     assert TOKEN not in flat and "access-token=<redacted>" in flat and "AccountKey=<redacted>" in flat

@@ -8,7 +8,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import REPO, clean_env, python, serve_directory, venv_bin
+from conftest import REPO, clean_env, inspect_wandb, python, serve_directory
 from omegaconf import OmegaConf
 
 from train.secrets import REDACTED, redact
@@ -79,14 +79,5 @@ def test_a_run_from_signed_sources_writes_the_signature_nowhere(demo_shards, tmp
         assert written["data"]["sources"] == [{"url": url.replace(SECRET, REDACTED), "weight": 1.0}]
     leaks = [str(p.relative_to(run)) for p in files if SECRET.encode() in p.read_bytes()]
     assert not leaks, leaks
-    [wandb_run] = sorted((run / "wandb").glob("offline-run-*"))
-    out = subprocess.run(
-        [venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-    )
-    assert out.returncode == 0, out.stderr
-    sources = json.loads(out.stdout)["config"]["data"]
+    sources = inspect_wandb(run)["config"]["data"]
     assert SECRET not in json.dumps(sources) and f"X-Amz-Signature={REDACTED}" in json.dumps(sources)
