@@ -194,7 +194,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps at tiny sizes, in seconds: checks the script runs (the test suite runs it)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.micro_batch, args.steps, args.warmup, args.repeats = "tiny", 2, 1, 0, 1
     if args.worker:
         worker(args.worker, args)
         return

@@ -97,7 +97,14 @@ def main() -> None:
     parser.add_argument("--calibration-steps", type=int, default=30, help="steps of the cached calibration run")
     parser.add_argument("--seed", type=int, default=0, help="trainer.seed and data.seed of both runs")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "contrastive_quality")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps at tiny sizes, in seconds: checks the script runs (the test suite runs it)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.micro_batch, args.accum, args.steps, args.calibration_steps = 4, 2, 2, 2  # the first is skipped
     if not (args.data / "train").is_dir():
         sys.exit(f"no demo corpus at {args.data}: run `make demo-data` first")
     global_batch = args.micro_batch * RANKS * args.accum

@@ -105,7 +105,14 @@ def pipeline_sps(shards: Path, cfg: DataConfig, batch_size: int = BATCH) -> floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=600)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps at tiny sizes, in seconds: checks the script runs (the test suite runs it)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.samples = 16
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp), args.samples)
         bound = bound_sps(shards, config(shards, 0))

@@ -221,7 +221,15 @@ def main() -> None:
         "--pairs", default="zero0,zero1,zero2,zero2_vs_ddp", help="comma-separated comparisons to run (default: all)"
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps at tiny sizes, in seconds: checks the script runs (the test suite runs it)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.micro_batch, args.steps, args.warmup, args.repeats = "tiny", 2, 1, 0, 1
+        args.precision, args.pairs = "fp32", "zero0"
     if args.worker:
         worker(args.worker, args)
         return

@@ -53,7 +53,14 @@ def main() -> None:
     parser.add_argument("--whole-n", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--child", nargs=2, type=int, metavar=("N", "BLOCK"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps at tiny sizes, in seconds: checks the script runs (the test suite runs it)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.n, args.whole_n, args.dim = 300, 100, 8
     if args.child:
         n, block = args.child
         print(json.dumps(measure(n, args.dim, block or None)))

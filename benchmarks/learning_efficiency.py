@@ -184,6 +184,13 @@ def reference_model(model_cfg):
                 "text": self.text(batch["text"], batch["text_pad"]),
             }
 
+        # What train.evaluate.evaluate_heldout asks of a model: embeddings, and
+        # no matching head (its scores are None).
+        encode = embed
+
+        def encode_and_match(self, batch: dict) -> tuple[dict, None]:
+            return self.embed(batch), None
+
     return Reference(model_cfg)
 
 
@@ -252,7 +259,14 @@ def main() -> None:
         help="extra `python -m train` overrides for our run (e.g. model.image.arch=cnn)",
     )
     parser.add_argument("--skip-reference", action="store_true", help="train ours only (the JSON then has no ratio)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps at tiny sizes, in seconds: checks the script runs (the test suite runs it)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.steps = 2
 
     corpus = args.corpus.resolve()
     ensure_corpus(corpus, train=args.train_samples, heldout=args.heldout_samples)

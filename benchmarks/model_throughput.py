@@ -140,7 +140,22 @@ def main() -> None:
     parser.add_argument("--batch-td", type=int, default=4, help="batch of the token-dropout comparison")
     parser.add_argument("--steps-td", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison (minutes on CPU)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps at tiny sizes, in seconds: checks the script runs (the test suite runs it)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.no_compile = "tiny", True
+        args.batch_fp32, args.steps_fp32, args.batch_bf16, args.steps_bf16, args.batch_td, args.steps_td = (
+            2,
+            1,
+            1,
+            1,
+            1,
+            1,
+        )
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = load_model(args.model)

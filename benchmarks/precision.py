@@ -8,6 +8,7 @@ step of model=tiny. `deepspeed.precision=auto` uses bf16 only where it wins.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -55,14 +56,25 @@ def step_seconds(dtype: torch.dtype, device: str, batch: int = 64) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps at tiny sizes, in seconds: checks the script runs (the test suite runs it)",
+    )
+    args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = {}
-    for shape in ((1024, 1024, 1024), (4096, 96, 288)):
+    shapes = ((64, 64, 64),) if args.smoke else ((1024, 1024, 1024), (4096, 96, 288))
+    for shape in shapes:
         for transposed in (False, True):
             fp32 = matmul_seconds(*shape, torch.float32, device, transposed=transposed)
             bf16 = matmul_seconds(*shape, torch.bfloat16, device, transposed=transposed)
             rows[f"matmul {'x'.join(map(str, shape))} {'a@b.T' if transposed else 'a@b'}"] = fp32 / bf16
-    rows["model=tiny fwd+bwd, batch 64"] = step_seconds(torch.float32, device) / step_seconds(torch.bfloat16, device)
+    batch = 2 if args.smoke else 64
+    rows[f"model=tiny fwd+bwd, batch {batch}"] = step_seconds(torch.float32, device, batch) / step_seconds(
+        torch.bfloat16, device, batch
+    )
     print(
         f"device: {device}, cpu capability: {torch.backends.cpu.get_cpu_capability()}, "
         f"fast bf16 detected: {fast_bf16_available()}"

@@ -104,7 +104,14 @@ def main() -> None:
     parser.add_argument(
         "--forwards", type=int, default=0, help="train.predict's forwards= (0: its default for this machine)"
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps at tiny sizes, in seconds: checks the script runs (the test suite runs it)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.repeats, args.batch_size = "tiny", 1, 16
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 

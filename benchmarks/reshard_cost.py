@@ -40,7 +40,14 @@ def main() -> None:
     parser.add_argument("--zero", default="zero2", choices=["zero1", "zero2", "zero3"])
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "reshard_cost")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps at tiny sizes, in seconds: checks the script runs (the test suite runs it)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.steps = "tiny", 1
     if not (args.data / "train").is_dir():
         sys.exit(f"no demo corpus at {args.data}: run `make demo-data` first")
     shutil.rmtree(args.out, ignore_errors=True)
