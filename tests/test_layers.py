@@ -9,13 +9,14 @@ from pathlib import Path
 
 from conftest import REPO
 
-PACKAGES = ("data_pipeline", "mm_models", "train", "launch")
+PACKAGES = ("data_pipeline", "mm_models", "train", "launch", "serve")
 # What each package may import of ours (docs/architecture.md, "Layers").
 ALLOWED = {
     "data_pipeline": {"data_pipeline"},
     "mm_models": {"mm_models"},
     "train": {"train", "mm_models", "data_pipeline"},
     "launch": {"launch", "train"},
+    "serve": {"serve", "mm_models", "data_pipeline"},
 }
 
 
