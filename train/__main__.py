@@ -55,7 +55,7 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(2)
     from train.checkpoint import UntrustedCheckpoint
     from train.evaluate import final_json
-    from train.loop import train  # heavy imports after config errors surface
+    from train.run import train  # heavy imports after config errors surface
     from train.watchdog import stall_watchdog
 
     if not _INFO.is_main:
