@@ -13,13 +13,6 @@ from train.saved import load_for_eval
 from train.tasks import saved_task
 
 
-def final_json(results: dict) -> str:
-    """The last line of a run and of train.evaluate, as its task writes it."""
-    from train.tasks import task_for
-
-    return task_for(results.get("task", "pretrain")).final_json(results)
-
-
 @dataclass
 class EvaluateArgs:
     """The command line of `python -m train.evaluate` (see USAGE)."""
@@ -95,5 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.evaluate: error: {e}", file=sys.stderr)
         return 2
     print(table, file=sys.stderr)
-    print(final_json(results), flush=True)
+    print(task.final_json(results), flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
