@@ -97,10 +97,10 @@ def worker(variant: str, args) -> None:
     from omegaconf import OmegaConf
 
     from mm_models import PretrainModel
+    from train.builders import seed_everything
     from train.config import compose, validate
     from train.distributed import feature_gather, init_distributed
     from train.engine import build_deepspeed_config, build_engine, build_model, compute_dtype, contrastive_chunks
-    from train.loop import seed_everything
     from train.step import train_step
 
     info = init_distributed()

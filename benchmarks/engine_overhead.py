@@ -1,7 +1,7 @@
 """What the DeepSpeed engine costs per training step, against plain PyTorch.
 
 The engine is built exactly as `python -m train` builds it (the Hydra config,
-train.engine's DeepSpeed JSON, model and optimizer, train.loop.train_step),
+train.engine's DeepSpeed JSON, model and optimizer, train.step.train_step),
 on model=small (--model). In the same run, a minimal plain loop trains the same model
 (same init, same parameter groups, torch AdamW, autocast in the same
 precision, gradient clipping, the same LR schedule). Both step on one fixed
@@ -72,6 +72,7 @@ def worker(pair: str, args) -> None:
     from omegaconf import OmegaConf
 
     from mm_models import PretrainModel
+    from train.builders import seed_everything
     from train.config import compose, validate
     from train.distributed import feature_gather, init_distributed
     from train.engine import (
@@ -83,7 +84,6 @@ def worker(pair: str, args) -> None:
         build_schedule,
         compute_dtype,
     )
-    from train.loop import seed_everything
     from train.step import train_step
 
     info = init_distributed()

@@ -219,7 +219,7 @@ def run_reference(root: Path, *, steps: int, lr: float = 2e-3) -> dict[str, floa
     from data_pipeline import build_loader
     from train.batch import to_device
     from train.config import compose
-    from train.evaluate import evaluate_heldout
+    from train.heldout import evaluate_heldout
 
     cfg = OmegaConf.to_object(compose(["model=tiny", *data_overrides(root)]))
     torch.manual_seed(0)

@@ -318,7 +318,7 @@ class Predictor:
 
     def class_embeddings(self, names: list[str]) -> torch.Tensor:
         """C×E unit vectors: per class, the normalised mean of its prompts'
-        text embeddings (train.evaluate.class_embeddings). The last 32 sets
+        text embeddings (train.heldout.class_embeddings). The last 32 sets
         of classes asked for are kept."""
         key = tuple(names)
         cached = self._class_embeds.get(key)

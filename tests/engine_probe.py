@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from data_pipeline import build_loader
 from mm_models import PretrainModel
 from train import zero_fastpath
+from train.builders import seed_everything
 from train.checkpoint import save_checkpoint
 from train.config import Config, compose, validate
 from train.distributed import feature_gather, init_distributed
@@ -42,8 +43,7 @@ from train.engine import (
     contrastive_chunks,
     parameter_total,
 )
-from train.evaluate import embed_split
-from train.loop import seed_everything
+from train.heldout import embed_split
 from train.step import train_step
 
 REPO = Path(__file__).resolve().parents[1]

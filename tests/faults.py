@@ -62,16 +62,16 @@ def _stall(rank: int, at_step: int) -> None:
 
 
 def _slow_export(delay_s: float) -> None:
-    from train import loop
+    from train import run
 
-    real = loop.export
+    real = run.export
 
     def slow(*args, **kwargs):
         log.warning("fault injection: the export waits %g s first", delay_s)
         time.sleep(delay_s)
         return real(*args, **kwargs)
 
-    loop.export = slow
+    run.export = slow
 
 
 def _hang_in_save(step: int) -> None:
@@ -92,9 +92,9 @@ def _hang_in_save(step: int) -> None:
 def _stop_after_step(step: int) -> None:
     import signal
 
-    from train import loop
+    from train import run
 
-    real, calls = loop.train_step, [0]
+    real, calls = run.train_step, [0]
 
     def stopping(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -104,7 +104,7 @@ def _stop_after_step(step: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return result
 
-    loop.train_step = stopping
+    run.train_step = stopping
 
 
 def _killed_in_rewrite() -> None:

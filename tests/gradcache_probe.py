@@ -34,10 +34,10 @@ from omegaconf import OmegaConf
 
 from data_pipeline import build_loader
 from mm_models import PretrainModel
+from train.builders import seed_everything
 from train.config import Config, compose, validate
 from train.distributed import feature_gather, init_distributed
 from train.engine import build_deepspeed_config, build_engine, build_model, compute_dtype, contrastive_chunks
-from train.loop import seed_everything
 from train.step import read_losses, train_step
 
 

@@ -346,8 +346,8 @@ def test_the_first_use_build_of_deepspeeds_comm_op_is_detected(tmp_path, monkeyp
 def test_each_rank_draws_its_own_random_stream_and_a_rerun_draws_the_same():
     import torch
 
+    from train.builders import seed_rank_streams
     from train.checkpoint import rng_state, set_rng_state
-    from train.loop import seed_rank_streams
 
     def draws(seed, rank):
         seed_rank_streams(seed, rank)

@@ -17,7 +17,7 @@ from mm_models import PretrainModel
 from mm_models.objectives import MODALITIES
 from train.config import compose
 from train.distributed import _free_port
-from train.evaluate import evaluate_heldout
+from train.heldout import evaluate_heldout
 from train.metrics import retrieval_metrics
 
 pytestmark = pytest.mark.integration  # spawns processes: not in the fast tier

@@ -165,7 +165,7 @@ def test_exported_weights_have_the_users_normal_mode(tmp_path):
 
 
 def test_the_banner_names_what_is_offloaded():
-    from train.loop import zero_summary
+    from train.builders import zero_summary
 
     assert zero_summary({"zero_optimization": {"stage": 2}}) == "ZeRO-2"
     both = {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}

@@ -146,7 +146,7 @@ def test_matching_never_draws_a_negative_of_the_same_class():
 
 
 def test_held_out_matching_accuracy_ranks_aligned_above_swapped():
-    from train.evaluate import matching_metrics
+    from train.heldout import matching_metrics
 
     got = matching_metrics({"image": [9, 10], "audio": [5, 10], "text": [0, 0]})
     assert got["n"] == 20 and got["accuracy"] == pytest.approx(0.7)

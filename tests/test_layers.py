@@ -79,3 +79,36 @@ def test_there_is_no_import_cycle():
         if m not in state:
             visit(m)
     assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+# Inside train/: a task is asked by the run, never the other way round, and
+# the engine knows nothing of tasks.
+ROOM_RULES = [("train.tasks", "train.run"), ("train.engine", "train.tasks"), ("train.tasks", "train.builders")]
+
+
+def test_the_rooms_inside_train_import_only_downwards():
+    wrong = [
+        (m, d)
+        for m, deps in graph().items()
+        for d in deps
+        for room, banned in ROOM_RULES
+        if (m == room or m.startswith(room + ".")) and (d == banned or d.startswith(banned + "."))
+    ]
+    assert not wrong, wrong
+
+
+def test_nothing_in_train_asks_which_task_runs():
+    """The task is chosen once (train.tasks.task_for / saved_task); its name is
+    compared nowhere else."""
+    import re
+
+    asks = re.compile(
+        r"""(task\.name|\["name"\]|get\("name"[^)]*\))\s*[!=]=|TaskName\.\w+\s*[!=]=|[!=]=\s*TaskName\."""
+    )
+    found = [
+        f"{p.relative_to(REPO)}:{n}"
+        for p in (REPO / "train").rglob("*.py")
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if asks.search(line) or re.search(r"""[!=]=\s*["'](classify|pretrain)["']""", line)
+    ]
+    assert not found, found

@@ -199,7 +199,7 @@ def test_embed_gives_unit_embeddings_of_the_models_own(pretrained, classifier):
 
 
 def test_zero_shot_scores_classes_as_training_evaluates_them(pretrained, exports, tmp_path):
-    from train.evaluate import class_embeddings
+    from train.heldout import class_embeddings
 
     names = ["red circle", "blue square", "green star"]
     expected = class_embeddings(

@@ -13,7 +13,7 @@ from data_pipeline.stream import BadSample, read_label
 from data_pipeline.tokenizer import ByteTokenizer
 from mm_models import PretrainModel
 from mm_models.config import FusionConfig, ObjectiveConfig
-from train.evaluate import class_embeddings, class_names, zero_shot_metrics
+from train.heldout import class_embeddings, class_names, zero_shot_metrics
 
 
 def test_labels_come_from_the_json_or_are_absent():

@@ -54,8 +54,8 @@ def _main(cfg: DictConfig) -> None:
             print(f"error: {redact_text(str(e))}", file=sys.stderr)
         sys.exit(2)
     from train.checkpoint import UntrustedCheckpoint
-    from train.evaluate import final_json
-    from train.loop import train  # heavy imports after config errors surface
+    from train.run import train  # heavy imports after config errors surface
+    from train.tasks import task_for
     from train.watchdog import stall_watchdog
 
     if not _INFO.is_main:
@@ -80,7 +80,7 @@ def _main(cfg: DictConfig) -> None:
         # Checkpointed but not finished: a job script (launch.slurm) requeues on this file.
         stopped_file.write_text(json.dumps({"step": results["step"], "checkpoint": results["checkpoint"]}) + "\n")
     elif _INFO.is_main:
-        line = final_json(results)
+        line = task_for(config.task.name).final_json(results)
         (run_dir / "results.json").write_text(line + "\n")  # the same line, for scripts
         print(line, flush=True)
 

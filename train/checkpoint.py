@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,31 @@ import torch
 
 from train.distributed import barrier
 from train.topology import loader_states, saved_topology
+
+
+@dataclass
+class TrainState:
+    """What a resumed run continues from besides the engine's state (model,
+    optimizer, schedule), each rank's loader position and random state: kept
+    in the checkpoint's meta.json."""
+
+    step: int = 0
+    wandb_run_id: str | None = None
+    best_metric_value: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "wandb_run_id": self.wandb_run_id, "best_metric_value": self.best_metric_value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state.get("step") or 0)
+        self.wandb_run_id = state.get("wandb_run_id")
+        self.best_metric_value = state.get("best_metric_value")
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> TrainState:
+        state = cls()
+        state.load_state_dict(meta)
+        return state
 
 
 def rng_state() -> dict:

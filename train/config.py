@@ -357,11 +357,6 @@ def validate(cfg: Config) -> None:
         )
     if cfg.trainer.contrastive_batch < 0:
         raise ValueError(f"trainer.contrastive_batch={cfg.trainer.contrastive_batch}: give 0 (off) or a sample count")
-    if cfg.trainer.contrastive_batch and cfg.task.name != "pretrain":
-        raise ValueError(
-            f"trainer.contrastive_batch={cfg.trainer.contrastive_batch} is for pretraining's contrastive losses; "
-            f"task={cfg.task.name} has none: leave it at 0"
-        )
     if cfg.trainer.contrastive_batch and cfg.trainer.compile:
         # train.gradcache replays each micro batch's recorded random state in its
         # second pass; that equality is proven in eager mode only (a compiled

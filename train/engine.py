@@ -339,7 +339,7 @@ def build_engine(
     if flat and not zero_fastpath.apply():  # another DeepSpeed release: its own path, as it ships
         del ds_config["zero_optimization"]["reduce_scatter"]
         flat = False
-    if flat:  # where the comm layer is not started yet (train.loop starts it before the model)
+    if flat:  # where the comm layer is not started yet (train.run starts it before the model)
         start_deepspeed_comm(is_main=not dist.is_initialized() or dist.get_rank() == 0, shared_memory=True)
     opt = build_optimizer(model, optimizer, cpu_offload=offloads_optimizer(ds_config), lr_scales=lr_scales)
     engine, _, _, _ = deepspeed.initialize(

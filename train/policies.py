@@ -10,12 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from data_pipeline import build_loader
-from train import classify as classify_mod
 from train import watchdog
-from train.checkpoint import save_checkpoint
-from train.evaluate import eval_metrics, evaluate_heldout, results_table
-from train.tables import retrieval_table
+from train.checkpoint import TrainState, save_checkpoint
 from train.tracking import BestMetric, Tracker
 
 log = logging.getLogger(__name__)
@@ -23,15 +19,21 @@ log = logging.getLogger(__name__)
 
 class Evaluation:
     """Held-out evaluation of the engine's model: runs it on every rank,
-    logs it (rank 0) and keeps the last result's step and flat metrics."""
+    logs it (rank 0) and keeps the last result's step and flat metrics.
+    Each task has its own (train.tasks)."""
 
     title = "held-out evaluation"
 
     def __init__(self, *, cfg, engine, info, tracker: Tracker, sizes: dict[str, int], device, dtype):
         self.cfg, self.engine, self.info, self.tracker = cfg, engine, info, tracker
+        self.every, self.last_step_of_run = cfg.trainer.eval_every, cfg.trainer.max_steps
         self.sizes, self.device, self.dtype = sizes, device, dtype
         self.last_step: int | None = None
         self.last_metrics: dict[str, float] = {}
+
+    def due(self, step: int) -> bool:
+        """Every trainer.eval_every steps; the last step's evaluation is the run's finish."""
+        return bool(self.every) and step % self.every == 0 and step != self.last_step_of_run
 
     def __call__(self, step: int) -> dict:
         """Collective: evaluates at `step`, logs the metrics, returns the full results."""
@@ -61,72 +63,6 @@ class Evaluation:
         raise NotImplementedError
 
 
-class RetrievalEvaluation(Evaluation):
-    """Pretraining: cross-modal retrieval (and the fused metrics) on the held-out shards."""
-
-    title = "held-out retrieval"
-
-    def _evaluate(self, step: int) -> dict:
-        results = evaluate_heldout(
-            self.engine,
-            data=self.cfg.data,
-            batch_size=self.cfg.trainer.eval_batch_size,
-            device=self.device,
-            dtype=self.dtype,
-            keep_split=True,
-            sizes=self.sizes,
-            rank=self.info.rank,
-            world_size=self.info.world_size,
-        )
-        self._split = results.pop("split")
-        return results
-
-    def _log_extras(self, results: dict, step: int) -> None:
-        if self.cfg.logger.table_rows > 0:
-            table = retrieval_table(self._split, data=self.cfg.data, rows=self.cfg.logger.table_rows)
-            self.tracker.log_table("eval/retrieval_samples", table, step=step)
-
-    def metrics(self, results: dict, prefix: str) -> dict[str, float]:
-        return eval_metrics(results, prefix)
-
-    def table(self, results: dict) -> str:
-        return results_table(results)
-
-
-class ClassifyEvaluation(Evaluation):
-    """Fine-tuning: classification metrics of the fused classifier on the held-out shards."""
-
-    title = "held-out classification"
-
-    def __init__(self, *, spec, **kw):
-        super().__init__(**kw)
-        self.spec = spec
-
-    def _evaluate(self, step: int) -> dict:
-        heldout = build_loader(
-            self.cfg.data,
-            split="heldout",
-            batch_size=self.cfg.trainer.eval_batch_size,
-            labels=self.spec,
-            sizes=self.sizes,
-            modalities=tuple(self.cfg.task.modalities),
-        )
-        split = classify_mod.predict_split(self.engine, heldout, device=self.device, dtype=self.dtype)
-        results = classify_mod.classification_metrics(split, self.spec, threshold=self.cfg.task.threshold)
-        if self.info.is_main and step != self.cfg.trainer.max_steps:
-            log.info("held-out classification at step %d:\n%s", step, classify_mod.classify_table(results))
-        return results
-
-    def _log_extras(self, results: dict, step: int) -> None:
-        classify_mod.log_to_wandb(self.tracker, results, step=step)
-
-    def metrics(self, results: dict, prefix: str) -> dict[str, float]:
-        return classify_mod.flat_metrics(results, prefix)
-
-    def table(self, results: dict) -> str:
-        return classify_mod.classify_table(results)
-
-
 class Checkpoints:
     """Saves checkpoints (every rank) and records them in W&B (rank 0), as
     "best" when the evaluation at the same step improved the best metric."""
@@ -143,18 +79,30 @@ class Checkpoints:
         rank: int,
         resolved: dict,
         keep_last: int,
+        every: int = 0,
+        last_step: int = 0,
     ):
         self.engine, self.loader, self.tracker, self.evaluation, self.best = engine, loader, tracker, evaluation, best
         self.run_dir, self.rank, self.resolved, self.keep_last = run_dir, rank, resolved, keep_last
+        self.every, self.last_step = every, last_step
+
+    def maybe_save(self, step: int) -> Path | None:
+        """Collective: saves every trainer.checkpoint_every steps (the last
+        step's checkpoint is the run's finish); returns the checkpoint or None."""
+        if self.every and step % self.every == 0 and step != self.last_step:
+            return self.save(step)
+        return None
 
     def save(self, step: int, *, record: bool = True) -> Path:
         """Collective: saves the step; with record, logs it to W&B too."""
         watchdog.mark("checkpoint", step=step)
         is_best = record and self._improved(step)
+        state = TrainState(
+            step=step, wandb_run_id=self.tracker.run.id if self.tracker.run else None, best_metric_value=self.best.value
+        )
         meta = {
-            "wandb_run_id": self.tracker.run.id if self.tracker.run else None,
+            **state.state_dict(),
             "config": self.resolved,
-            "best_metric_value": self.best.value,
             # What a resume on another world size needs (train.topology).
             "topology": {"world_size": self.engine.dp_world_size, "global_batch": self.engine.train_batch_size()},
         }

@@ -116,38 +116,16 @@ def my_shards(n: int, *, rank: int, world: int) -> list[int]:
     return list(range(rank, n, world))
 
 
-def rows_for(batch: dict, out: dict, *, embed: bool, names: list[str], multi_label: bool) -> list[dict]:
-    """One output row per real (non-padding) sample of a batch."""
+def embedding_rows(batch: dict, out: dict) -> list[dict]:
+    """--embed: one row per real (non-padding) sample, each modality's
+    embedding (null where the sample lacks it)."""
     rows = []
     for i, key in enumerate(batch["__key__"]):
-        if not key:
-            continue
-        if embed:
+        if key:
             row = {"key": key}
             for m, e in out.items():
                 row[m] = None if e is None or torch.isnan(e[i]).any() else [round(x, 6) for x in e[i].tolist()]
             rows.append(row)
-            continue
-        if not bool(out["valid"][i]):
-            rows.append(
-                {
-                    "key": key,
-                    **({"labels": None, "classes": None} if multi_label else {"label": None, "class": None}),
-                    "probs": None,
-                    "reason": "no_modality",
-                }
-            )
-            continue
-        probs = out["probs"][i].tolist()
-        row = {"key": key}
-        if multi_label:
-            chosen = [c for c, p in enumerate(probs) if p > out["threshold"]]
-            row.update(labels=chosen, classes=[names[c] for c in chosen])
-        else:
-            c = max(range(len(probs)), key=probs.__getitem__)
-            row.update(label=c, **{"class": names[c]})
-        row["probs"] = [round(p, 6) for p in probs]
-        rows.append(row)
     return rows
 
 
@@ -234,7 +212,7 @@ def load_model(
 ):
     """The model: plain, or dispatched by accelerate with max_memory."""
     if not max_memory:
-        from train.evaluate import load_for_eval
+        from train.saved import load_for_eval
 
         return load_for_eval(checkpoint, trust=trust)[0].to(device)
     from train.inference import load_dispatched, parse_max_memory
@@ -253,8 +231,9 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     from data_pipeline.tokenizer import load_tokenizer, tokenizer_digest
     from train.batch import to_device
     from train.cli import data_config
-    from train.evaluate import resolve_checkpoint, saved_config
     from train.predict_store import PredictionStore, digest, run_identity, shard_identity
+    from train.saved import resolve_checkpoint, saved_config
+    from train.tasks import saved_task
 
     fmt, embed = args.format, args.embed
     if fmt == "parquet":
@@ -277,29 +256,23 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     forwards = forwards_for(args.forwards, threads=threads, device=device, dispatched=bool(args.max_memory))
     checkpoint = resolve_checkpoint(args.checkpoint)  # one step for the config and the weights
     config = saved_config(checkpoint)  # the weights load once the data workers are started
-    task = config.get("task") or {}
-    classify = task.get("name") == "classify"
-    if not embed and not classify:
+    task = saved_task(config)
+    prediction = None if embed else task.prediction(config)
+    if not embed and prediction is None:
         raise PredictError(
-            f"{args.checkpoint} is a pretrained model, not a classifier: it has no classes "
-            "to predict; add --embed for its embeddings"
+            f"{args.checkpoint} is a {task.name} model, which predicts nothing but its embeddings: add --embed for them"
         )
     data = data_config(config.get("data", {}), data_overrides)
     urls = expand_shards(args.shards, allow_pipe=data.allow_pipe)
     sizes = shard_sizes(urls)
     mine = my_shards(len(urls), rank=rank, world=world)
     batch_size = args.batch_size
-    classes = list(task.get("classes") or [])
-    n_classes = int(task.get("num_classes") or len(classes) or 0)
-    names = classes or [str(c) for c in range(n_classes)]
-    multi_label = bool(task.get("multi_label", False))
-    threshold = float(task.get("threshold", 0.5))
     # A finished shard is known by what it is (train.predict_store), not by its place in the list.
     store = PredictionStore(
         out_dir,
         run_identity(
             checkpoint=checkpoint,
-            embed=embed,
+            mode="embed" if embed else task.name,
             fmt=str(fmt),
             data=data,
             tokenizer=tokenizer_digest(load_tokenizer(data.tokenizer)),
@@ -314,8 +287,8 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
     progress = tqdm(
         total=sum(sizes[i] for i in todo), unit="sample", desc=f"predict rank {rank}", disable=rank != 0 or None
     )
-    # A classifier's prediction decodes only the modalities it reads (--embed: all of them).
-    reads = tuple(task.get("modalities") or MODALITIES) if classify and not embed else MODALITIES
+    # A task's prediction decodes only the modalities its model reads (--embed: all of them).
+    reads = MODALITIES if prediction is None else prediction.modalities
     # One set of workers reads all of this rank's shards; iter() starts them,
     # so they fork and decode the first batches while the weights load.
     batches = iter(ShardwiseLoader(data, urls, sizes, todo, batch_size=batch_size, modalities=reads) if todo else ())
@@ -335,14 +308,14 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
 
     def forward(batch: dict) -> dict:
         moved = to_device(batch, device=device, dtype=torch.float32)
-        if embed:
+        if prediction is None:
             return {m: (None if e is None else e.float().cpu()) for m, e in model.embed(moved).items()}
-        return {k: v.cpu() for k, v in model.predict(moved).items()} | {"threshold": threshold}
+        return prediction.forward(model, moved)
 
     for piece, batch, skips, out in in_order(batches, forward, forwards=forwards, threads=threads):
         i = piece.shard
         if batch is not None:
-            got = rows_for(batch, out, embed=embed, names=names, multi_label=multi_label)
+            got = embedding_rows(batch, out) if prediction is None else prediction.rows(batch, out)
             store.add(keys[i], piece.piece, got)
             progress.update(len(got))
             continue
@@ -389,6 +362,7 @@ def predict(args: PredictArgs, data_overrides: list[str]) -> dict:
         "shards": [without_credentials(urls[i]) for i in mine],
         "resumed_shards": len(mine) - len(todo),
         "run": store.run,
+        "mode": store.identity["mode"],
     }
     write_atomic(out_dir / f"rank{rank}.summary.json", json.dumps(summary) + "\n")
     return summary
@@ -398,13 +372,13 @@ def suffix_of(fmt: str) -> str:
     return "jsonl" if fmt == "jsonl" else "parquet"
 
 
-def write_manifest(out_dir: Path, world: int, *, checkpoint: str, embed: bool) -> dict:
+def write_manifest(out_dir: Path, world: int, *, checkpoint: str) -> dict:
     summaries = [json.loads((out_dir / f"rank{r}.summary.json").read_text()) for r in range(world)]
     skipped = sum((Counter(s["skipped"]) for s in summaries), Counter())
     manifest = {
         "checkpoint": redact_text(checkpoint),
         "run": summaries[0].get("run"),
-        "mode": "embed" if embed else "classify",
+        "mode": summaries[0].get("mode"),
         "files": [s["file"] for s in summaries],
         "rows": sum(s["rows"] for s in summaries),
         "rows_per_file": {s["file"]: s["rows"] for s in summaries},
@@ -457,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rank == 0:
         out = Path(options.out)
-        manifest = write_manifest(out, world, checkpoint=options.checkpoint, embed=options.embed)
+        manifest = write_manifest(out, world, checkpoint=options.checkpoint)
         removed = PredictionStore.tidy_for(out, run=manifest["run"], world=world)
         if removed:
             log.info("removed what another run left in %s: %s", out, ", ".join(removed[:10]))

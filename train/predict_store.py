@@ -80,11 +80,11 @@ def checkpoint_digest(checkpoint: str) -> str:
     return _sha256([*listing, *_file_chunks(path / "meta.json")])
 
 
-def run_identity(*, checkpoint: str, embed: bool, fmt: str, data, tokenizer: str) -> dict:
+def run_identity(*, checkpoint: str, mode: str, fmt: str, data, tokenizer: str) -> dict:
     """What every row of a run depends on (tokenizer: its digest)."""
     return {
         "checkpoint_sha256": checkpoint_digest(checkpoint),
-        "mode": "embed" if embed else "classify",
+        "mode": mode,  # embed, or the task's own prediction (train.tasks)
         "format": fmt,
         "decoding": {k: getattr(data, k) for k in DECODING},
         "tokenizer_sha256": tokenizer,

@@ -9,7 +9,6 @@ labels, read from the first training samples' .json (nothing is decoded).
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
@@ -33,27 +32,17 @@ def check_start(cfg: Config, *, world_size: int, cuda: bool, run_dir: Path | Non
 
 
 def _check(cfg: Config, *, world_size: int, cuda: bool, run_dir: Path | None) -> None:
-    from train import classify
     from train.engine import batch_sizes, check_precision
+    from train.tasks import task_for
 
     validate(cfg)
     check_precision(cfg.deepspeed.precision, cuda=cuda)
     batch_sizes(cfg.trainer, world_size)
-    model = cfg.model
-    if cfg.task.name == "classify":
-        classify.check_task(cfg.task)
-        classify.data_for_classify(cfg.data)
-        if cfg.task.init not in ("", "none"):
-            # The model comes with the pretrained weights: its vocabulary and
-            # input geometry are the ones to check (on a copy; the run adopts it).
-            _, pretrained = classify.read_init(cfg.task.init, peek=True)
-            adopted = copy.deepcopy(cfg)
-            classify.adopt_pretrained_config(adopted, pretrained, init=cfg.task.init)
-            model = adopted.model
+    task = task_for(cfg.task.name)
+    model = task.check(cfg).model  # the model the run would train (a task may adopt a pretrained one's)
     check_audio_features(cfg, model)
     check_shards(cfg)
-    if cfg.task.name == "classify":
-        classify.check_labels(cfg.data, classify.label_spec(cfg.task))  # reads the first samples' .json
+    task.check_data(cfg)
     check_vocabulary(cfg, model)
     if cfg.trainer.resume == "none" or (cfg.trainer.resume == "auto" and run_dir is None):
         return
