@@ -14,7 +14,8 @@ from data_pipeline.labels import LabelError, LabelSpec
 from mm_models import EncoderConfig, FusionConfig, ModelConfig
 from mm_models.classifier import ClassifierConfig, ClassifierModel, StateDictWeights, attach_weights
 from mm_models.model import init_weights
-from train.classify import auto_class_weights, classification_metrics, lr_scales
+from train.classify import auto_class_weights, lr_scales
+from train.classify_metrics import classification_metrics
 
 COLORS = ["red", "green", "blue"]
 
@@ -334,7 +335,7 @@ def test_labels_no_sample_has_are_refused_at_start_naming_the_keys_there_are(dem
 
 
 def test_the_table_says_which_held_out_samples_n_leaves_out():
-    from train.classify import classify_table
+    from train.classify_metrics import classify_table
 
     spec = LabelSpec(num_classes=2, classes=("cat", "dog"))
     split = {

@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 
 from data_pipeline import DataConfig, build_loader
-from data_pipeline import sources as sources_mod
+from data_pipeline import fetch as fetch_mod
 from data_pipeline.sources import ShardUnavailable, shard_sizes
 
 SECRET = "s3cr3t-9f2c41"
@@ -131,13 +131,13 @@ def test_a_missing_shard_fails_at_once_and_names_it_without_its_credentials(shar
 
 
 def test_a_shard_that_stays_unavailable_is_an_error_not_an_empty_shard(shards, serve, monkeypatch):
-    monkeypatch.setattr(sources_mod, "HTTP_BACKOFF_S", 0.0)
+    monkeypatch.setattr(fetch_mod, "HTTP_BACKOFF_S", 0.0)
     server = serve(shards, lambda path, n: (503, None) if path.endswith("000001.tar") else None)
     urls = urls_of(server, shards)
     with pytest.raises(ShardUnavailable, match="000001.tar") as raised:
         shard_sizes(urls)
     assert SECRET not in str(raised.value) and "503" in str(raised.value)
-    assert server.counts["/shard-000001.tar"] == sources_mod.HTTP_TRIES + 1  # the first try and every retry
+    assert server.counts["/shard-000001.tar"] == fetch_mod.HTTP_TRIES + 1  # the first try and every retry
 
 
 def test_the_servers_retry_after_is_honoured(shards, serve):
@@ -157,7 +157,7 @@ def test_train_predict_retries_and_never_finishes_a_shard_it_could_not_read(
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(sources_mod, "HTTP_BACKOFF_S", 0.0)
+    monkeypatch.setattr(fetch_mod, "HTTP_BACKOFF_S", 0.0)
     broken = {"on": True}
 
     def fail(path, n):

@@ -97,7 +97,8 @@ def shard_identity(url: str, samples: int) -> dict:
     object stores: size and ETag; http(s): Content-Length, ETag and
     Last-Modified of a HEAD request). A shard rewritten in place is then
     another shard."""
-    from data_pipeline.sources import OBJECT_STORES, http_request
+    from data_pipeline.fetch import http_request
+    from data_pipeline.sources import OBJECT_STORES
 
     out: dict = {"url": without_credentials(url), "samples": samples}
     try:

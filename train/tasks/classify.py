@@ -14,6 +14,7 @@ import torch
 
 from mm_models.classifier import ClassifierModel, attach_weights, classifier_config
 from train import classify as lib
+from train import classify_metrics as metrics
 from train.config import TaskName
 from train.policies import Evaluation
 from train.tasks.base import Prediction, Setup, Task
@@ -41,20 +42,20 @@ class ClassifyEvaluation(Evaluation):
             sizes=self.sizes,
             modalities=tuple(self.cfg.task.modalities),
         )
-        split = lib.predict_split(self.engine, heldout, device=self.device, dtype=self.dtype)
-        results = lib.classification_metrics(split, self.spec, threshold=self.cfg.task.threshold)
+        split = metrics.predict_split(self.engine, heldout, device=self.device, dtype=self.dtype)
+        results = metrics.classification_metrics(split, self.spec, threshold=self.cfg.task.threshold)
         if self.info.is_main and step != self.cfg.trainer.max_steps:
-            log.info("held-out classification at step %d:\n%s", step, lib.classify_table(results))
+            log.info("held-out classification at step %d:\n%s", step, metrics.classify_table(results))
         return results
 
     def _log_extras(self, results: dict, step: int) -> None:
-        lib.log_to_wandb(self.tracker, results, step=step)
+        metrics.log_to_wandb(self.tracker, results, step=step)
 
     def metrics(self, results: dict, prefix: str) -> dict[str, float]:
-        return lib.flat_metrics(results, prefix)
+        return metrics.flat_metrics(results, prefix)
 
     def table(self, results: dict) -> str:
-        return lib.classify_table(results)
+        return metrics.classify_table(results)
 
 
 def _has_init(cfg) -> bool:
@@ -142,7 +143,7 @@ class ClassifyTask(Task):
 
     def final_json(self, results: dict) -> str:
         return json.dumps(
-            {"step": results["step"], "task": self.name, "heldout": lib.final_summary(results["heldout"])},
+            {"step": results["step"], "task": self.name, "heldout": metrics.final_summary(results["heldout"])},
             sort_keys=True,
         )
 
@@ -158,9 +159,9 @@ class ClassifyTask(Task):
         loader = build_loader(
             data, split="heldout", batch_size=batch_size, labels=spec, modalities=tuple(task.modalities)
         )
-        split = lib.predict_split(model, loader, device=device, dtype=torch.float32)
-        heldout = lib.classification_metrics(split, spec, threshold=task.threshold)
-        return {"step": config.get("step"), "task": self.name, "heldout": heldout}, lib.classify_table(heldout)
+        split = metrics.predict_split(model, loader, device=device, dtype=torch.float32)
+        heldout = metrics.classification_metrics(split, spec, threshold=task.threshold)
+        return {"step": config.get("step"), "task": self.name, "heldout": heldout}, metrics.classify_table(heldout)
 
     def prediction(self, config: dict) -> Prediction:
         task = config.get("task") or {}
