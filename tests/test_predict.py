@@ -239,63 +239,6 @@ def test_shards_are_split_disjointly_over_ranks():
             assert sorted(got) == list(range(n))
 
 
-def test_max_memory_spec():
-    from train.inference import parse_max_memory
-
-    assert parse_max_memory("0:10GiB, cpu:30GiB") == {0: "10GiB", "cpu": "30GiB"}
-    with pytest.raises(ValueError, match="DEVICE:SIZE"):
-        parse_max_memory("10GiB")
-
-
-@pytest.mark.integration  # a subprocess: not in the fast tier
-def test_a_base_model_offloaded_to_disk_gives_the_full_models_outputs(tmp_path):
-    """accelerate's big-model inference: model=base with max_memory far below
-    its size (most layers stream from disk) matches a plain full load."""
-    pytest.importorskip("accelerate")
-    from omegaconf import OmegaConf
-
-    import mm_models
-    from mm_models import FusionConfig, ModelConfig, ObjectiveConfig, PretrainModel
-    from train.config import CONF_DIR
-    from train.inference import load_dispatched
-
-    base = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model" / "base.yaml"))
-    )
-    base.image_size, base.n_mels, base.audio_frames, base.max_text_len = 32, 32, 32, 16
-    torch.manual_seed(0)
-    model = PretrainModel(base, FusionConfig(), ObjectiveConfig())
-    model.init_weights()
-    export = tmp_path / "model.safetensors"
-    export_model(
-        export,
-        model,
-        {
-            "model": dataclasses.asdict(base),
-            "fusion": dataclasses.asdict(FusionConfig()),
-            "objective": dataclasses.asdict(ObjectiveConfig()),
-        },
-    )
-    del model
-    g = torch.Generator().manual_seed(1)
-    pad = torch.zeros(2, 16, dtype=torch.bool)
-    pad[:, 10:] = True
-    batch = {
-        "image": torch.randn(2, 3, 32, 32, generator=g),
-        "audio": torch.randn(2, 32, 32, generator=g),
-        "text": torch.randint(4, 260, (2, 16), generator=g),
-        "text_pad": pad,
-        **{f"{m}_mask": torch.ones(2, dtype=torch.bool) for m in ("image", "audio", "text")},
-    }
-    with torch.no_grad():
-        full = mm_models.load(export).encode(batch)
-        offloaded = load_dispatched(export, max_memory={"cpu": "150MB"}, offload_dir=tmp_path / "offload")
-        got = offloaded.encode(batch)
-    assert any((tmp_path / "offload").iterdir()), "nothing was offloaded to disk"
-    for m in full:
-        torch.testing.assert_close(got[m], full[m], atol=1e-5, rtol=0)
-
-
 def test_parquet_output_holds_the_same_rows(classifier_export, demo_shards, tmp_path, monkeypatch):
     pq = pytest.importorskip("pyarrow.parquet")
     from train.predict import PredictArgs, predict
@@ -341,59 +284,6 @@ def test_threads_sets_the_models_thread_count(classifier_export, demo_shards, tm
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-
-
-def test_shards_are_cut_into_pieces_only_when_there_are_few_per_worker():
-    from data_pipeline.shardwise import ShardPiece, shard_pieces
-
-    def pieces(shards, workers, sizes=None):
-        return shard_pieces(shards, sizes or [1000] * 10, workers=workers, batch_size=64)
-
-    assert pieces([3, 5, 7], 1) == [ShardPiece(3), ShardPiece(5), ShardPiece(7)]
-    assert pieces([4], 0) == [ShardPiece(4)]
-    assert pieces(list(range(8)), 2) == [ShardPiece(i) for i in range(8)]
-    assert pieces(list(range(5)), 2) == [ShardPiece(i, k, 2) for i in range(5) for k in range(2)]
-    assert pieces([3, 5], 3) == [ShardPiece(s, k, 3) for s in (3, 5) for k in range(3)]
-    assert pieces([], 4) == []
-    # Never pieces of under a batch: each would be a padded batch of its own.
-    assert pieces([0, 1], 4, sizes=[130, 63]) == [ShardPiece(0, 0, 2), ShardPiece(0, 1, 2), ShardPiece(1)]
-
-
-def test_one_worker_set_reads_all_shards_and_pieces_keep_sample_order(
-    classifier_export, corpus, demo_shards, tmp_path, monkeypatch
-):
-    """A rank's shards go through one set of data workers (not one set per
-    shard), and a shard cut into pieces for more workers than shards
-    yields its rows in the same order as one in-process reader."""
-    import os
-
-    import data_pipeline.loader as loader_module
-    from train.predict import PredictArgs, predict
-
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    started = tmp_path / "started"
-    started.mkdir()
-    quiet = loader_module.ignore_stop_signals
-
-    def count_start(worker_id):
-        quiet(worker_id)
-        (started / f"{os.getpid()}-{worker_id}").touch()
-
-    monkeypatch.setattr(loader_module, "ignore_stop_signals", count_start)
-    common = {"checkpoint": str(classifier_export), "batch_size": 16}
-    summary = predict(
-        PredictArgs(**common, shards=str(corpus["root"]), out=str(tmp_path / "all")), ["data.num_workers=1"]
-    )
-    assert len(summary["shards"]) == 5 and summary["rows"] == len(corpus["keys"] - corpus["bad"])
-    assert len(list(started.iterdir())) == 1, "a worker set per shard"
-
-    heldout = str(demo_shards["heldout"])
-    predict(PredictArgs(**common, shards=heldout, out=str(tmp_path / "here")), ["data.num_workers=0"])
-    predict(PredictArgs(**common, shards=heldout, out=str(tmp_path / "pieces")), ["data.num_workers=3"])
-    here, pieces = read_rows(tmp_path / "here"), read_rows(tmp_path / "pieces")
-    assert [r["key"] for r in pieces] == [r["key"] for r in here] and len(here) == 64
-    assert [r["label"] for r in pieces] == [r["label"] for r in here]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other_config"])
