@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 
 from data_pipeline import build_loader
 from mm_models import PretrainModel
-from train import zero_fastpath
+from train import shm_comm
 from train.builders import seed_everything
 from train.checkpoint import save_checkpoint
 from train.config import Config, compose, validate
@@ -212,7 +212,7 @@ def main(out: Path, overrides: list[str]) -> None:
             "flat_gradients": None if zero_optimizer is None else zero_optimizer._use_compact_grad_partition_buffer(0),
             # ... and whether its collectives went through DeepSpeed's shared memory, and that
             # memory's /dev/shm names this job left behind
-            "shared_memory": zero_fastpath.shared_memory_report(),
+            "shared_memory": shm_comm.shared_memory_report(),
             # one rank: gradients added straight into that buffer; fp32: the optimizer steps the weights themselves
             "direct_gradients": bool(getattr(zero_optimizer, "_mm_direct_gradients", False)),
             "fp32_master_shared": zero_optimizer is not None
@@ -221,7 +221,7 @@ def main(out: Path, overrides: list[str]) -> None:
             "shm_segments_left": sorted(
                 p.name
                 for p in Path("/dev/shm").glob(
-                    f"{zero_fastpath.SHM_SEGMENT}_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                    f"{shm_comm.SHM_SEGMENT}_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
                     f"{os.environ.get('MASTER_PORT')}_*"
                 )
             ),

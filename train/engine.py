@@ -48,11 +48,11 @@ def start_deepspeed_comm(*, is_main: bool, shared_memory: bool = False) -> None:
     drop the "built successfully" line each rank prints. With shared_memory
     (the ZeRO-1/2 flat gradient path), that op reduces the path's gradients
     and gathers its weights where every rank is on this host
-    (train/zero_fastpath.py)."""
+    (train/shm_comm.py)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from train import zero_fastpath
+    from train import shm_comm, zero_fastpath
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if (
@@ -65,7 +65,8 @@ def start_deepspeed_comm(*, is_main: bool, shared_memory: bool = False) -> None:
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured):
-            zero_fastpath.start_comm(shared_memory=shared_memory)  # adopts our process group
+            # adopts our process group; the shared-memory reduce serves only the fast path's patches
+            shm_comm.start_comm(shared_memory=shared_memory and zero_fastpath.apply())
     finally:
         rest = [line for line in captured.getvalue().splitlines() if "built successfully" not in line]
         if rest:
