@@ -9,6 +9,10 @@ Consolidates a training checkpoint of any ZeRO stage into one fp32 state dict
 DIR is a step directory (checkpoints/step_000500/), a checkpoints/ directory
 or a run directory (the checkpoint its `latest` file names). Load the result
 with `mm_models.load(FILE)`.
+
+format=onnx also writes FILE.onnx beside it (train.onnx_export), and
+quantize=int8 FILE.int8.onnx; checkpoint=FILE.safetensors (an export
+already made) writes only those.
 """
 
 from __future__ import annotations
@@ -164,25 +168,88 @@ class ExportArgs:
     """The command line of `python -m train.export` (see USAGE)."""
 
     checkpoint: str = MISSING
-    out: str = MISSING
+    out: str = ""  # required, except with checkpoint=FILE.safetensors (see usage)
     trust_checkpoint: bool = False
+    format: str = "safetensors"
+    quantize: str = "none"
 
 
-USAGE = """usage: python -m train.export checkpoint=DIR out=FILE.safetensors
+USAGE = """usage: python -m train.export checkpoint=DIR out=FILE.safetensors [format=onnx] [quantize=int8]
+       python -m train.export checkpoint=FILE.safetensors format=onnx [quantize=int8] [out=FILE.onnx]
 
 Consolidates a training checkpoint (any ZeRO stage) into one safetensors
 file and its .json config; load it with mm_models.load(FILE).
 
   checkpoint=DIR   a step directory (OUT/checkpoints/step_000500), a
-                   checkpoints/ directory or a run directory (its latest step)
+                   checkpoints/ directory or a run directory (its latest step);
+                   or an export (FILE.safetensors) for its ONNX graph alone
   out=FILE         where to write FILE.safetensors (and FILE.json)
+  format=onnx      also write FILE.onnx beside it: encoders, fusion and head
+                   in one ONNX graph with a dynamic batch axis, the config in
+                   its metadata (run it with serve.onnx_backend.OnnxBackend;
+                   needs pip install 'mmpretrain[onnx]'); default safetensors
+  quantize=int8    also write FILE.int8.onnx, onnxruntime's dynamic int8
+                   quantization of it (implies format=onnx); default none
   trust_checkpoint=true
                    skip the check that the checkpoint's files hold only tensors
                    and DeepSpeed's plain state (loading a crafted file could run
                    code): only for checkpoints from a source you trust
 
-example: python -m train.export checkpoint=outputs/2026-11-30/10-00-00 out=model.safetensors
+examples:
+  python -m train.export checkpoint=outputs/2026-11-30/10-00-00 out=model.safetensors
+  python -m train.export checkpoint=model.safetensors format=onnx quantize=int8
 """
+
+
+def check_formats(args: ExportArgs) -> str:
+    """The format to write: safetensors or onnx (quantize=int8 implies onnx)."""
+    from train.cli import UsageError
+
+    if args.format not in ("safetensors", "onnx"):
+        raise UsageError(f"format={args.format}; choose safetensors or onnx")
+    if args.quantize not in ("none", "int8"):
+        raise UsageError(f"quantize={args.quantize}; choose none or int8")
+    return "onnx" if args.quantize == "int8" else args.format
+
+
+def export_existing(args: ExportArgs, fmt: str) -> dict:
+    """checkpoint=FILE.safetensors: the ONNX graph of an export already made."""
+    from train.cli import UsageError
+
+    if fmt != "onnx":
+        raise UsageError(
+            f"checkpoint={args.checkpoint} is already an export: add format=onnx (or quantize=int8) "
+            "to write its ONNX graph beside it"
+        )
+    if args.out and not args.out.endswith(".onnx"):
+        raise UsageError(f"out={args.out}: with an export as checkpoint=, out= names the .onnx to write")
+    return run_onnx_export(args.checkpoint, args.out or None, args.quantize)
+
+
+def onnx_installed() -> None:
+    from train.onnx_export import ExportError, require_onnx
+
+    try:
+        require_onnx()
+    except ExportError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def run_onnx_export(export_path, out, quantize: str) -> dict:
+    from train.onnx_export import ExportError, export_onnx
+
+    try:
+        return export_onnx(export_path, out, quantize=quantize)
+    except ExportError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:  # an unwritable directory, a full disk
+        raise CheckpointError(f"cannot write the ONNX graph of {export_path}: {e}") from None
+
+
+def print_onnx(result: dict) -> None:
+    print(f"onnx:    {result['onnx']} ({result['kind']}; max |onnxruntime - torch| {result['max_difference']:.1e})")
+    if result["int8"] is not None:
+        print(f"int8:    {result['int8']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,11 +263,21 @@ def main(argv: list[str] | None = None) -> int:
     redact_streams()
     try:
         args, _ = compose_args(ExportArgs, argv, tool="train.export")
+        fmt = check_formats(args)
+        if args.checkpoint.endswith(".safetensors") and Path(args.checkpoint).is_file():
+            print_onnx(export_existing(args, fmt))
+            return 0
+        if not args.out:
+            raise UsageError("missing out=; see python -m train.export --help")
+        if fmt == "onnx":
+            onnx_installed()  # before the checkpoint is consolidated
         weights, config, n_params = export(args.checkpoint, args.out, trust=args.trust_checkpoint)
+        print(f"weights: {weights}\nconfig:  {config}\nparameters: {n_params:,}")
+        if fmt == "onnx":
+            print_onnx(run_onnx_export(weights, None, args.quantize))
     except (CheckpointError, UsageError) as e:
         print(f"train.export: error: {e}", file=sys.stderr)
         return 2
-    print(f"weights: {weights}\nconfig:  {config}\nparameters: {n_params:,}")
     return 0
 
 
