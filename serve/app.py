@@ -8,7 +8,10 @@
 
 Every refusal is a JSON object {"error": reason, "field": input} with a 4xx
 status. The server never fetches a URL and never opens a path it is given:
-files arrive as bytes (multipart uploads, or base64 in JSON).
+files arrive as bytes (multipart uploads, or base64 in JSON). GET / is a
+page to try the model (serve/static: HTML, JS and CSS shipped in the
+package, nothing fetched from elsewhere) that asks GET /v1/info what the
+model is and posts to /v1/classify or /v1/zero-shot.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass
+from functools import cache
+from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -48,7 +53,18 @@ FIELDS = {
     "zero-shot": ("image", "audio", "classes", "top_k"),
 }
 ROUTES = {f"/v1/{kind}": kind for kind in FIELDS}
-KNOWN_PATHS = {*ROUTES, "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+# The page at GET / (serve/static, shipped in the package): its files and their types.
+STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+KNOWN_PATHS = {*ROUTES, "/v1/info", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
+KNOWN_PATHS |= {"/docs/oauth2-redirect", "/", *(f"/static/{name}" for name in STATIC)}
+# The page loads nothing but its own files and talks to nothing but this server.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' blob: data:; media-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 class Refused(Exception):
@@ -409,6 +425,27 @@ class Service:
                 {"WWW-Authenticate": "Bearer"},
             )
 
+    def info(self) -> dict:
+        """What the model is and takes (GET /v1/info): the page asks it first."""
+        p, cfg = self.predictor, self.cfg
+        if p.classifier:
+            endpoints = {
+                "/v1/classify": [*p.modalities, "top_k"],
+                "/v1/embed": list(p.modalities),
+            }
+        else:
+            endpoints = {"/v1/embed": list(MODALITIES), "/v1/zero-shot": ["image", "audio", "classes", "top_k"]}
+        limits = {k: getattr(p.limits, k) for k in ("max_image_pixels", "max_audio_s", "max_text_chars", "max_classes")}
+        return {
+            "kind": "classifier" if p.classifier else "pretrained",
+            "export": Path(cfg.export).name,
+            "modalities": list(p.modalities),
+            "classes": list(p.classes),
+            "multi_label": p.multi_label,
+            "endpoints": endpoints,
+            "limits": {"max_request_bytes": cfg.max_request_bytes, **limits},
+        }
+
     async def handle(self, request: Request, kind: str) -> JSONResponse:
         self.authorise(request)
         if not self.ready:
@@ -575,6 +612,22 @@ class ZeroShotOut(BaseModel):
     scores: dict[str, list[ScoreOut] | None]
 
 
+class InfoOut(BaseModel):
+    kind: str  # "classifier" (POST /v1/classify) or "pretrained" (POST /v1/zero-shot)
+    export: str
+    modalities: list[str]
+    classes: list[str]
+    multi_label: bool
+    endpoints: dict[str, list[str]]
+    limits: dict[str, float]
+
+
+@cache
+def static_file(name: str) -> bytes:
+    """A file of the page, from the installed package (serve/static)."""
+    return (resources.files("serve") / "static" / name).read_bytes()
+
+
 _DOC = {
     "image": "JPEG, PNG, WebP, GIF or BMP",
     "audio": "FLAC, WAV, MP3 or OGG",
@@ -667,6 +720,29 @@ def create_app(cfg: ServeConfig, predictor: Predictor | None = None) -> FastAPI:
         export's prompts with the class name) for the image and the audio,
         best first."""
         return await service.handle(request, "zero-shot")
+
+    @app.get("/v1/info", responses={200: {"model": InfoOut}, 401: ERRORS[401], 503: ERRORS[503]})
+    async def info(request: Request):
+        """What the model is: a classifier (its classes and the modalities it
+        reads) or a pretrained model (zero-shot), the fields each endpoint
+        takes here, and the limits. Needs the API key like every /v1 path."""
+        service.authorise(request)
+        if not service.ready:
+            raise Refused(503, "the model is not ready", {"Retry-After": "1"})
+        return service.info()
+
+    if cfg.page:
+
+        @app.get("/", include_in_schema=False)
+        async def page():
+            """A page to try the model in a browser (serve/static): no external resource."""
+            return Response(static_file("index.html"), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+        @app.get("/static/{name}", include_in_schema=False)
+        async def page_file(name: str):
+            if name not in STATIC:
+                raise Refused(404, "not found")
+            return Response(static_file(name), media_type=STATIC[name], headers=PAGE_HEADERS)
 
     @app.get("/healthz")
     async def healthz():

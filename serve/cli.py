@@ -36,6 +36,7 @@ class ServeConfig:
     max_text_chars: int = 10_000
     max_classes: int = 1000
     api_keys: str = ""  # a file of API keys, one a line; empty: no key needed
+    page: bool = True  # GET / serves a page to try the model in a browser; false: 404
     graceful_s: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
     log_level: str = "info"
     access_log: bool = True
@@ -61,7 +62,8 @@ USAGE = """\
 usage: python -m serve export=PATH [key=value ...]
 
 Serves an exported model over HTTP (OpenAPI at /docs): POST /v1/classify,
-/v1/embed, /v1/zero-shot; GET /healthz, /readyz, /metrics.
+/v1/embed, /v1/zero-shot; GET /v1/info, /healthz, /readyz, /metrics; and
+at GET / a page to try the model in a browser.
 
 keys (default):
 {keys}
