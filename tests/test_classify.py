@@ -297,6 +297,9 @@ def test_the_demo_report_adds_the_fine_tuning_figures(tmp_path):
         "scratch": {"accuracy": 0.4, "macro_f1": 0.35},
     }
     assert any("+0.400" in line for line in out)
+    # the line before the JSON: how to serve the classifier fine-tuned from the pretrained model
+    export = tmp_path / "finetune_pretrained" / "export" / "model.safetensors"
+    assert out[-2].strip() == f"python -m serve export={export} port=8000"
     (tmp_path / "finetune_scratch" / "results.json").unlink()
     assert main([str(tmp_path)]) == 2
 

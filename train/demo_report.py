@@ -2,8 +2,10 @@
 
 Reads the three runs `make demo` made under RUN_DIR (pretrain/, then the
 classifier fine-tuned from the pretrained export, finetune_pretrained/, and
-the same from scratch, finetune_scratch/), prints what pretraining was worth
-and, as its last line, the pretraining run's JSON with "finetune" added:
+the same from scratch, finetune_scratch/), prints what pretraining was worth,
+the one command that serves the fine-tuned classifier (python -m serve, with
+a page to try it at http://127.0.0.1:8000/) and, as its last line, the
+pretraining run's JSON with "finetune" added:
 
     {"finetune": {"labels_per_class": N, "pretrained": {"accuracy", "macro_f1"},
                   "scratch": {"accuracy", "macro_f1"}, "chance": 1/C}, ...}
@@ -40,6 +42,11 @@ def report(run_dir: Path, labels_per_class: int) -> tuple[str, dict]:
     lines.append(f"{'chance':<12} {1.0 / classes:>9.3f}")
     gain = tuned["pretrained"]["accuracy"] - tuned["scratch"]["accuracy"]
     lines.append(f"pretraining is worth {gain:+.3f} accuracy here")
+    export = run_dir / "finetune_pretrained" / "export" / "model.safetensors"
+    lines += [
+        "serve the fine-tuned classifier, then open http://127.0.0.1:8000/ to try it:",
+        f"  python -m serve export={export} port=8000",
+    ]
     return "\n".join(lines), {**pretrain, "finetune": finetune}
 
 
