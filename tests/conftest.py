@@ -63,10 +63,15 @@ def clean_env(**extra: str) -> dict[str, str]:
 def inspect_wandb(run_dir: Path) -> dict:
     """The config and summary of the one offline W&B run under run_dir/wandb,
     read back with `wandb leet inspect` (as a user would, not through mocks)."""
+    [wandb_run] = sorted((Path(run_dir) / "wandb").glob("offline-run-*"))
+    return inspect_wandb_run(wandb_run)
+
+
+def inspect_wandb_run(wandb_run: Path) -> dict:
+    """inspect_wandb for one offline run directory (offline-run-*)."""
     import json
     import subprocess
 
-    [wandb_run] = sorted((Path(run_dir) / "wandb").glob("offline-run-*"))
     out = subprocess.run(
         [venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
         capture_output=True,

@@ -8,7 +8,7 @@ import math
 import subprocess
 
 import pytest
-from conftest import REPO, clean_env, venv_bin, wandb_records
+from conftest import REPO, clean_env, inspect_wandb, venv_bin, wandb_records
 from shardkit import write_tar
 
 pytestmark = pytest.mark.integration
@@ -105,16 +105,7 @@ def test_checkpoint_is_complete(run):
 
 def test_wandb_offline_run_holds_config_and_metrics(run):
     run_dir = run["run_dirs"][0]
-    (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
-    out = subprocess.run(
-        [venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-    )
-    assert out.returncode == 0, out.stderr
-    info = json.loads(out.stdout)
+    info = inspect_wandb(run_dir)
     meta = json.loads((run_dir / "checkpoints" / f"step_{STEPS:06d}" / "meta.json").read_text())
     assert info["run_id"] == meta["wandb_run_id"]
     assert info["state"] == "finished" and info["project"] == "mm-test"

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO, clean_env, copy_as_stopped, venv_bin
+from conftest import REPO, clean_env, copy_as_stopped, inspect_wandb_run, venv_bin
 
 from train.checkpoint import find_checkpoint
 from train.export import consolidate
@@ -42,18 +42,6 @@ def _train(run_dir, shards, *extra: str) -> subprocess.CompletedProcess:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
-
-
-def _wandb_summary(wandb_run) -> dict:
-    out = subprocess.run(
-        [venv_bin("wandb"), "leet", "inspect", "--summary", "--json", str(wandb_run)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 def _losses(run_dir) -> dict[int, float]:
@@ -98,7 +86,7 @@ def test_resume_continues_exactly(demo_shards, tmp_path, accum, contrastive):
     assert meta_a["wandb_run_id"] == meta_b["wandb_run_id"]
     # W&B, read back from its own logs: the resumed run continues the same run id to step 6.
     first_log, resumed_log = sorted((stopped / "wandb").glob("offline-run-*"))
-    summaries = [_wandb_summary(d) for d in (first_log, resumed_log)]
+    summaries = [inspect_wandb_run(d) for d in (first_log, resumed_log)]
     assert {s["run_id"] for s in summaries} == {meta_a["wandb_run_id"]}
     assert summaries[1]["summary"]["_step"] == 6
     for rank in (0, 1):
