@@ -98,6 +98,7 @@ ENTRY_POINTS = [
     "data_pipeline",
     "launch.local",
     "launch.slurm",
+    "serve",
 ]
 
 
@@ -313,7 +314,7 @@ def test_the_readme_inference_snippet_runs_and_skips_an_absent_modality(tmp_path
 
 @pytest.mark.integration  # a subprocess: not in the fast tier
 def test_the_readme_classifier_snippet_runs(tmp_path):
-    """The README's ten-line classification example, run as written against a classifier export."""
+    """The README's classification example (serve.Predictor), run as written against a classifier export."""
     import dataclasses
     import re
 
@@ -327,7 +328,9 @@ def test_the_readme_classifier_snippet_runs(tmp_path):
     from train.export import write_weights
 
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
-    [snippet] = [b for b in blocks if "model.predict(collate(" in b]
+    [snippet] = [b for b in blocks if "predictor.classify(" in b]
+    # As written, then its answer printed.
+    snippet += "\nimport json\nprint(json.dumps(predictor.classify(image='scan.jpg', text='left knee', top_k=3)))\n"
     data = DataConfig(image_size=16, n_mels=16, audio_frames=16, max_text_len=24)
     enc = EncoderConfig(width=32, depth=1, heads=2)
     cfg = ModelConfig(
@@ -356,5 +359,6 @@ def test_the_readme_classifier_snippet_runs(tmp_path):
         [sys.executable, "-c", snippet], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    name, _, probs = result.stdout.strip().partition(" ")
-    assert name in ("normal", "fracture") and abs(sum(json.loads(probs)) - 1) < 1e-5
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [c["name"] for c in answer["classes"]] in (["normal", "fracture"], ["fracture", "normal"])
+    assert abs(sum(c["probability"] for c in answer["classes"]) - 1) < 1e-5 and answer["missing"] == []
