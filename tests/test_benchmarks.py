@@ -17,6 +17,7 @@ NEEDS = {
     "reshard_cost.py": lambda s, out: ["--data", str(s["root"]), "--out", str(out)],
     "learning_efficiency.py": lambda s, out: ["--corpus", str(s["root"]), "--out", str(out)],
     "predict_throughput.py": lambda s, out: ["--shards", str(s["heldout"])],
+    "serve_load.py": lambda s, out: ["--shards", str(s["heldout"])],
 }
 
 
